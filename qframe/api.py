@@ -1,0 +1,217 @@
+"""The Python API: what the CLI does, callable on a model already in memory.
+
+Example::
+
+    import qframe
+    result = qframe.apply("recipes/rtn_w4a16.toml", model="path/or/id", output="out")
+    qmodel = qframe.quantize(model, "recipes/rtn_w4a16.toml", tokenizer=tokenizer)
+    print(qframe.evaluate(qmodel, dataset="text:held_out.txt").perplexity)
+    qframe.export(qmodel, backend="qframe", output="out2")
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .checkpoint import is_native, load_native, save_native
+from .data import DataContext, TokenWindows, calibration_windows, evaluation_windows
+from .errors import QFrameError
+from .evaluate import EvalResult, perplexity
+from .model import load_model, resolve_source
+from .pipeline import run_pipeline
+from .plugins import Registry, default_registry
+from .quantized import QuantizedModel
+from .recipe import Plan, Recipe, load_recipe, resolve
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``None``/``"auto"``: CUDA when present, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise QFrameError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise QFrameError(f"--device {device}: CUDA is not available on this machine")
+    return chosen
+
+
+def _as_recipe(recipe: Recipe | str | os.PathLike) -> Recipe:
+    return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("qframe", "torch", "transformers", "safetensors", "pluggy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def quantize(
+    model: nn.Module,
+    recipe: Recipe | str | os.PathLike,
+    *,
+    calibration: TokenWindows | torch.Tensor | None = None,
+    tokenizer: Any = None,
+    device: str | torch.device | None = None,
+    registry: Registry | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> QuantizedModel:
+    """Quantize ``model`` in place, layer by layer, and return it as a QuantizedModel.
+
+    ``calibration`` is token windows ``[samples, seq_len]``; when the recipe needs data and
+    none is given, the recipe's ``[calibration]`` dataset is read with ``tokenizer``.
+    """
+    registry = registry or default_registry()
+    recipe = _as_recipe(recipe)
+    plan = resolve(recipe, registry)
+    device = pick_device(device)
+    windows = calibration
+    if plan.needs_calibration_data and windows is None:
+        if tokenizer is None:
+            raise QFrameError("this recipe calibrates on data: pass calibration= token windows or a tokenizer")
+        c = recipe.calibration
+        context = DataContext(tokenizer, model, c.seed, c.samples, c.seq_len, str(device))
+        windows = calibration_windows(c.dataset, context, registry)
+    ids = windows.ids if isinstance(windows, TokenWindows) else windows
+    started = time.perf_counter()
+    layers = run_pipeline(model, plan, registry, ids if plan.needs_calibration_data else None, device, progress)
+    manifest = {
+        "recipe": recipe.to_dict(),
+        "versions": _versions(),
+        "seed": recipe.calibration.seed,
+        "dataset": None,
+        "device": str(device),
+        "timings": {"quantize_s": round(time.perf_counter() - started, 3)},
+        "layers": layers,
+    }
+    if plan.needs_calibration_data:
+        manifest["dataset"] = {
+            "spec": getattr(windows, "spec", "in-memory tensor"),
+            "sha256": getattr(windows, "sha256", None),
+            "samples": int(ids.shape[0]),
+            "seq_len": int(ids.shape[1]),
+        }
+    return QuantizedModel(model, tokenizer, manifest)
+
+
+def evaluate(
+    model: QuantizedModel | nn.Module,
+    dataset: str | TokenWindows,
+    *,
+    tokenizer: Any = None,
+    samples: int | None = None,
+    seq_len: int = 512,
+    device: str | torch.device | None = None,
+    batch_size: int = 4,
+    registry: Registry | None = None,
+) -> EvalResult:
+    """Perplexity of a (quantized) model on consecutive windows of held-out text."""
+    registry = registry or default_registry()
+    layers: list = []
+    if isinstance(model, QuantizedModel):
+        tokenizer = tokenizer or model.tokenizer
+        layers = model.layers
+        model = model.fake_quantized()
+    if isinstance(dataset, TokenWindows):
+        windows = dataset
+    else:
+        if tokenizer is None:
+            raise QFrameError("evaluate needs a tokenizer to read a dataset spec")
+        windows = evaluation_windows(dataset, DataContext(tokenizer, model, seq_len=seq_len), registry, samples)
+    result = perplexity(model, windows, pick_device(device), batch_size)
+    return EvalResult(**{**result.__dict__, "layers": layers})
+
+
+def export(qmodel: QuantizedModel, backend: str, output: str | os.PathLike, *, registry: Registry | None = None) -> Path:
+    """Write ``qmodel`` with a backend plugin into ``output`` (atomically)."""
+    registry = registry or default_registry()
+    exporter = registry.get("backend", backend).factory()
+    with _atomic_directory(Path(output)) as tmp:
+        exporter.export(qmodel, tmp)
+    return Path(output)
+
+
+@contextmanager
+def _atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``target``; on success it replaces ``target``, on
+    failure it disappears, so no half-written directory ever looks finished."""
+    target = target.resolve()
+    if target.exists() and any(target.iterdir()) and not is_native(target):
+        raise QFrameError(f"output {str(target)!r} exists and is not a qframe output; choose another --output")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class ApplyResult:
+    output: Path | None
+    qmodel: QuantizedModel | None
+    plan: Plan
+
+
+def apply(
+    recipe: str | os.PathLike,
+    *,
+    model: str | None = None,
+    output: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | list[str] | None = None,
+    device: str | None = None,
+    dry_run: bool = False,
+    registry: Registry | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> ApplyResult:
+    """Run a recipe end to end: load, calibrate, quantize, write ``output`` (what ``qframe apply`` does)."""
+    registry = registry or default_registry()
+    parsed = load_recipe(recipe, overrides)
+    plan = resolve(parsed, registry)
+    source = resolve_source(model or parsed.model.id or "")
+    target = Path(output) if output else Path("out") / Path(recipe).stem
+    chosen = pick_device(device)
+    if dry_run:
+        return ApplyResult(None, None, plan)
+    started = time.perf_counter()
+    with _atomic_directory(target) as tmp:
+        loaded = load_model(source, parsed.model.dtype)
+        load_s = time.perf_counter() - started
+        qmodel = quantize(loaded.model, parsed, tokenizer=loaded.tokenizer, device=chosen, registry=registry, progress=progress)
+        qmodel.manifest["model"] = {"spec": source.spec, "kind": source.kind, "location": source.location}
+        qmodel.manifest["timings"].update(load_s=round(load_s, 3), total_s=round(time.perf_counter() - started, 3))
+        save_native(qmodel, tmp)
+        backend = plan.backend
+        if backend.name != "qframe":
+            exporter = backend.factory()
+            exporter.export(qmodel, tmp / getattr(exporter, "subdirectory", backend.name))
+    return ApplyResult(target, qmodel, plan)
+
+
+def load_quantized(directory: str | os.PathLike) -> QuantizedModel:
+    """Load a native checkpoint written by ``apply`` or ``export(backend="qframe")``."""
+    return load_native(directory)

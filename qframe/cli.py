@@ -1,0 +1,189 @@
+"""The ``qframe`` command: a thin layer over :mod:`qframe.api`.
+
+Exit status: 0 success, 2 bad input (one paragraph on stderr, no traceback), 1 a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+err = Console(stderr=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qframe", description="Post-training quantization for causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("apply", help="run a recipe end to end")
+    p.add_argument("recipe")
+    p.add_argument("--model", help="hub id, local directory, .gguf file or pkg:MODULE/FILE (overrides [model] id)")
+    p.add_argument("--output", help="output directory (default: out/RECIPE_NAME)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. stage.0.weights.group_size=64")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when present)")
+    p.add_argument("--dry-run", action="store_true", help="validate and show the plan; load nothing")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+    p = sub.add_parser("eval", help="perplexity of a model or a qframe output directory")
+    p.add_argument("model")
+    p.add_argument("--dataset", default="generated", help="dataset spec, e.g. text:held_out.txt")
+    p.add_argument("--samples", type=int, help="at most this many windows (default: all)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("export", help="re-export a qframe output directory with another backend")
+    p.add_argument("directory")
+    p.add_argument("--backend", required=True)
+    p.add_argument("--output", help="default: DIR/BACKEND")
+
+    p = sub.add_parser("plugins", help="list installed plugins")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("validate", help="check a recipe and the plugins it names")
+    p.add_argument("recipe")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+@contextmanager
+def _layer_progress(enabled: bool = True) -> Iterator:
+    columns = (TextColumn("[bold]quantizing"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.description}"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=err, disable=not enabled) as progress:
+        task = progress.add_task("", total=None)
+
+        def update(done: int, total: int, name: str) -> None:
+            progress.update(task, completed=done, total=total, description=name)
+
+        yield update
+
+
+def cmd_apply(args) -> int:
+    from . import api
+
+    with _layer_progress() as progress:
+        result = api.apply(args.recipe, model=args.model, output=args.output, overrides=args.overrides,
+                           device=args.device, dry_run=args.dry_run, progress=progress)
+    recipe = result.plan.recipe
+    if args.dry_run:
+        summary = {"dry_run": True, "recipe": recipe.to_dict(),
+                   "needs_calibration_data": result.plan.needs_calibration_data}
+    else:
+        manifest = result.qmodel.manifest
+        summary = {"output": str(result.output), "modules": len(manifest["modules"]),
+                   "timings": manifest["timings"], "dataset": manifest["dataset"]}
+    if args.json:
+        print(json.dumps(summary))
+    elif args.dry_run:
+        err.print(f"recipe {args.recipe} is valid; stages: "
+                  + ", ".join(s.quantizer for s in recipe.stages)
+                  + ("; calibrates on " + recipe.calibration.dataset if result.plan.needs_calibration_data else "; needs no calibration data"))
+    else:
+        err.print(f"wrote {summary['output']} ({summary['modules']} quantized modules, {summary['timings']['total_s']:.1f} s)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import api
+    from .checkpoint import is_native
+    from .model import load_model, resolve_source
+
+    if args.seq_len < 2 or (args.samples is not None and args.samples < 1) or args.batch_size < 1:
+        from .errors import QFrameError
+
+        raise QFrameError("--seq-len must be at least 2, --samples and --batch-size at least 1")
+    common = dict(samples=args.samples, seq_len=args.seq_len, device=args.device, batch_size=args.batch_size)
+    report: dict = {}
+    if is_native(args.model):
+        qmodel = api.load_quantized(args.model)
+        result = api.evaluate(qmodel, args.dataset, **common)
+        report.update(result.to_dict())
+        source = qmodel.manifest.get("model", {}).get("location")
+        if source:
+            base = load_model(resolve_source(source), qmodel.manifest.get("dtype", "auto"))
+            baseline = api.evaluate(base.model, args.dataset, tokenizer=base.tokenizer, **common)
+            report["baseline"] = baseline.to_dict()
+            report["delta"] = result.perplexity - baseline.perplexity
+            report["delta_pct"] = 100.0 * report["delta"] / baseline.perplexity
+    else:
+        loaded = load_model(resolve_source(args.model))
+        report.update(api.evaluate(loaded.model, args.dataset, tokenizer=loaded.tokenizer, **common).to_dict())
+    report["dataset"] = args.dataset
+    if args.json:
+        print(json.dumps(report))
+    else:
+        line = f"perplexity {report['perplexity']:.4f} on {report['tokens']} tokens"
+        if "baseline" in report:
+            line += f"; unquantized {report['baseline']['perplexity']:.4f} ({report['delta_pct']:+.2f} %)"
+        print(line)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from . import api
+
+    qmodel = api.load_quantized(args.directory)
+    out = api.export(qmodel, args.backend, args.output or Path(args.directory) / args.backend)
+    err.print(f"wrote {out}")
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from .plugins import default_registry
+
+    registry = default_registry()
+    for failure in registry.failures:
+        err.print(f"[yellow]warning:[/] {failure}", highlight=False)
+    rows = [{"kind": e.kind, "name": e.record.name, "summary": e.record.summary,
+             "provider": e.provider, "distribution": e.distribution} for e in registry.entries()]
+    if args.json:
+        print(json.dumps({"plugins": rows, "failures": [f.__dict__ for f in registry.failures]}))
+        return 0
+    table = Table("kind", "name", "summary", "provider")
+    for row in rows:
+        table.add_row(row["kind"], row["name"], row["summary"], f"{row['provider']} ({row['distribution']})")
+    Console().print(table)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .plugins import default_registry
+    from .recipe import load_recipe, resolve
+
+    plan = resolve(load_recipe(args.recipe, args.overrides), default_registry())
+    print(f"{args.recipe}: valid ({len(plan.stages)} stage{'s' if len(plan.stages) != 1 else ''}: "
+          + ", ".join(s.spec.quantizer for s in plan.stages) + f"; export: {plan.backend.name})")
+    return 0
+
+
+COMMANDS = {"apply": cmd_apply, "eval": cmd_eval, "export": cmd_export, "plugins": cmd_plugins, "validate": cmd_validate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import QFrameError
+
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except QFrameError as exc:
+        print(f"qframe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qframe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

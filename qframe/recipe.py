@@ -1,0 +1,312 @@
+"""TOML recipes: parse, override, validate, and resolve against the plugin registry.
+
+A recipe is data; it can never execute code. Every error names the file, the key path,
+the bad value and what is allowed.
+
+Example::
+
+    >>> recipe = load_recipe("recipes/rtn_w4a16.toml", overrides={"stage.0.weights.group_size": 64})  # doctest: +SKIP
+    >>> recipe.stages[0].scheme.weights.group_size                                                   # doctest: +SKIP
+    64
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import QFrameError, RecipeError
+from .model import DTYPES
+from .scheme import QuantArgs, QuantScheme
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str | None = None
+    dtype: str = "auto"
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    dataset: str = "generated"
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    quantizer: str
+    scheme: QuantScheme
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"quantizer": self.quantizer, "targets": list(self.scheme.targets),
+                               "ignore": list(self.scheme.ignore)}
+        for role in ("weights", "activations"):
+            args = getattr(self.scheme, role)
+            if args is not None:
+                out[role] = args.to_dict()
+        out["options"] = dict(self.options)
+        return out
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    backend: str = "qframe"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelSpec
+    calibration: CalibrationSpec
+    stages: tuple[StageSpec, ...]
+    export: ExportSpec
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe, as the manifest records it."""
+        return {
+            "model": dataclasses.asdict(self.model),
+            "calibration": dataclasses.asdict(self.calibration),
+            "stage": [s.to_dict() for s in self.stages],
+            "export": dataclasses.asdict(self.export),
+        }
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+def build_dataclass(cls: type, table: Any, key: str) -> Any:
+    """Build a flat dataclass from a TOML table: unknown keys and wrong types are errors.
+
+    Example::
+
+        >>> build_dataclass(ExportSpec, {"backend": "qframe"}, "export")
+        ExportSpec(backend='qframe')
+    """
+    if not isinstance(table, Mapping):
+        raise RecipeError(key, table, "expected a table")
+    known = {f.name: f for f in fields(cls)}
+    for name, value in table.items():
+        if name not in known:
+            raise RecipeError(f"{key}.{name}", value, f"unknown key; allowed: {', '.join(known)}")
+        default = known[name].default
+        if default is not dataclasses.MISSING and default is not None and value is not None:
+            expected = type(default)
+            ok = isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool)
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                ok = True
+            if not ok:
+                raise RecipeError(f"{key}.{name}", value, f"expected {expected.__name__}")
+    return cls(**table)
+
+
+def _positive(key: str, value: int) -> None:
+    if value < 1:
+        raise RecipeError(key, value, "expected a positive integer")
+
+
+def _strings(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RecipeError(key, value, "expected a list of strings")
+    return tuple(value)
+
+
+def _parse_stage(table: Any, key: str) -> StageSpec:
+    if not isinstance(table, Mapping):
+        raise RecipeError(key, table, "expected a [[stage]] table")
+    allowed = ("quantizer", "targets", "ignore", "weights", "activations", "options")
+    for name, value in table.items():
+        if name not in allowed:
+            raise RecipeError(f"{key}.{name}", value, f"unknown key; allowed: {', '.join(allowed)}")
+    quantizer = table.get("quantizer")
+    if not isinstance(quantizer, str) or not quantizer:
+        raise RecipeError(f"{key}.quantizer", quantizer, "every stage names a quantizer, e.g. quantizer = \"rtn\"")
+    args: dict[str, QuantArgs | None] = {}
+    for role in ("weights", "activations"):
+        if role in table:
+            try:
+                args[role] = QuantArgs.from_table(table[role], role=role)
+            except RecipeError as exc:
+                raise exc.within(f"{key}.{role}") from None
+    if not args:
+        raise RecipeError(key, dict(table), "a stage quantizes weights, activations or both; add weights = { bits = ... }")
+    try:
+        scheme = QuantScheme(
+            targets=_strings(f"{key}.targets", table.get("targets", ["Linear"])),
+            ignore=_strings(f"{key}.ignore", table.get("ignore", ["lm_head"])),
+            **args,
+        )
+    except RecipeError as exc:
+        raise exc.within(key) from None
+    options = table.get("options", {})
+    if not isinstance(options, Mapping):
+        raise RecipeError(f"{key}.options", options, "expected a table")
+    return StageSpec(quantizer, scheme, dict(options))
+
+
+def parse_recipe(data: Mapping[str, Any], source: str | None = None) -> Recipe:
+    """Turn a TOML document (already parsed) into a validated :class:`Recipe`."""
+    try:
+        allowed = ("model", "calibration", "stage", "export")
+        for name, value in data.items():
+            if name not in allowed:
+                raise RecipeError(name, value, f"unknown table; allowed: {', '.join(allowed)}")
+        model = build_dataclass(ModelSpec, data.get("model", {}), "model")
+        if model.dtype != "auto" and model.dtype not in DTYPES:
+            raise RecipeError("model.dtype", model.dtype, f"allowed: auto, {', '.join(DTYPES)}")
+        calibration = build_dataclass(CalibrationSpec, data.get("calibration", {}), "calibration")
+        for name in ("samples", "seq_len", "batch_size"):
+            _positive(f"calibration.{name}", getattr(calibration, name))
+        stages = data.get("stage")
+        if not isinstance(stages, list) or not stages:
+            raise RecipeError("stage", stages, "a recipe needs at least one [[stage]] table")
+        parsed = tuple(_parse_stage(t, f"stage[{i}]") for i, t in enumerate(stages))
+        export = build_dataclass(ExportSpec, data.get("export", {}), "export")
+    except RecipeError as exc:
+        raise exc.within(source=source) from None
+    return Recipe(model, calibration, parsed, export, source)
+
+
+def _parse_value(text: str) -> Any:
+    """A --set value: any TOML value (64, true, "x", [1, 2]), else the bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``stage.0.weights.group_size``-style keys inside a parsed TOML document.
+
+    Example::
+
+        >>> doc = {"stage": [{"quantizer": "rtn"}]}
+        >>> apply_override(doc, "stage.0.weights.bits", 8); doc["stage"][0]["weights"]
+        {'bits': 8}
+    """
+    parts = key.split(".")
+    if not key or not all(parts):
+        raise RecipeError(key, value, "expected a dotted key such as stage.0.weights.bits")
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(where, part, f"no such stage; the recipe has {len(node)}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise RecipeError(where, node, "is a value, not a table")
+    if isinstance(node, list):
+        raise RecipeError(key, value, "cannot replace a whole stage; set one of its keys")
+    node[parts[-1]] = value
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise QFrameError(f"recipe {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise QFrameError(f"cannot read recipe {str(path)!r}: {exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise QFrameError(f"{path}: malformed TOML: {exc}") from None
+
+
+def load_recipe(
+    path: str | Path,
+    overrides: Mapping[str, Any] | Iterable[str] | None = None,
+) -> Recipe:
+    """Read, override and validate a recipe.
+
+    ``overrides`` is a mapping of dotted keys to values, or ``KEY=VALUE`` strings as
+    ``--set`` takes them (values parsed as TOML).
+    """
+    data = read_toml(path)
+    items: list[tuple[str, Any]] = []
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    elif overrides:
+        for text in overrides:
+            key, sep, value = text.partition("=")
+            if not sep:
+                raise QFrameError(f"--set {text!r}: expected KEY=VALUE, e.g. stage.0.weights.group_size=64")
+            items.append((key.strip(), _parse_value(value.strip())))
+    for key, value in items:
+        try:
+            apply_override(data, key, value)
+        except RecipeError as exc:
+            raise exc.within(source=f"{path} (--set)") from None
+    return parse_recipe(data, source=str(path))
+
+
+# -- resolving against plugins ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PlannedStage:
+    spec: StageSpec
+    record: Any  # QuantizerPlugin
+    options: Any  # the record's options dataclass, or a dict when it declares none
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: Recipe
+    stages: tuple[PlannedStage, ...]
+    backend: Any  # BackendPlugin
+
+    @property
+    def needs_calibration_data(self) -> bool:
+        return any(s.record.factory.needs_calibration(s.spec) for s in self.stages)
+
+
+def resolve(recipe: Recipe, registry) -> Plan:
+    """Check every plugin a recipe names exists and accepts what the recipe asks of it."""
+    from .data import parse_spec
+
+    def fail(exc: RecipeError, prefix: str | None = None):
+        return exc.within(prefix, source=recipe.source)
+
+    stages = []
+    for i, spec in enumerate(recipe.stages):
+        key = f"stage[{i}]"
+        names = registry.names("quantizer")
+        if spec.quantizer not in names:
+            raise fail(RecipeError(f"{key}.quantizer", spec.quantizer, f"unknown quantizer; installed: {', '.join(names)}"))
+        record = registry.get("quantizer", spec.quantizer)
+        for role in ("weights", "activations"):
+            args = getattr(spec.scheme, role)
+            if args is not None and args.calibrator not in registry.names("calibrator"):
+                raise fail(RecipeError(f"{key}.{role}.calibrator", args.calibrator,
+                                       f"unknown calibrator; installed: {', '.join(registry.names('calibrator'))}"))
+        try:
+            if record.check is not None:
+                record.check(spec)
+            options = build_dataclass(record.options, spec.options, "options") if record.options else dict(spec.options)
+        except RecipeError as exc:
+            raise fail(exc, key) from None
+        stages.append(PlannedStage(spec, record, options))
+    backends = registry.names("backend")
+    if recipe.export.backend not in backends:
+        raise fail(RecipeError("export.backend", recipe.export.backend, f"unknown backend; installed: {', '.join(backends)}"))
+    try:
+        parse_spec(recipe.calibration.dataset, registry)
+    except RecipeError as exc:
+        raise fail(exc, "calibration") from None
+    return Plan(recipe, tuple(stages), registry.get("backend", recipe.export.backend))

@@ -1,0 +1,109 @@
+"""Plugin records: what a plugin yields from its hooks.
+
+A record is frozen data that names a plugin, says what it does in one line, and points at
+the ``factory`` that builds it. Importing heavy code waits until the factory is called.
+
+Example::
+
+    >>> from qframe import QuantizerPlugin
+    >>> QuantizerPlugin(name="my-rtn", summary="round to nearest", factory=dict).name
+    'my-rtn'
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+from .errors import PluginError
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*\Z")
+
+
+@dataclass(frozen=True)
+class PluginRecord:
+    """Fields every plugin record has."""
+
+    kind: ClassVar[str] = "plugin"
+    name: str
+    summary: str
+    factory: Callable[..., Any]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise PluginError(
+                f"{self.kind} plugin name {self.name!r} is not valid: names are lower-case "
+                "and match [a-z0-9][a-z0-9_.-]*"
+            )
+        if not isinstance(self.summary, str) or not self.summary.strip():
+            raise PluginError(f"{self.kind} plugin {self.name!r} needs a one-line summary")
+        if not callable(self.factory):
+            raise PluginError(f"{self.kind} plugin {self.name!r}: factory {self.factory!r} is not callable")
+
+
+@dataclass(frozen=True)
+class CalibratorPlugin(PluginRecord):
+    """Observes a stream of tensors and returns the range to quantize them with.
+
+    ``factory(args: QuantArgs)`` returns an object with ``observe(tensor)`` and
+    ``compute() -> (lo, hi)``; see :class:`qframe.calibrate.Calibrator`.
+    """
+
+    kind: ClassVar[str] = "calibrator"
+
+
+@dataclass(frozen=True)
+class QuantizerPlugin(PluginRecord):
+    """An algorithm that turns a decoder layer's linears into quantized ones.
+
+    ``factory(stage: StageSpec, options)`` returns a :class:`qframe.pipeline.Quantizer`.
+    ``options`` is a dataclass built from the stage's ``options`` table (unknown keys are
+    errors); ``check(stage)`` raises :class:`qframe.RecipeError` for formats the algorithm
+    cannot produce, before any model is loaded.
+    """
+
+    kind: ClassVar[str] = "quantizer"
+    options: type | None = None
+    check: Callable[[Any], None] | None = None
+
+
+@dataclass(frozen=True)
+class BackendPlugin(PluginRecord):
+    """Writes a quantized model in a format some runtime serves.
+
+    ``factory()`` returns an object with ``export(qmodel, directory) -> Path``.
+    """
+
+    kind: ClassVar[str] = "backend"
+
+
+@dataclass(frozen=True)
+class ArchitecturePlugin(PluginRecord):
+    """Knows where a model family keeps its decoder layers, norms and linears.
+
+    ``model_types`` lists the Hugging Face ``config.model_type`` values it serves;
+    ``factory()`` returns a :class:`qframe.model.Architecture`.
+    """
+
+    kind: ClassVar[str] = "architecture"
+    model_types: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class DatasetPlugin(PluginRecord):
+    """A source of text, named by the prefix of a dataset spec (``text:``, ``jsonl:``).
+
+    ``factory(location: str, params: dict[str, str], context: DataContext)`` returns an
+    iterable of documents (strings); :mod:`qframe.data` tokenizes and windows them.
+    ``params`` lists the keys the source accepts after ``?`` in a spec.
+    """
+
+    kind: ClassVar[str] = "dataset"
+    params: tuple[str, ...] = field(default=())
+
+
+RECORD_TYPES: dict[str, type[PluginRecord]] = {
+    cls.kind: cls
+    for cls in (CalibratorPlugin, QuantizerPlugin, BackendPlugin, ArchitecturePlugin, DatasetPlugin)
+}

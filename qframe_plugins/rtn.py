@@ -1,0 +1,56 @@
+"""``rtn``: round-to-nearest.
+
+Weights are rounded on the integer grid their ``QuantArgs`` define (int2-8, symmetric or
+asymmetric, per tensor, channel or group), with ranges from the weights' own min/max.
+Activations, when the stage has them, are int8: static per tensor (calibrated by any
+calibrator plugin on the layer's real inputs) or dynamic per token.
+
+Recipe::
+
+    [[stage]]
+    quantizer = "rtn"
+    weights = { bits = 4, group_size = 128 }
+    activations = { bits = 8, dynamic = true }     # optional: W8A8-style inputs
+"""
+
+from __future__ import annotations
+
+from qframe import QuantizerPlugin, hookimpl
+from qframe.errors import RecipeError
+from qframe.pipeline import LayerWork, Quantizer, weight_error
+from qframe.qlinear import QuantLinear
+
+
+def check(stage) -> None:
+    weights, acts = stage.scheme.weights, stage.scheme.activations
+    if weights is not None and weights.type != "int":
+        raise RecipeError("weights.type", weights.type, "not supported by rtn; allowed: int")
+    if acts is not None:
+        if acts.type != "int":
+            raise RecipeError("activations.type", acts.type, "not supported by rtn; allowed: int")
+        if acts.bits != 8:
+            raise RecipeError("activations.bits", acts.bits, "not supported by rtn; allowed: 8")
+
+
+class RTN(Quantizer):
+    def quantize_layer(self, work: LayerWork, targets) -> None:
+        acts = self.scheme.activations
+        ranges = {}
+        if acts is not None and not acts.dynamic and targets:
+            observed = work.observe_inputs([n for n, _ in targets], lambda _name: self.calibrator(acts))
+            ranges = {name: calib.compute() for name, calib in observed.items()}
+        for name, linear in targets:
+            quantized = QuantLinear.from_linear(linear, self.scheme.weights, acts, input_range=ranges.get(name))
+            work.replace(name, quantized)
+            if self.scheme.weights is not None:
+                work.record(name, weight_error=weight_error(linear, quantized))
+
+
+@hookimpl
+def qframe_quantizers():
+    yield QuantizerPlugin(
+        name="rtn",
+        summary="round-to-nearest weights (int2-8), optional int8 activations",
+        factory=RTN,
+        check=check,
+    )
