@@ -145,5 +145,6 @@ def load_native(directory: str | Path) -> QuantizedModel:
             module.refresh()
     model.eval()
     model.config.use_cache = False
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    has_tokenizer = (directory / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(directory) if has_tokenizer else None
     return QuantizedModel(model, tokenizer, manifest)

@@ -107,7 +107,12 @@ def build_dataclass(cls: type, table: Any, key: str) -> Any:
                 ok = True
             if not ok:
                 raise RecipeError(f"{key}.{name}", value, f"expected {expected.__name__}")
-    return cls(**table)
+    try:
+        return cls(**table)
+    except RecipeError as exc:  # raised by the dataclass's own __post_init__
+        raise exc.within(key) from None
+    except TypeError as exc:  # a required key is missing
+        raise RecipeError(key, dict(table), str(exc)) from None
 
 
 def _positive(key: str, value: int) -> None:
