@@ -224,7 +224,8 @@ def run_modelopt(mtq, base: nn.Module, group: int, calib_ids: torch.Tensor) -> t
     enabled = sorted(n for n, m in model.named_modules() if isinstance(m, TensorQuantizer) and m.is_enabled)
     expected_enabled = sorted(f"{n}.weight_quantizer" for n in originals)
     err = WeightError()
-    diffs = {c: {"max_abs": 0.0, "mismatched": 0} for c in CONVENTIONS}
+    diffs = {c: {"max_abs": 0.0, "differ_at_all": 0, "differ_by_grid_step": 0} for c in CONVENTIONS}
+    effective: dict[str, torch.Tensor] = {}
     amax_max_diff = 0.0
     codes_seen = [0, 0]
     total = 0
@@ -238,11 +239,22 @@ def run_modelopt(mtq, base: nn.Module, group: int, calib_ids: torch.Tensor) -> t
                 q = module.weight.detach().clone()
             err.add(w, q)
             total += w.numel()
+            wq = module.weight_quantizer
+            effective[name] = q
+            # modelopt's step per weight (amax / maxbound), to tell float-rounding noise
+            # (|d| << step) from a different grid point (|d| ~ step)
+            step = (wq.amax.float().reshape(w.shape[0], -1, 1) / float(wq.maxbound)).expand(-1, -1, group)
+            step = step.reshape(w.shape[0], -1)[:, : w.shape[1]]
             for c in CONVENTIONS:
                 d = (q.float() - fake_quant(w, group, c).float()).abs()
                 diffs[c]["max_abs"] = max(diffs[c]["max_abs"], float(d.max()))
-                diffs[c]["mismatched"] += int((d > 0).sum())
-            wq = module.weight_quantizer
+                diffs[c]["differ_at_all"] += int((d > 0).sum())
+                moved = d > 1e-3 * step
+                diffs[c]["differ_by_grid_step"] += int(moved.sum())
+                if c == "amax7" and bool(moved.any()):
+                    t = w.float()[moved] / step[moved]
+                    tie = float((t - t.floor() - 0.5).abs().max())
+                    diffs[c]["moved_max_distance_from_half_step"] = max(diffs[c].get("moved_max_distance_from_half_step", 0.0), tie)
             lo_code, hi_code = codes_range(q, wq.amax, group, float(wq.maxbound))
             codes_seen = [min(codes_seen[0], lo_code), max(codes_seen[1], hi_code)]
             # amax after calibration vs. the weight's own per-block absolute max (zero-padded blocks)
@@ -266,7 +278,19 @@ def run_modelopt(mtq, base: nn.Module, group: int, calib_ids: torch.Tensor) -> t
                     "amax_of_last_64_real_values_row0": float(w[0, (w.shape[1] // group) * group:].abs().max()),
                 }
     for c in CONVENTIONS:
-        diffs[c]["mismatched_fraction"] = diffs[c]["mismatched"] / max(total, 1)
+        diffs[c]["differ_at_all_fraction"] = diffs[c]["differ_at_all"] / max(total, 1)
+        diffs[c]["differ_by_grid_step_fraction"] = diffs[c]["differ_by_grid_step"] / max(total, 1)
+    # Does modelopt change anything besides the weights? Put its effective weights into a plain
+    # copy and compare logits on the first calibration window.
+    plain = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, linear in target_linears(plain):
+            linear.weight.copy_(effective[name])
+        probe = calib_ids[:1]
+        a = model(input_ids=probe, use_cache=False).logits.float()
+        b = plain(input_ids=probe, use_cache=False).logits.float()
+    transplant_diff = float((a - b).abs().max())
+    del plain, effective
     return model, {
         "config": "INT4_BLOCKWISE_WEIGHT_ONLY_CFG" + ("" if group == 128 else f" with block_sizes {{-1: {group}}}"),
         "weight_quantizer_cfg": next(e["cfg"] for e in cfg["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer" and "cfg" in e),
@@ -280,6 +304,7 @@ def run_modelopt(mtq, base: nn.Module, group: int, calib_ids: torch.Tensor) -> t
         "amax_vs_blockwise_weight_absmax_max_diff": amax_max_diff,
         "effective_weight_vs_conventions_here": diffs,
         "partial_block_example": sample,
+        "logits_max_abs_diff_vs_plain_model_with_its_weights": transplant_diff,
     }
 
 

@@ -133,7 +133,8 @@ def evaluate(
     else:
         if tokenizer is None:
             raise QFrameError("evaluate needs a tokenizer to read a dataset spec")
-        windows = evaluation_windows(dataset, DataContext(tokenizer, model, seq_len=seq_len), registry, samples)
+        context = DataContext(tokenizer, model, samples=samples or 16, seq_len=seq_len, device=str(pick_device(device)))
+        windows = evaluation_windows(dataset, context, registry, samples)
     result = perplexity(model, windows, pick_device(device), batch_size)
     return EvalResult(**{**result.__dict__, "layers": layers})
 

@@ -59,13 +59,17 @@ def _parser() -> argparse.ArgumentParser:
 def _layer_progress(enabled: bool = True) -> Iterator:
     columns = (TextColumn("[bold]quantizing"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.description}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=err, disable=not enabled) as progress:
-        task = progress.add_task("", total=None)
+    progress = Progress(*columns, console=err, disable=not enabled)
+    task = progress.add_task("", total=None)
 
-        def update(done: int, total: int, name: str) -> None:
-            progress.update(task, completed=done, total=total, description=name)
+    def update(done: int, total: int, name: str) -> None:
+        progress.start()  # on the first layer, not while the model loads; idempotent
+        progress.update(task, completed=done, total=total, description=name)
 
+    try:
         yield update
+    finally:
+        progress.stop()
 
 
 def cmd_apply(args) -> int:
@@ -96,28 +100,39 @@ def cmd_apply(args) -> int:
 def cmd_eval(args) -> int:
     from . import api
     from .checkpoint import is_native
+    from .data import DataContext, evaluation_windows
+    from .errors import ModelError, QFrameError
     from .model import load_model, resolve_source
+    from .plugins import default_registry
 
     if args.seq_len < 2 or (args.samples is not None and args.samples < 1) or args.batch_size < 1:
-        from .errors import QFrameError
-
         raise QFrameError("--seq-len must be at least 2, --samples and --batch-size at least 1")
-    common = dict(samples=args.samples, seq_len=args.seq_len, device=args.device, batch_size=args.batch_size)
+    qmodel = api.load_quantized(args.model) if is_native(args.model) else None
+    # The unquantized model: the argument itself, or the source a qframe output records.
+    source = qmodel.manifest.get("model", {}).get("location") if qmodel else args.model
+    base = None
+    try:
+        base = load_model(resolve_source(source), qmodel.manifest.get("dtype", "auto") if qmodel else "auto") if source else None
+    except ModelError as exc:
+        if qmodel is None:
+            raise
+        err.print(f"[yellow]warning:[/] not evaluating the unquantized model: {exc}", highlight=False)
+    tokenizer = base.tokenizer if base else qmodel.tokenizer
+    # One set of windows for both models (generated text comes from the unquantized model).
+    context = DataContext(tokenizer, base.model if base else qmodel.model,
+                          samples=args.samples or 16, seq_len=args.seq_len, device=str(api.pick_device(args.device)))
+    windows = evaluation_windows(args.dataset, context, default_registry(), args.samples)
+    common = dict(device=args.device, batch_size=args.batch_size)
     report: dict = {}
-    if is_native(args.model):
-        qmodel = api.load_quantized(args.model)
-        result = api.evaluate(qmodel, args.dataset, **common)
-        report.update(result.to_dict())
-        source = qmodel.manifest.get("model", {}).get("location")
-        if source:
-            base = load_model(resolve_source(source), qmodel.manifest.get("dtype", "auto"))
-            baseline = api.evaluate(base.model, args.dataset, tokenizer=base.tokenizer, **common)
+    if qmodel is not None:
+        report.update(api.evaluate(qmodel, windows, **common).to_dict())
+        if base is not None:
+            baseline = api.evaluate(base.model, windows, **common)
             report["baseline"] = baseline.to_dict()
-            report["delta"] = result.perplexity - baseline.perplexity
+            report["delta"] = report["perplexity"] - baseline.perplexity
             report["delta_pct"] = 100.0 * report["delta"] / baseline.perplexity
     else:
-        loaded = load_model(resolve_source(args.model))
-        report.update(api.evaluate(loaded.model, args.dataset, tokenizer=loaded.tokenizer, **common).to_dict())
+        report.update(api.evaluate(base.model, windows, **common).to_dict())
     report["dataset"] = args.dataset
     if args.json:
         print(json.dumps(report))

@@ -94,6 +94,36 @@ def load_tokenizer(source: ModelSource):
         raise ModelError(f"cannot load a tokenizer for model {source.spec!r}: {_short(exc)}") from None
 
 
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:
+        return False
+
+
+def _require_hub(source: ModelSource) -> None:
+    """Fail in seconds, not after a minute of retries, when the hub cannot be reached."""
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if not offline:
+        try:
+            socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+            return
+        except OSError:
+            pass
+    raise ModelError(
+        f"model {source.spec!r} is not in the local Hugging Face cache and the hub "
+        f"({endpoint.hostname}) cannot be reached from this machine. Download it where the hub is "
+        f"reachable (huggingface-cli download {source.spec} --local-dir DIR), copy DIR here and pass "
+        f"--model DIR (a .gguf file works too)."
+    )
+
+
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
@@ -106,6 +136,8 @@ def load_model(source: ModelSource, dtype: str = "auto") -> LoadedModel:
     where, kwargs = _from_pretrained_kwargs(source)
     if dtype != "auto":
         kwargs["dtype"] = DTYPES[dtype]
+    if source.kind == "hub" and not _in_hub_cache(source.location):
+        _require_hub(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except Exception as exc:

@@ -178,6 +178,8 @@ def run_pipeline(
     layers = arch.decoder_layers(model)
     quantizers = [(s.spec, s.record.factory(s.spec, s.options, registry)) for s in plan.stages]
     inputs = None
+    if progress:
+        progress(0, len(layers), "")
     if plan.needs_calibration_data:
         if calibration is None:
             raise QFrameError("this recipe needs calibration data, and none was given")

@@ -140,7 +140,13 @@ def build_registry(
     def register(plugin: object, name: str, dist: str) -> None:
         if name in blocked:
             return
-        pm.register(plugin, name=name)
+        try:
+            pm.register(plugin, name=name)
+        except ValueError:
+            taken = "that name is taken" if pm.has_plugin(name) else f"it is registered already as {pm.get_name(plugin)!r}"
+            raise PluginError(f"plugin {name!r} ({dist}) cannot be registered: {taken}") from None
+        except pluggy.PluginValidationError as exc:  # e.g. a hook that takes arguments
+            raise PluginError(f"plugin {name!r} ({dist}) cannot be registered: {' '.join(str(exc).split())}") from None
         distributions[name] = dist
 
     if builtins:
@@ -157,7 +163,10 @@ def build_registry(
             except Exception as exc:  # a broken plugin must not take the others down
                 failures.append(LoadFailure(ep.name, dist, f"{type(exc).__name__}: {exc}"))
                 continue
-            register(plugin, ep.name, dist)
+            try:
+                register(plugin, ep.name, dist)
+            except PluginError as exc:
+                failures.append(LoadFailure(ep.name, dist, str(exc)))
     for index, plugin in enumerate(plugins):
         register(plugin, getattr(plugin, "__name__", f"inline-{index}"), "inline")
 
@@ -172,13 +181,11 @@ def build_registry(
             except Exception as exc:
                 failures.append(LoadFailure(provider, dist, f"{hook_name}: {type(exc).__name__}: {exc}"))
                 continue
-            for record in records:
-                if not isinstance(record, record_type):
-                    raise PluginError(
-                        f"plugin {provider!r} ({dist}): {hook_name} yielded {record!r}, "
-                        f"expected {record_type.__name__}"
-                    )
-                entries.append(Entry(record, provider, dist))
+            wrong = [r for r in records if not isinstance(r, record_type)]
+            if wrong:  # reported like a hook that raised: one bad plugin must not take the rest down
+                failures.append(LoadFailure(provider, dist, f"{hook_name} yielded {wrong[0]!r}, expected {record_type.__name__}"))
+                continue
+            entries.extend(Entry(record, provider, dist) for record in records)
     return Registry(entries, failures)
 
 
