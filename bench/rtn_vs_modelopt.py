@@ -26,7 +26,7 @@ its rows are skipped with a message and the rest still runs (exit status 0).
 
 Example (the run recorded in docs/benchmarks.md)::
 
-    /work/peervenv/bin/python bench/rtn_vs_modelopt.py --samples 40 --json-out bench/rtn_vs_modelopt.json
+    /work/peervenv/bin/python bench/rtn_vs_modelopt.py --samples 40 --json-out /tmp/rtn_vs_modelopt.json
 """
 
 from __future__ import annotations
