@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -116,7 +117,7 @@ def cmd_eval(args) -> int:
     except ModelError as exc:
         if qmodel is None:
             raise
-        err.print(f"[yellow]warning:[/] not evaluating the unquantized model: {exc}", highlight=False)
+        err.print(f"[yellow]warning:[/] not evaluating the unquantized model: {escape(str(exc))}", highlight=False)
     tokenizer = base.tokenizer if base else qmodel.tokenizer
     # One set of windows for both models (generated text comes from the unquantized model).
     context = DataContext(tokenizer, base.model if base else qmodel.model,
@@ -160,7 +161,7 @@ def cmd_plugins(args) -> int:
 
     registry = default_registry()
     for failure in registry.failures:
-        err.print(f"[yellow]warning:[/] {failure}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(str(failure))}", highlight=False)  # plugin text is not markup
     rows = [{"kind": e.kind, "name": e.record.name, "summary": e.record.summary,
              "provider": e.provider, "distribution": e.distribution} for e in registry.entries()]
     if args.json:
@@ -168,7 +169,8 @@ def cmd_plugins(args) -> int:
         return 0
     table = Table("kind", "name", "summary", "provider")
     for row in rows:
-        table.add_row(row["kind"], row["name"], row["summary"], f"{row['provider']} ({row['distribution']})")
+        table.add_row(*(escape(text) for text in (row["kind"], row["name"], row["summary"],
+                                                  f"{row['provider']} ({row['distribution']})")))
     Console().print(table)
     return 0
 

@@ -47,9 +47,8 @@ class Quantizer:
 
     @classmethod
     def needs_calibration(cls, stage: StageSpec) -> bool:
-        """Whether this stage must see the layer's inputs (default: for static activations)."""
-        acts = stage.scheme.activations
-        return acts is not None and not acts.dynamic
+        """Whether this stage must see the layer's inputs (by default: to calibrate static activations)."""
+        return stage.static_activations
 
     def calibrator(self, args: QuantArgs) -> Calibrator:
         return self.registry.get("calibrator", args.calibrator).factory(args)
@@ -191,7 +190,7 @@ def run_pipeline(
         layer.to(device)
         work = LayerWork(index, f"{prefix}.{index}", layer, inputs, device)
         reference = work.run() if inputs is not None else None
-        for stage_index, (spec, quantizer) in enumerate(quantizers):
+        for spec, quantizer in quantizers:
             candidates = [(n, m) for n, m in work.named_linears() if not isinstance(m, QuantLinear)]
             targets = spec.scheme.select(candidates)
             quantizer.quantize_layer(work, targets)

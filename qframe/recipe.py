@@ -49,6 +49,12 @@ class StageSpec:
     scheme: QuantScheme
     options: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def static_activations(self) -> bool:
+        """Whether input ranges must be calibrated on data (static activation quantization)."""
+        acts = self.scheme.activations
+        return acts is not None and not acts.dynamic
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"quantizer": self.quantizer, "targets": list(self.scheme.targets),
                                "ignore": list(self.scheme.ignore)}
@@ -147,12 +153,10 @@ def _parse_stage(table: Any, key: str) -> StageSpec:
                 raise exc.within(f"{key}.{role}") from None
     if not args:
         raise RecipeError(key, dict(table), "a stage quantizes weights, activations or both; add weights = { bits = ... }")
+    targets = _strings(f"{key}.targets", table.get("targets", ["Linear"]))
+    ignore = _strings(f"{key}.ignore", table.get("ignore", ["lm_head"]))
     try:
-        scheme = QuantScheme(
-            targets=_strings(f"{key}.targets", table.get("targets", ["Linear"])),
-            ignore=_strings(f"{key}.ignore", table.get("ignore", ["lm_head"])),
-            **args,
-        )
+        scheme = QuantScheme(targets=targets, ignore=ignore, **args)
     except RecipeError as exc:
         raise exc.within(key) from None
     options = table.get("options", {})
@@ -169,6 +173,8 @@ def parse_recipe(data: Mapping[str, Any], source: str | None = None) -> Recipe:
             if name not in allowed:
                 raise RecipeError(name, value, f"unknown table; allowed: {', '.join(allowed)}")
         model = build_dataclass(ModelSpec, data.get("model", {}), "model")
+        if model.id is not None and not isinstance(model.id, str):
+            raise RecipeError("model.id", model.id, "expected a string: a hub id, a local directory or a .gguf file")
         if model.dtype != "auto" and model.dtype not in DTYPES:
             raise RecipeError("model.dtype", model.dtype, f"allowed: auto, {', '.join(DTYPES)}")
         calibration = build_dataclass(CalibrationSpec, data.get("calibration", {}), "calibration")
@@ -278,7 +284,11 @@ class Plan:
 
     @property
     def needs_calibration_data(self) -> bool:
-        return any(s.record.factory.needs_calibration(s.spec) for s in self.stages)
+        def needs(stage: PlannedStage) -> bool:
+            probe = getattr(stage.record.factory, "needs_calibration", None)
+            return probe(stage.spec) if probe else stage.spec.static_activations
+
+        return any(needs(s) for s in self.stages)
 
 
 def resolve(recipe: Recipe, registry) -> Plan:
@@ -303,6 +313,9 @@ def resolve(recipe: Recipe, registry) -> Plan:
         try:
             if record.check is not None:
                 record.check(spec)
+            if record.options is None and spec.options:
+                name, value = next(iter(spec.options.items()))
+                raise RecipeError(f"options.{name}", value, f"{spec.quantizer} takes no options")
             options = build_dataclass(record.options, spec.options, "options") if record.options else dict(spec.options)
         except RecipeError as exc:
             raise fail(exc, key) from None

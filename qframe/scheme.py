@@ -102,6 +102,9 @@ class QuantArgs:
             if key not in allowed:
                 raise RecipeError(key, table[key], f"unknown key; allowed: {', '.join(allowed)}")
         values = dict(table)
+        # The role's own limits first: their advice beats a generic one ("set dynamic = true").
+        if role == "weights" and values.get("granularity") == "token":
+            raise RecipeError("granularity", "token", "weights take tensor, channel or group")
         if "granularity" not in values:
             if values.get("group_size") is not None:
                 values["granularity"] = "group"
@@ -112,8 +115,6 @@ class QuantArgs:
         args = cls(**values)
         if role == "weights" and args.dynamic:
             raise RecipeError("dynamic", True, "weights are quantized once; dynamic applies to activations")
-        if role == "weights" and args.granularity == "token":
-            raise RecipeError("granularity", "token", "weights take tensor, channel or group")
         if role == "activations" and args.granularity in ("channel", "group"):
             raise RecipeError("granularity", args.granularity, "activations take tensor or token")
         return args

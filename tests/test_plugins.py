@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -92,15 +94,16 @@ def _qframe(site: Path, *args: str, disabled: str | None = None, console_script:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
     """Install the throwaway distributions with one pip run, then run ``qframe plugins``
-    three ways at once (each start imports torch; in parallel they cost one)."""
+    three ways, concurrently (each start imports torch)."""
     root = tmp_path_factory.mktemp("dists")
     projects = [_write_distribution(root / "src", dist, modules) for dist, modules in DISTRIBUTIONS.items()]
     site = root / "site"
-    subprocess.run(
+    pip = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
          "--disable-pip-version-check", "--target", str(site), *map(str, projects)],
-        check=True, capture_output=True, text=True,
+        capture_output=True, text=True,
     )
+    assert pip.returncode == 0, f"pip could not install the throwaway distributions (needs setuptools):\n{pip.stderr}"
     started = {
         "listing": _qframe(site, "plugins", "--json", disabled="clash"),
         "collision": _qframe(site, "plugins", console_script=True),
@@ -129,15 +132,17 @@ def test_third_party_plugin_is_listed_with_its_distribution(listing):
 
 def test_broken_plugins_are_reported_and_the_rest_still_work(listing):
     failures = {f["plugin"]: f for f in listing["failures"]}
-    assert set(failures) == {"broken", "badsig"}
-    assert {f["distribution"] for f in failures.values()} == {"qframe-broken 0.0.1"}
+    assert {"broken", "badsig"} <= set(failures)
+    assert failures["broken"]["distribution"] == failures["badsig"]["distribution"] == "qframe-broken 0.0.1"
     assert "ModuleNotFoundError" in failures["broken"]["error"]
     assert "qframe_no_such_dependency" in failures["broken"]["error"]
     assert "{'model'} are declared in the hookimpl" in failures["badsig"]["error"]
     listed = {(r["kind"], r["name"]): r["provider"] for r in listing["plugins"]}
     assert listed[("quantizer", "rtn")] == "qframe_plugins.rtn"
     assert listed[("calibrator", "minmax")] == "qframe_plugins.minmax"
-    assert {r["provider"] for r in listing["plugins"]} == set(BUILTIN_MODULES) | {"probe"}
+    providers = {r["provider"] for r in listing["plugins"]}
+    assert providers >= set(BUILTIN_MODULES) | {"probe"}
+    assert not providers & {"broken", "badsig", "clash"}
 
 
 def test_collision_with_a_builtin_names_both_providers(runs):
@@ -147,7 +152,7 @@ def test_collision_with_a_builtin_names_both_providers(runs):
     message = proc.stderr.strip()
     assert "\n" not in message
     assert message.startswith("qframe plugins: error: quantizer 'rtn' is provided twice")
-    assert "'qframe_plugins.rtn' (qframe 0.1.0)" in message
+    assert f"'qframe_plugins.rtn' (qframe {qframe.__version__})" in message
     assert "'clash' (qframe-clash 0.0.1)" in message
     assert "QFRAME_DISABLE_PLUGINS" in message
 
@@ -180,8 +185,8 @@ def test_public_names_and_a_minimal_record():
 
     record = QuantizerPlugin(name="my-rtn.v2_b", summary="round to nearest", factory=dict)
     assert (record.kind, record.name, record.options, record.check) == ("quantizer", "my-rtn.v2_b", None, None)
-    with pytest.raises(Exception):
-        record.name = "other"  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.name = "other"
 
 
 @pytest.mark.parametrize("name", ["RTN", "my quant", "", "-rtn", ".rtn", "rtn!", "ärtn", 7])
@@ -238,7 +243,7 @@ def test_hook_that_raises_is_reported(qframe_registry):
     assert (failure.plugin, failure.distribution) == ("Raises", "inline")
     assert "RuntimeError: no GPU driver" in failure.error
     assert str(failure).startswith('Error importing plugin "Raises" (from inline)')
-    assert registry.names("backend") == ["qframe"]
+    assert "qframe" in registry.names("backend")
 
 
 def test_collision_between_two_inline_plugins(qframe_registry):
@@ -272,24 +277,24 @@ def test_collision_with_a_builtin_and_blocking_it(qframe_registry):
 
 def test_disabled_blocks_builtins_and_inline_plugins(qframe_registry):
     registry = qframe_registry(_quantizers("extra"), disabled=["qframe_plugins.minmax", "Plugin"])
-    assert registry.names("calibrator") == []
-    assert registry.names("quantizer") == ["rtn"]
+    assert "minmax" not in registry.names("calibrator")
+    assert "extra" not in registry.names("quantizer") and "rtn" in registry.names("quantizer")
     assert "qframe_plugins.minmax" not in {e.provider for e in registry.entries()}
 
 
 def test_disabled_defaults_to_the_environment(monkeypatch):
     monkeypatch.setenv("QFRAME_DISABLE_PLUGINS", " qframe_plugins.minmax , qframe_plugins.native,")
     registry = build_registry(entry_points=False)
-    assert registry.names("calibrator") == [] and registry.names("backend") == []
+    assert "minmax" not in registry.names("calibrator") and "qframe" not in registry.names("backend")
     assert "rtn" in registry.names("quantizer")
 
 
 def test_builtins_only_registry_is_complete_and_fresh(qframe_registry):
     first, second = qframe_registry(), qframe_registry()
     assert first is not second
-    assert first.names("calibrator") == ["minmax"]
+    assert "minmax" in first.names("calibrator")
     assert "rtn" in first.names("quantizer")
-    assert first.names("backend") == ["qframe"]
+    assert "qframe" in first.names("backend")
     assert "llama" in first.names("architecture")
     assert {"generated", "text", "jsonl"} <= set(first.names("dataset"))
     assert all(e.distribution.startswith("qframe ") for e in first.entries())
@@ -297,8 +302,13 @@ def test_builtins_only_registry_is_complete_and_fresh(qframe_registry):
 
 
 def test_unknown_name_lists_what_is_installed(qframe_registry):
-    with pytest.raises(PluginError, match=r"unknown quantizer 'awq'; installed: rtn"):
-        qframe_registry().get("quantizer", "awq")
+    registry = qframe_registry()
+    installed = ", ".join(registry.names("quantizer"))
+    assert "rtn" in installed
+    with pytest.raises(PluginError, match=re.escape(f"unknown quantizer 'awq'; installed: {installed}")):
+        registry.get("quantizer", "awq")
+    with pytest.raises(PluginError, match="unknown backend 'x'; installed: none"):
+        qframe_registry(builtins=False).get("backend", "x")
 
 
 def test_every_record_type_through_one_plugin(qframe_registry):
@@ -340,16 +350,17 @@ def test_a_misspelt_hook_is_caught_by_the_testing_registry(qframe_registry):
 
 
 def test_kind_view_reads_the_default_registry(qframe_registry, monkeypatch):
-    registry = qframe_registry(_quantizers("inline-q"))
+    registry = qframe_registry(_quantizers("inline-q", "another"), builtins=False)
     monkeypatch.setattr("qframe.plugins.default_registry", lambda: registry)
     view = KindView("quantizer")
-    assert view.names() == ["inline-q", "rtn"]
+    assert view.names() == ["another", "inline-q"]
     assert view.get("inline-q") is dict
     assert view.record("inline-q").summary == "inline inline-q"
-    assert repr(view) == "<qframe quantizers: inline-q, rtn>"
-    with pytest.raises(PluginError, match="unknown quantizer 'nope'; installed: inline-q, rtn"):
+    assert repr(view) == "<qframe quantizers: another, inline-q>"
+    with pytest.raises(PluginError, match="unknown quantizer 'nope'; installed: another, inline-q"):
         view.get("nope")
-    assert qframe.quantizers.names() == ["inline-q", "rtn"]  # the public views are KindViews too
+    assert KindView("backend").names() == []
+    assert qframe.quantizers.names() == ["another", "inline-q"]  # the public views are KindViews too
 
 
 # -- hook specs ------------------------------------------------------------------------------
