@@ -13,6 +13,7 @@ Example (what ``qframe.quantize`` does)::
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -152,9 +153,21 @@ def capture_inputs(model: nn.Module, arch: Architecture, ids: torch.Tensor, batc
     return captured
 
 
-def _relative_error(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
-    num = sum(float((r.float() - o.float()).pow(2).sum()) for r, o in zip(reference, outputs))
-    den = sum(float(r.float().pow(2).sum()) for r in reference)
+def advance(layer: nn.Module, reference: nn.Module, inputs: LayerInputs) -> float:
+    """Replace each batch of ``inputs`` by the quantized layer's output, in place, and return
+    the relative squared error against the unquantized ``reference`` on the same inputs.
+
+    Streaming batch by batch holds one extra copy of the layer's weights instead of a
+    second copy of every calibration activation.
+    """
+    num = den = 0.0
+    with torch.inference_mode():
+        for i, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+            out = _first(layer(hidden, **kwargs))
+            ref = _first(reference(hidden, **kwargs)).float()
+            num += float((out.float() - ref).pow(2).sum())
+            den += float(ref.pow(2).sum())
+            inputs.hidden[i] = out
     return num / max(den, 1e-30)
 
 
@@ -189,16 +202,15 @@ def run_pipeline(
         started = time.perf_counter()
         layer.to(device)
         work = LayerWork(index, f"{prefix}.{index}", layer, inputs, device)
-        reference = work.run() if inputs is not None else None
+        reference = copy.deepcopy(layer) if inputs is not None else None
         for spec, quantizer in quantizers:
             candidates = [(n, m) for n, m in work.named_linears() if not isinstance(m, QuantLinear)]
             targets = spec.scheme.select(candidates)
             quantizer.quantize_layer(work, targets)
         entry: dict[str, Any] = {"layer": work.prefix, "modules": work.figures}
         if inputs is not None:
-            outputs = work.run()
-            entry["output_error"] = _relative_error(reference, outputs)
-            inputs.hidden = outputs
+            entry["output_error"] = advance(layer, reference, inputs)
+            del reference
         layer.to("cpu")
         entry["seconds"] = round(time.perf_counter() - started, 4)
         report.append(entry)
