@@ -26,7 +26,7 @@ its rows are skipped with a message and the rest still runs (exit status 0).
 
 Example (the run recorded in docs/benchmarks.md)::
 
-    /work/peervenv/bin/python bench/rtn_vs_modelopt.py --samples 40 --json-out /tmp/rtn_vs_modelopt.json
+    /work/peervenv/bin/python bench/rtn_vs_modelopt.py --samples 24 --json-out /tmp/rtn_vs_modelopt.json
 """
 
 from __future__ import annotations
@@ -158,7 +158,8 @@ def run_convention(base: nn.Module, group: int, convention: str) -> tuple[nn.Mod
 
 
 def run_qframe(base: nn.Module, group: int, recipe_path: Path, device: torch.device) -> tuple[object, dict]:
-    overrides = [] if group == 128 else [f"stage.0.weights.group_size={group}"]
+    overrides = [] if load_recipe(recipe_path).stages[0].scheme.weights.group_size == group \
+        else [f"stage.0.weights.group_size={group}"]
     recipe = load_recipe(recipe_path, overrides)
     args = recipe.stages[0].scheme.weights
     model = copy.deepcopy(base)
@@ -351,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-samples", type=int, default=2,
                    help="windows for modelopt's forward_loop (seeded random windows of --eval-text; "
                         "weight-only max calibration does not depend on them)")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="evaluate fitted-gG even when its weights are bit-identical to qframe-rtn-gG")
     p.add_argument("--json-out", help="write every figure here")
     args = p.parse_args(argv)
 
@@ -425,7 +428,18 @@ def main(argv: list[str] | None = None) -> int:
         if "conventions" in methods:
             for convention in CONVENTIONS:
                 model, extra = run_convention(base, group, convention)
-                score(f"{convention}-g{group}", model, extra)
+                twin = report["results"].get(f"qframe-rtn-g{group}")
+                if (convention == "fitted" and not args.no_reuse and twin is not None
+                        and twin.get("max_abs_diff_vs_fitted_here") == 0.0 and not twin.get("not_quantized")):
+                    # Bit-identical weights to qframe's own model (checked in run_qframe): the same
+                    # model, so the same perplexity; not evaluated twice (--no-reuse forces it).
+                    entry = {k: twin[k] for k in ("perplexity", "tokens", "increase_pct") if k in twin}
+                    entry.update(extra, evaluated=False, identical_weights_to=f"qframe-rtn-g{group}")
+                    report["results"][f"{convention}-g{group}"] = entry
+                    log(f"{convention + '-g' + str(group):18s} perplexity {entry['perplexity']:.4f} "
+                        f"(weights bit-identical to qframe-rtn-g{group}; not re-evaluated)")
+                else:
+                    score(f"{convention}-g{group}", model, extra)
                 del model
     if mtq is not None:
         ids = calibration_windows(spec, DataContext(tokenizer, None, seed=0, samples=args.calib_samples,
@@ -457,7 +471,8 @@ def print_table(report: dict) -> None:
     for name, r in report["results"].items():
         inc = f"{r['increase_pct']:+.2f} %" if "increase_pct" in r else "-"
         werr = f"{r['weight_rel_error']:.4e}" if "weight_rel_error" in r else "-"
-        print(f"{name:20s} {r['perplexity']:11.4f} {inc:>12s} {werr:>16s}")
+        note = f"  (= {r['identical_weights_to']}: bit-identical weights)" if r.get("evaluated") is False else ""
+        print(f"{name:20s} {r['perplexity']:11.4f} {inc:>12s} {werr:>16s}{note}")
     if "modelopt_skipped" in report:
         print(f"modelopt: skipped ({report['modelopt_skipped']})")
     print(f"total {report['total_s']} s")

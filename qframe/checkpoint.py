@@ -52,18 +52,20 @@ def native_state(qmodel: QuantizedModel) -> tuple[dict[str, torch.Tensor], dict[
     modules = qmodel.quantized_modules()
     tensors: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
-    seen: dict[int, str] = {}
+    seen: dict[tuple, str] = {}
     for name, tensor in qmodel.model.state_dict().items():
         owner, _, leaf = name.rpartition(".")
         if leaf == "weight_codes" and owner in modules:
             args = modules[owner].weight_args
             tensors[f"{owner}.weight_packed"] = numerics.pack(tensor, args.bits, args.symmetric).contiguous()
             continue
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer in seen and tensor.numel():
-            tied[name] = seen[pointer]
+        # Tied means the very same view (e.g. lm_head.weight is embed_tokens.weight); mere
+        # slices of one storage, as in fused projections, are saved separately.
+        view = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if view in seen and tensor.numel():
+            tied[name] = seen[view]
             continue
-        seen[pointer] = name
+        seen[view] = name
         tensors[name] = tensor.detach().contiguous().cpu()
     return tensors, tied
 

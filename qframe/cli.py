@@ -119,6 +119,9 @@ def cmd_eval(args) -> int:
             raise
         err.print(f"[yellow]warning:[/] not evaluating the unquantized model: {escape(str(exc))}", highlight=False)
     tokenizer = base.tokenizer if base else qmodel.tokenizer
+    if tokenizer is None:
+        raise QFrameError(f"{args.model} holds no tokenizer and records no source model to take one from; "
+                          "save the tokenizer beside the checkpoint (qframe.export does when the QuantizedModel has one)")
     # One set of windows for both models (generated text comes from the unquantized model).
     context = DataContext(tokenizer, base.model if base else qmodel.model,
                           samples=args.samples or 16, seq_len=args.seq_len, device=str(api.pick_device(args.device)))

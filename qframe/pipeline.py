@@ -8,7 +8,7 @@ recomputed through earlier layers.
 
 Example (what ``qframe.quantize`` does)::
 
-    qmodel = run_pipeline(model, tokenizer, plan, calibration=windows, device="cuda")
+    layers = run_pipeline(model, plan, registry, calibration=windows.ids, device=torch.device("cuda"))
 """
 
 from __future__ import annotations
@@ -116,6 +116,12 @@ class LayerWork:
         return name[len(self.prefix) + 1 :]
 
 
+def _device_of(module: nn.Module) -> torch.device:
+    """Where a module's weights live now, so it can be put back there afterwards."""
+    tensor = next(module.parameters(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
 def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -136,6 +142,7 @@ def capture_inputs(model: nn.Module, arch: Architecture, ids: torch.Tensor, batc
         raise _Captured
 
     pre = arch.pre_layer_modules(model)
+    homes = [_device_of(module) for module in pre]
     for module in pre:
         module.to(device)
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -148,8 +155,8 @@ def capture_inputs(model: nn.Module, arch: Architecture, ids: torch.Tensor, batc
                     pass
     finally:
         handle.remove()
-        for module in pre:
-            module.to("cpu")
+        for module, home in zip(pre, homes):
+            module.to(home)
     return captured
 
 
@@ -200,6 +207,7 @@ def run_pipeline(
     report = []
     for index, layer in enumerate(layers):
         started = time.perf_counter()
+        home = _device_of(layer)
         layer.to(device)
         work = LayerWork(index, f"{prefix}.{index}", layer, inputs, device)
         reference = copy.deepcopy(layer) if inputs is not None else None
@@ -211,7 +219,7 @@ def run_pipeline(
         if inputs is not None:
             entry["output_error"] = advance(layer, reference, inputs)
             del reference
-        layer.to("cpu")
+        layer.to(home)
         entry["seconds"] = round(time.perf_counter() - started, 4)
         report.append(entry)
         if progress:

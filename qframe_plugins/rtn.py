@@ -25,6 +25,9 @@ def check(stage) -> None:
     weights, acts = stage.scheme.weights, stage.scheme.activations
     if weights is not None and weights.type != "int":
         raise RecipeError("weights.type", weights.type, "not supported by rtn; allowed: int")
+    if weights is not None and weights.calibrator != "minmax":
+        raise RecipeError("weights.calibrator", weights.calibrator,
+                          "rtn takes weight ranges from the weights' own min/max; allowed: minmax")
     if acts is not None:
         if acts.type != "int":
             raise RecipeError("activations.type", acts.type, "not supported by rtn; allowed: int")

@@ -129,3 +129,25 @@ def test_cuda_pipeline_matches_cpu():
     for (name, a), (_, b) in zip(cpu.named_buffers(), gpu.named_buffers()):
         if name.endswith("weight_codes"):
             assert (a.int() - b.int()).abs().max() <= 1, name
+
+
+class _SecondCalibrator:
+    """An inline plugin: a calibrator other than minmax, for rtn to refuse on weights."""
+
+    @qframe.hookimpl
+    def qframe_calibrators(self):
+        from qframe_plugins.minmax import MinMax
+
+        yield qframe.CalibratorPlugin(name="other", summary="minmax under another name", factory=MinMax)
+
+
+def test_rtn_refuses_a_weight_calibrator_it_would_ignore():
+    from qframe.plugins import build_registry
+
+    registry = build_registry(entry_points=False, plugins=[_SecondCalibrator()])
+    with pytest.raises(qframe.RecipeError, match=r"stage\[0\]\.weights\.calibrator: 'other'.*allowed: minmax"):
+        qframe.quantize(tiny("llama"), recipe(weights={"bits": 4, "calibrator": "other"}), registry=registry, device="cpu")
+    # activations do honour any calibrator
+    model, ids = tiny("llama"), tokens()
+    qframe.quantize(model, recipe(weights={"bits": 8}, activations={"bits": 8, "calibrator": "other"}),
+                    calibration=ids, registry=registry, device="cpu")
