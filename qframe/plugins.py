@@ -99,12 +99,6 @@ class Registry:
         return self.entry(kind, name).record
 
 
-def _distribution_of(module: object) -> str:
-    from . import __version__
-
-    return f"qframe {__version__}"
-
-
 def _iter_entry_points() -> Iterator[metadata.EntryPoint]:
     yield from metadata.entry_points(group=ENTRY_POINT_GROUP)
 
@@ -150,9 +144,11 @@ def build_registry(
         distributions[name] = dist
 
     if builtins:
+        from . import __version__
+
         for module_name in BUILTIN_MODULES:
             if module_name not in blocked:
-                register(importlib.import_module(module_name), module_name, _distribution_of(None))
+                register(importlib.import_module(module_name), module_name, f"qframe {__version__}")
     if entry_points:
         for ep in _iter_entry_points():
             dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "unknown distribution"
