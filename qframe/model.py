@@ -184,6 +184,8 @@ class Architecture:
     layers_path: str = "model.layers"
     pre_layer_paths: tuple[str, ...] = ("model.embed_tokens", "model.rotary_emb")
     smoothing_groups: tuple[SmoothingGroup, ...] = ()
+    # The projections whose outputs the attention caches (relative to a decoder layer).
+    kv_projections: tuple[str, ...] = ()
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         layers = model.get_submodule(self.layers_path)

@@ -51,6 +51,10 @@ class Quantizer:
         """Whether this stage must see the layer's inputs (by default: to calibrate static activations)."""
         return stage.static_activations
 
+    def accepts(self, module: nn.Module) -> bool:
+        """Whether this stage may take ``module``: by default, linears no earlier stage quantized."""
+        return isinstance(module, nn.Linear)
+
     def calibrator(self, args: QuantArgs) -> Calibrator:
         return self.registry.get("calibrator", args.calibrator).factory(args)
 
@@ -77,8 +81,11 @@ class LayerWork:
     device: torch.device
     figures: dict[str, dict[str, float]] = field(default_factory=dict)
 
+    arch: Architecture | None = None
+
     def named_linears(self) -> list[tuple[str, nn.Module]]:
-        return [(f"{self.prefix}.{n}", m) for n, m in self.layer.named_modules() if isinstance(m, nn.Linear)]
+        """Every linear of the layer, float or already quantized by an earlier stage, by full name."""
+        return [(f"{self.prefix}.{n}", m) for n, m in self.layer.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
 
     def run(self) -> list[torch.Tensor]:
         """Forward every calibration batch through the layer (as it is now)."""
@@ -89,13 +96,21 @@ class LayerWork:
 
     def observe_inputs(self, names: list[str], make: Callable[[str], Calibrator]) -> dict[str, Calibrator]:
         """Run the layer once, feeding each named submodule's input to its own calibrator."""
+        return self._observe(names, make, outputs=False)
+
+    def observe_outputs(self, names: list[str], make: Callable[[str], Calibrator]) -> dict[str, Calibrator]:
+        """Run the layer once, feeding each named submodule's output to its own calibrator."""
+        return self._observe(names, make, outputs=True)
+
+    def _observe(self, names: list[str], make: Callable[[str], Calibrator], outputs: bool) -> dict[str, Calibrator]:
         calibrators = {name: make(name) for name in names}
-        hooks = [
-            self.layer.get_submodule(self._relative(name)).register_forward_pre_hook(
-                lambda _m, args, c=calibrators[name]: c.observe(args[0])
-            )
-            for name in names
-        ]
+        hooks = []
+        for name in names:
+            module, calibrator = self.layer.get_submodule(self._relative(name)), calibrators[name]
+            if outputs:
+                hooks.append(module.register_forward_hook(lambda _m, _a, out, c=calibrator: c.observe(_first(out))))
+            else:
+                hooks.append(module.register_forward_pre_hook(lambda _m, args, c=calibrator: c.observe(args[0])))
         try:
             self.run()
         finally:
@@ -209,10 +224,10 @@ def run_pipeline(
         started = time.perf_counter()
         home = _device_of(layer)
         layer.to(device)
-        work = LayerWork(index, f"{prefix}.{index}", layer, inputs, device)
+        work = LayerWork(index, f"{prefix}.{index}", layer, inputs, device, arch=arch)
         reference = copy.deepcopy(layer) if inputs is not None else None
         for spec, quantizer in quantizers:
-            candidates = [(n, m) for n, m in work.named_linears() if not isinstance(m, QuantLinear)]
+            candidates = [(n, m) for n, m in work.named_linears() if quantizer.accepts(m)]
             targets = spec.scheme.select(candidates)
             quantizer.quantize_layer(work, targets)
         entry: dict[str, Any] = {"layer": work.prefix, "modules": work.figures}
