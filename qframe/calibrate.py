@@ -1,5 +1,9 @@
 """The calibrator interface: observe a stream of tensors, return a range.
 
+A calibrator sees batches of any shape, keeps bounded state, and returns ``(lo, hi)``:
+scalars per tensor, vectors over the last dimension per channel. :class:`Histogram` is the
+streaming histogram the built-in ``percentile``, ``entropy`` and ``mse`` calibrators share.
+
 Example::
 
     >>> import torch, qframe
@@ -12,9 +16,16 @@ Example::
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .errors import DataError, RecipeError
 from .scheme import QuantArgs
+
+# A first span a hair above the largest magnitude: every value lies strictly inside it,
+# even after float32 rounding of value / width (2**-20 is far above float32's 2**-24).
+HEADROOM = 1 + 2.0**-20
 
 
 class Calibrator:
@@ -32,8 +43,187 @@ class Calibrator:
         """The dimensions one range spans: all of them per tensor, all but the last per channel."""
         return tuple(range(x.dim())) if self.args.granularity == "tensor" else tuple(range(x.dim() - 1))
 
+    def columns(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as ``[values, ranges]``: one column per tensor, one per channel (the last dim)."""
+        return x.reshape(-1, 1) if self.args.granularity == "tensor" else x.reshape(-1, x.shape[-1])
+
+    def shaped(self, v: torch.Tensor) -> torch.Tensor:
+        """A ``[ranges]`` vector as :meth:`compute` returns it: a scalar per tensor."""
+        return v.reshape(()) if self.args.granularity == "tensor" else v
+
     def observe(self, x: torch.Tensor) -> None:
         raise NotImplementedError
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+
+class Histogram:
+    """Counts of ``|x|`` in ``bins`` equal bins over ``[0, span)``, one histogram per column,
+    in memory that does not grow with the stream.
+
+    The first batch sets each column's ``span`` to its largest magnitude (as TensorRT and
+    modelopt do), times ``1 + 2**-20`` so that every bin is half-open and the maximum lies
+    inside the last one. A later batch that reaches the span doubles it ``k`` times, as often
+    as needed, merging bins: old bin ``j`` lies wholly inside new bin ``j >> k``, so counts
+    stay exact and no sample is ever kept; the result equals the histogram of everything at
+    once over the final span, bin for bin. With ``signed=True`` negative and non-negative
+    values are counted apart (two sides sharing the edges), for asymmetric ranges and for the
+    exact error of a format. NaN and inf are ignored; ``lo``/``hi`` are the exact extremes
+    of the finite values.
+
+    State: ``counts`` int64 ``[columns, sides, bins]`` (side 0 holds negative values when
+    signed), ``span`` float64 ``[columns]`` (0 until a non-zero value arrives), ``lo``/``hi``
+    float32 ``[columns]``.
+
+    Example::
+
+        >>> h = Histogram(bins=4)
+        >>> h.observe(torch.tensor([[0.25], [-1.2], [2.0]]))   # span 2 (and a hair): width 0.5
+        >>> h.counts.flatten().tolist()
+        [1, 0, 1, 1]
+        >>> h.observe(torch.tensor([[7.0], [float("nan")]]))    # doubles twice: width 2
+        >>> h.counts.flatten().tolist(), h.span.item() / HEADROOM
+        ([3, 0, 0, 1], 8.0)
+    """
+
+    def __init__(self, bins: int = 2048, *, signed: bool = False):
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
+            raise RecipeError("bins", bins, "expected an integer of at least 2")
+        self.bins, self.sides = bins, 2 if signed else 1
+        self.counts: torch.Tensor | None = None
+        self.span = self.lo = self.hi = None
+
+    @property
+    def empty(self) -> bool:
+        return self.counts is None
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Count a batch ``[values, columns]``."""
+        x = x.detach()
+        columns = x.shape[1]
+        if x.shape[0] == 0:
+            return
+        if self.counts is None:
+            self.counts = torch.zeros(columns, self.sides, self.bins, dtype=torch.int64, device=x.device)
+            self.span = torch.zeros(columns, dtype=torch.float64, device=x.device)
+            self.lo = torch.full((columns,), math.inf, device=x.device)
+            self.hi = torch.full((columns,), -math.inf, device=x.device)
+        elif columns != self.counts.shape[0]:
+            raise DataError(f"a calibrator saw {columns} channels after {self.counts.shape[0]}; the last dimension must not change")
+        x = x.to(self.counts.device, torch.float32)
+        finite = torch.isfinite(x)
+        all_finite = bool(finite.all())
+        lo = (x if all_finite else x.masked_fill(~finite, math.inf)).amin(0)
+        hi = (x if all_finite else x.masked_fill(~finite, -math.inf)).amax(0)
+        self.lo, self.hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
+        self._grow(torch.maximum(-lo, hi))
+        width = torch.where(self.span > 0, self.span / self.bins, 1.0).float()
+        magnitude = x.abs() if all_finite else x.abs().masked_fill_(~finite, 0.0)
+        index = (magnitude / width).floor_().clamp_(max=self.bins - 1).long()
+        index += torch.arange(columns, device=x.device) * (self.sides * self.bins)
+        if self.sides == 2:
+            index += (x >= 0).long() * self.bins
+        size = self.counts.numel()
+        if not all_finite:
+            index.masked_fill_(~finite, size)  # one spare slot collects what is ignored
+        self.counts += torch.bincount(index.flatten(), minlength=size + 1)[:size].view_as(self.counts)
+
+    def _grow(self, top: torch.Tensor) -> None:
+        """Make every column's span cover ``top`` by doubling it and merging bins."""
+        top = top.double()
+        fresh = (self.span == 0) & (top > 0)
+        if bool(fresh.any()):  # only zeros so far: they sit in bin 0 whatever the span
+            self.span = torch.where(fresh, top * HEADROOM, self.span)
+        over = (top >= self.span) & (self.span > 0)
+        if not bool(over.any()):
+            return
+        ratio = torch.where(over, top / self.span, 1.0)
+        k = torch.log2(ratio).ceil().clamp(0, 62).long()
+        k += (over & (top >= self.span * torch.pow(2.0, k))).long()  # the smallest k with top < span * 2**k
+        k = k.clamp(max=62)
+        index = torch.arange(self.bins, device=k.device) >> k[:, None]
+        index = index[:, None, :].expand_as(self.counts)
+        self.counts = torch.zeros_like(self.counts).scatter_add_(-1, index, self.counts)
+        self.span = self.span * torch.pow(2.0, k)
+
+    def width(self) -> torch.Tensor:
+        """Bin width per column, float64 ``[columns]``."""
+        return self.span / self.bins
+
+    def magnitudes(self) -> torch.Tensor:
+        """The histogram of ``|x|``, int64 ``[columns, bins]``."""
+        return self.counts.sum(1)
+
+    def extremes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Observed minimum and maximum per column; 0 for a column that saw nothing finite."""
+        seen = self.lo <= self.hi
+        zero = torch.zeros((), device=self.lo.device)
+        return torch.where(seen, self.lo, zero), torch.where(seen, self.hi, zero)
+
+    def state_bytes(self) -> int:
+        return sum(t.nbytes for t in (self.counts, self.span, self.lo, self.hi) if t is not None)
+
+
+def magnitude_quantile(counts: torch.Tensor, width: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Per row of a histogram ``[rows, bins]`` of bin ``width``, the value below which ``mass``
+    counts lie, interpolated linearly inside its bin (0 where ``mass <= 0``).
+
+    Example::
+
+        >>> magnitude_quantile(torch.tensor([[2, 0, 2]]), torch.tensor([1.0]), torch.tensor([3.0]))
+        tensor([2.5000], dtype=torch.float64)
+    """
+    counts = counts.double()
+    cum = counts.cumsum(-1)
+    mass = mass.double().to(cum.device)
+    index = torch.searchsorted(cum, mass[:, None]).clamp(max=counts.shape[-1] - 1)
+    inside = counts.gather(-1, index)
+    before = cum.gather(-1, index) - inside
+    fraction = torch.where(inside > 0, (mass[:, None] - before) / inside, 0.0).clamp(0, 1)
+    value = ((index + fraction) * width.double()[:, None]).squeeze(-1)
+    return torch.where(mass > 0, value, 0.0)
+
+
+class HistogramCalibrator(Calibrator):
+    """A calibrator whose state is one :class:`Histogram` (per tensor, or one per channel).
+
+    Per tensor the state is ``bins * sides * 8`` bytes plus a few scalars (32 KiB for the
+    default 2048 signed bins), whatever the stream's length; per channel it is that times
+    the number of channels, so pass fewer ``bins`` for wide per-channel tensors.
+    Subclasses set ``name`` and implement :meth:`ranges` on the filled histogram.
+    """
+
+    name = "histogram"
+
+    def __init__(self, args: QuantArgs, *, bins: int = 2048, signed: bool = False):
+        super().__init__(args)
+        if args.granularity not in ("tensor", "channel"):
+            raise RecipeError("granularity", args.granularity,
+                              f"calibrator {self.name} gives ranges per tensor or per channel; allowed: tensor, channel")
+        self.histogram = Histogram(bins, signed=signed)
+
+    def observe(self, x: torch.Tensor) -> None:
+        self.histogram.observe(self.columns(x))
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.histogram.empty:
+            raise DataError(f"calibrator {self.name} observed nothing; no calibration batch reached this module")
+        lo, hi = self.ranges(self.histogram)
+        return self.shaped(lo.float()), self.shaped(hi.float())
+
+    def ranges(self, histogram: Histogram) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+def clip(threshold: torch.Tensor, histogram: Histogram) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[-threshold, threshold]`` intersected with the observed range, per column."""
+    lo, hi = histogram.extremes()
+    t = threshold.to(lo.device, torch.float32)
+    return torch.maximum(lo, -t), torch.minimum(hi, t)
+
+
+def positive(key: str, value: object, kind: type = int) -> None:
+    """Raise a :class:`RecipeError` naming ``key`` unless ``value`` is a positive ``kind``."""
+    if isinstance(value, bool) or not isinstance(value, (kind, int)) or value <= 0:
+        raise RecipeError(key, value, f"expected a positive {'integer' if kind is int else 'number'}")

@@ -1,6 +1,13 @@
-"""The native checkpoint: safetensors with packed integer codes and their scales, the
-model's config and tokenizer, and ``qframe.json``. Loaded back bit-exactly; any backend
-can re-export it without recalibration.
+"""The native checkpoint: safetensors with packed codes and their scales, the model's config
+and tokenizer, and ``qframe.json``. Loaded back bit-exactly; any backend can re-export it
+without recalibration.
+
+Every format's codes are saved as ``<module>.weight_packed`` (uint8): int2/int4 and FP4 (E2M1)
+two or four codes a byte, low bits first; int3/5-8 one a byte (offset to unsigned when
+symmetric); FP8 the float8 bytes. Scales keep their own dtypes: float32, or for NVFP4
+``weight_scale`` in float8_e4m3fn beside a float32 ``weight_global_scale``, for MXFP4 uint8 E8M0
+exponents. The manifest records each module's ``QuantArgs`` (``weights``, ``activations`` and,
+for a quantized KV cache, ``outputs``).
 
 Files::
 
@@ -44,6 +51,7 @@ def _module_entry(module: QuantLinear) -> dict[str, Any]:
         "bias": module.bias is not None,
         "weights": module.weight_args.to_dict() if module.weight_args else None,
         "activations": module.input_args.to_dict() if module.input_args else None,
+        "outputs": module.output_args.to_dict() if module.output_args else None,
     }
 
 
@@ -57,7 +65,7 @@ def native_state(qmodel: QuantizedModel) -> tuple[dict[str, torch.Tensor], dict[
         owner, _, leaf = name.rpartition(".")
         if leaf == "weight_codes" and owner in modules:
             args = modules[owner].weight_args
-            tensors[f"{owner}.weight_packed"] = numerics.pack(tensor, args.bits, args.symmetric).contiguous()
+            tensors[f"{owner}.weight_packed"] = numerics.pack(tensor, args.bits, args.symmetric, args.format).contiguous().cpu()
             continue
         # Tied means the very same view (e.g. lm_head.weight is embed_tokens.weight); mere
         # slices of one storage, as in fused projections, are saved separately.
@@ -125,14 +133,15 @@ def load_native(directory: str | Path) -> QuantizedModel:
     for name, entry in manifest["modules"].items():
         weights = QuantArgs(**entry["weights"]) if entry["weights"] else None
         acts = QuantArgs(**entry["activations"]) if entry["activations"] else None
-        module = QuantLinear(entry["in_features"], entry["out_features"], entry["bias"], weights, acts, dtype)
+        outputs = QuantArgs(**entry["outputs"]) if entry.get("outputs") else None
+        module = QuantLinear(entry["in_features"], entry["out_features"], entry["bias"], weights, acts, dtype, outputs)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, module)
         packed = tensors.pop(f"{name}.weight_packed", None)
         if weights is not None:
             if packed is None:
                 raise ModelError(f"{directory / WEIGHTS}: missing {name}.weight_packed")
-            codes = numerics.unpack(packed, weights.bits, weights.symmetric, entry["in_features"])
+            codes = numerics.unpack(packed, weights.bits, weights.symmetric, entry["in_features"], weights.format)
             tensors[f"{name}.weight_codes"] = codes
     result = model.load_state_dict(tensors, strict=False)
     missing = set(result.missing_keys) - set(manifest.get("tied", {}))

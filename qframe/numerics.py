@@ -1,4 +1,36 @@
-"""Integer quantization arithmetic: ranges to scales, quantize, dequantize, pack.
+"""Quantization arithmetic for every number format: ranges to scales, quantize, dequantize, pack.
+
+Formats (``QuantArgs.type``, ``bits`` and ``format``):
+
+- ``int2``-``int8``, symmetric (the *fitted* scale, see :func:`qparams`) or asymmetric (a zero point).
+- FP8 ``e4m3`` (max 448) and ``e5m2`` (max 57344): ``scale = amax / fmax``; ``x / scale`` is
+  clamped to ``±fmax`` (saturating) and cast to ``torch.float8_e4m3fn`` / ``torch.float8_e5m2``,
+  which rounds to nearest, ties to even.
+- ``nvfp4``: FP4 E2M1 elements (0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives) in blocks of 16.
+  A per-tensor FP32 global scale ``amax / (6 * 448)``; each block's scale
+  ``amax_block / (6 * global)`` rounded to E4M3 (clamped to [2^-9, 448]; an all-zero block
+  gets 1). The effective scale is ``e4m3(block) * global``.
+- ``mxfp4``: E2M1 elements in blocks of 32 with an E8M0 power-of-two scale, as the OCP
+  Microscaling spec v1.0 defines it: ``X = 2^(floor(log2(amax_block)) - 2)`` (2 is E2M1's
+  largest exponent), clamped to [2^-127, 2^127]; elements saturate at ±6. An all-zero block
+  gets 2^-127.
+
+E2M1 rounds to nearest with ties to the even code (0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2,
+2.5 -> 2, 3.5 -> 4, 5 -> 4), as modelopt's NVFP4 cast does. Ranges ignore NaN and inf, so
+neither ever reaches a scale; NaN elements become code 0 in int and FP4 storage (FP8 keeps NaN).
+
+One shape of API for all of them::
+
+    scale, zero = qparams(lo, hi, args)       # zero is None unless asymmetric int
+    q = quantize(x, scale, zero, args)        # grid values in the scaled domain, float32
+    x_hat = dequantize(q, scale, zero)        # q * scale, or (q - zero) * scale
+    fake_quantize(x, scale, zero, args)       # both, in x's dtype
+
+Weights: :func:`quantize_weight` returns a :class:`QuantizedWeight` holding storage codes
+(``int8``/``uint8`` for int, ``float8_e4m3fn``/``float8_e5m2`` for FP8, ``uint8`` E2M1 nibble
+codes 0-15 for FP4, sign in bit 3), stored scales (``float32``; NVFP4 block scales as
+``float8_e4m3fn`` with a ``global_scale``; MXFP4 as ``uint8`` E8M0 biased exponents) and zero
+points. Activations quantized at run time: :func:`quantize_dynamic`.
 
 Shapes: a weight ``[out, in]`` is viewed as ``[out, groups, group_size]``; its scales are
 ``[out, groups]`` (``groups`` is 1 per channel, and per tensor the scale is ``[1, 1]``).
@@ -13,6 +45,9 @@ Example::
     >>> q = quantize_weight(w, args)
     >>> q.codes.tolist(), q.scale.tolist()
     ([[4, -8, 7, 4]], [[0.25, 0.10000000149011612]])
+    >>> e2m1 = QuantArgs(type="float", bits=4, format="mxfp4", granularity="group", group_size=32)
+    >>> quantize(torch.tensor([0.25, 0.75, 2.5, 5.0, 7.0]), torch.tensor(1.0), None, e2m1).tolist()
+    [0.0, 1.0, 2.0, 4.0, 6.0]
 """
 
 from __future__ import annotations
@@ -26,6 +61,28 @@ from .scheme import QuantArgs
 
 # Smallest scale: keeps an all-zero group finite (its codes are all zero-point).
 MIN_SCALE = 1e-12
+# Infinite range ends become the largest float32, so no scale is ever inf or NaN.
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+FP4_FORMATS = ("nvfp4", "mxfp4")
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+E4M3_MIN_SCALE = 2.0**-9  # the smallest E4M3 subnormal: NVFP4 block scales never round to zero
+E8M0_BIAS = 127
+E2M1_EMAX = 2  # exponent of E2M1's largest power of two (4 = 2^2), OCP MX's emax_elem
+# E2M1 magnitudes by the low three bits of a code; bit 3 is the sign.
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# Midpoints between neighbouring magnitudes; ties at 0.75, 1.75 and 3.5 go up (to the even code).
+_E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+def _is_fp8(args: QuantArgs) -> bool:
+    return args.type == "float" and args.format in FP8_DTYPES
+
+
+def _is_fp4(args: QuantArgs) -> bool:
+    return args.type == "float" and args.format in FP4_FORMATS
 
 
 def n_groups(in_features: int, args: QuantArgs) -> int:
@@ -54,28 +111,171 @@ def ungrouped(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return g.reshape(out, -1)[:, :in_features]
 
 
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with NaN and inf replaced by zero (for ranges only)."""
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _div(t: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``t / divisor`` correctly rounded on every device. (CUDA replaces a division by a Python
+    number with a multiplication by its reciprocal, which differs from the CPU in the last bit.)"""
+    return t / torch.full((), divisor, dtype=t.dtype, device=t.device)
+
+
+def _sanitized(t: torch.Tensor) -> torch.Tensor:
+    """A range end as float32 with NaN read as 0 and inf as the largest finite float."""
+    return torch.nan_to_num(t.float(), nan=0.0, posinf=FLOAT32_MAX, neginf=-FLOAT32_MAX)
+
+
+# -- FP4 E2M1 and the two-level / power-of-two scales ----------------------------------------
+
+def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes (uint8, 0-15; bit 3 the sign) of values already divided by their scale.
+
+    Round to nearest, ties to the even code; magnitudes above 6 (inf too) saturate to 6; NaN
+    becomes ±0. The sign bit is kept: a negative value that rounds to zero, and -0.0 itself,
+    give code 8 (-0.0), so ``e2m1_encode(e2m1_decode(c)) == c`` for every code.
+
+    Example::
+
+        >>> e2m1_encode(torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 9.0, -1.6])).tolist()
+        [0, 2, 2, 4, 4, 6, 6, 7, 11]
+    """
+    v = v.float()
+    mag = torch.nan_to_num(v.abs(), nan=0.0)
+    bounds = torch.tensor(_E2M1_BOUNDS, device=v.device)
+    code = torch.bucketize(mag, bounds)  # bounds[i-1] < mag <= bounds[i]: ties go down ...
+    code += (mag == 0.75) | (mag == 1.75) | (mag == 3.5)  # ... except onto an odd code
+    return code.to(torch.uint8) | (torch.signbit(v).to(torch.uint8) << 3)
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    """Float32 values of E2M1 codes."""
+    table = torch.tensor(E2M1_VALUES, device=codes.device)
+    c = codes.to(torch.int64)
+    mag = table[c & 7]
+    return torch.where((c & 8) != 0, -mag, mag)
+
+
+def nvfp4_scales(amax_block: torch.Tensor, amax_global: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4 block scales (``float8_e4m3fn``, shaped like ``amax_block``) and the FP32 global scale.
+
+    ``global = amax_global / (6 * 448)`` (``amax_global`` defaults to the largest block amax:
+    the tensor's); ``block = e4m3(amax_block / (6 * global))``, clamped to [2^-9, 448]. An
+    all-zero block gets 1, an all-zero tensor a global scale of 1. The arithmetic and its order
+    are modelopt's (``NVFP4QTensor``), so both give the same bits.
+
+    Example::
+
+        >>> block, glob = nvfp4_scales(torch.tensor([[6 * 448.0, 6 * 100.0, 0.0]]))
+        >>> block.float().tolist(), glob.item()
+        ([[448.0, 96.0, 1.0]], 1.0)
+    """
+    amax_block = _sanitized(amax_block).abs()
+    if amax_global is None:
+        amax_global = amax_block.amax()
+    amax_global = _sanitized(amax_global).abs()
+    global_scale = _div(amax_global, E2M1_MAX * E4M3_MAX)
+    global_scale = torch.where(global_scale > 0, global_scale, torch.ones_like(global_scale))
+    block = amax_block / (E2M1_MAX * global_scale)
+    block = torch.where(block == 0, torch.ones_like(block), block)
+    return block.clamp(E4M3_MIN_SCALE, E4M3_MAX).to(torch.float8_e4m3fn), global_scale
+
+
+def mxfp4_scales(amax_block: torch.Tensor) -> torch.Tensor:
+    """E8M0 scales (uint8 biased exponents) per the OCP MX spec v1.0, section 6.3:
+    ``X = 2^(floor(log2(amax)) - 2)``, the exponent clamped to [-127, 127]; an all-zero
+    block gets the smallest, 2^-127 (code 0). ``floor(log2)`` is read exactly off the float's
+    exponent.
+
+    Example::
+
+        >>> mxfp4_scales(torch.tensor([4.0, 7.99, 8.0, 0.0])).tolist()   # 2^0, 2^0, 2^1, 2^-127
+        [127, 127, 128, 0]
+    """
+    amax = _sanitized(amax_block).abs()
+    _, exponent = torch.frexp(amax)  # amax = m * 2^e, m in [0.5, 1): floor(log2(amax)) = e - 1
+    shared = (exponent.to(torch.int32) - 1 - E2M1_EMAX).clamp(-E8M0_BIAS, E8M0_BIAS)
+    shared = torch.where(amax > 0, shared, torch.full_like(shared, -E8M0_BIAS))
+    return (shared + E8M0_BIAS).to(torch.uint8)
+
+
+def e8m0_decode(scale: torch.Tensor) -> torch.Tensor:
+    """Float32 value of E8M0 biased exponents: ``2^(code - 127)``, built from its bits (exact on
+    every device: ``exp2`` may flush the subnormal 2^-127 to zero). Code 255 (NaN) is never made.
+
+    Example::
+
+        >>> e8m0_decode(torch.tensor([127, 128, 0], dtype=torch.uint8)).tolist() == [1.0, 2.0, 2.0**-127]
+        True
+    """
+    code = scale.to(torch.int32)
+    bits = torch.where(code > 0, code << 23, torch.full_like(code, 1 << 22))  # 2^-127 is subnormal
+    return bits.view(torch.float32)
+
+
+# -- ranges to scales -------------------------------------------------------------------------
+
+def scale_parts(
+    lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The scales as stored: ``(scale, zero, global_scale)``.
+
+    ``scale`` is float32, except for NVFP4 (``float8_e4m3fn`` block scales, with a scalar
+    ``global_scale``) and MXFP4 (``uint8`` E8M0 exponents). ``zero`` only for asymmetric int.
+    """
+    lo = torch.minimum(_sanitized(lo), torch.zeros((), device=lo.device))
+    hi = torch.maximum(_sanitized(hi), torch.zeros((), device=hi.device))
+    if _is_fp4(args):
+        amax = torch.maximum(-lo, hi)
+        if args.format == "nvfp4":
+            block, global_scale = nvfp4_scales(amax)
+            return block, None, global_scale
+        return mxfp4_scales(amax), None, None
+    if args.symmetric:  # int (fitted) and FP8 (qmin = -qmax = -fmax: amax / fmax)
+        scale = torch.maximum(_div(hi, args.qmax), _div(lo, args.qmin))
+        return scale.clamp(MIN_SCALE, FLOAT32_MAX), None, None
+    scale = _div(hi - lo, args.qmax - args.qmin).clamp(MIN_SCALE, FLOAT32_MAX)
+    zero = (args.qmin - lo / scale).round().clamp(args.qmin, args.qmax)
+    return scale, zero, None
+
+
+def effective_scale(scale: torch.Tensor, global_scale: torch.Tensor | None, args: QuantArgs) -> torch.Tensor:
+    """The float32 scale the arithmetic uses, from the scale as stored."""
+    if _is_fp4(args) and args.format == "mxfp4":
+        return e8m0_decode(scale)
+    if global_scale is not None:
+        return scale.float() * global_scale.float()
+    return scale.float()
+
+
 def qparams(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (and zero point, when asymmetric) from observed ranges.
 
-    Symmetric ranges use the *fitted* convention: ``scale = max(hi / qmax, -lo / -qmin)``
+    Symmetric int ranges use the *fitted* convention: ``scale = max(hi / qmax, -lo / -qmin)``
     (e.g. ``max(hi/7, -lo/8)`` for int4). Nothing observed is clipped, and the extra
     negative code (-8) is used whenever the negative extreme dominates. The plain
     ``amax / qmax`` rule wastes that code; ``amax / 7.5`` uses it but clips every positive
     extreme (docs/benchmarks.md measures all three).
-    """
-    lo = torch.minimum(lo.float(), torch.zeros((), device=lo.device))
-    hi = torch.maximum(hi.float(), torch.zeros((), device=hi.device))
-    if args.symmetric:
-        scale = torch.maximum(hi / args.qmax, lo / args.qmin)
-        return scale.clamp_min(MIN_SCALE), None
-    scale = ((hi - lo) / (args.qmax - args.qmin)).clamp_min(MIN_SCALE)
-    zero = (args.qmin - lo / scale).round().clamp(args.qmin, args.qmax)
-    return scale, zero
 
+    FP8: ``amax / fmax``. NVFP4 and MXFP4: the effective per-block scale (``e4m3(block) *
+    global``, the global from the largest of the given ranges; or ``2^e``), see
+    :func:`scale_parts` for the scales as stored.
+    """
+    scale, zero, global_scale = scale_parts(lo, hi, args)
+    return effective_scale(scale, global_scale, args), zero
+
+
+# -- quantize / dequantize --------------------------------------------------------------------
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, args: QuantArgs) -> torch.Tensor:
-    """Integer codes of ``x`` (as float tensors holding integers) for broadcastable scales."""
-    q = x.float() / scale
+    """``x`` on the format's grid, in the scaled domain, as float32, for broadcastable scales:
+    integer codes (int), FP8 values (saturating at ``±fmax``), or E2M1 values (FP4)."""
+    q = x.float() / scale.to(x.device)  # a CPU scalar would be a reciprocal multiplication on CUDA
+    if _is_fp8(args):
+        return q.clamp(-args.fmax, args.fmax).to(FP8_DTYPES[args.format]).float()
+    if _is_fp4(args):
+        return e2m1_decode(e2m1_encode(q))
     if zero is not None:
         q = q + zero
     return q.round().clamp(args.qmin, args.qmax)
@@ -90,23 +290,57 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
     return dequantize(quantize(x, scale, zero, args), scale, zero).to(x.dtype)
 
 
+def code_dtype(args: QuantArgs) -> torch.dtype:
+    """The dtype of stored codes: int8/uint8 (int), torch float8 (FP8), uint8 nibble codes (FP4)."""
+    if _is_fp8(args):
+        return FP8_DTYPES[args.format]
+    if _is_fp4(args):
+        return torch.uint8
+    return torch.int8 if args.symmetric else torch.uint8
+
+
+def scale_dtype(args: QuantArgs) -> torch.dtype:
+    """The dtype of stored scales: float32, float8_e4m3fn (NVFP4 blocks) or uint8 (MXFP4 E8M0)."""
+    if _is_fp4(args):
+        return torch.float8_e4m3fn if args.format == "nvfp4" else torch.uint8
+    return torch.float32
+
+
+def encode(q: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Storage codes of grid values from :func:`quantize`."""
+    if _is_fp8(args):
+        return q.to(FP8_DTYPES[args.format])
+    if _is_fp4(args):
+        return e2m1_encode(q)
+    return torch.nan_to_num(q, nan=0.0).to(code_dtype(args))
+
+
+def decode(codes: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Float32 grid values of storage codes (inverse of :func:`encode`)."""
+    if _is_fp4(args):
+        return e2m1_decode(codes)
+    return codes.float()
+
+
 def minmax_ranges(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group minimum and maximum of a weight, shaped like its scales."""
-    g = grouped(w.float(), args)
+    """Per-group minimum and maximum of a weight, shaped like its scales (NaN and inf ignored)."""
+    g = grouped(_finite(w.float()), args)
     return g.amin(dim=-1), g.amax(dim=-1)
 
 
 @dataclass
 class QuantizedWeight:
-    """Integer codes ``[out, in]`` with scales (and zero points) ``[out, groups]``."""
+    """Codes ``[out, in]`` with scales (and zero points) ``[out, groups]``, in their storage
+    dtypes (see :func:`code_dtype`, :func:`scale_dtype`); NVFP4 adds a scalar ``global_scale``."""
 
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor | None
     args: QuantArgs
+    global_scale: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize_weight(self.codes, self.scale, self.zero, self.args)
+        return dequantize_weight(self.codes, self.scale, self.zero, self.args, global_scale=self.global_scale)
 
 
 def quantize_weight(
@@ -116,42 +350,99 @@ def quantize_weight(
 ) -> QuantizedWeight:
     """Round a weight ``[out, in]`` to the grid ``args`` defines (ranges default to min/max)."""
     lo, hi = ranges if ranges is not None else minmax_ranges(w, args)
-    scale, zero = qparams(lo, hi, args)
+    scale, zero, global_scale = scale_parts(lo, hi, args)
     g = grouped(w.float(), args)
-    q = quantize(g, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1), args)
-    dtype = torch.int8 if args.symmetric else torch.uint8
-    return QuantizedWeight(ungrouped(q, w.shape).to(dtype), scale, zero, args)
+    effective = effective_scale(scale, global_scale, args).unsqueeze(-1)
+    q = quantize(g, effective, None if zero is None else zero.unsqueeze(-1), args)
+    return QuantizedWeight(ungrouped(encode(q, args), w.shape), scale, zero, args, global_scale)
 
 
 def dequantize_weight(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, args: QuantArgs
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    args: QuantArgs,
+    *,
+    global_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Float32 weight ``[out, in]`` from codes and per-group scales."""
-    g = grouped(codes.float(), args)
+    """Float32 weight ``[out, in]`` from codes and per-group scales (as stored)."""
+    g = grouped(decode(codes, args), args)
     z = None if zero is None else zero.float().unsqueeze(-1)
-    return ungrouped(dequantize(g, scale.float().unsqueeze(-1), z), codes.shape)
+    return ungrouped(dequantize(g, effective_scale(scale, global_scale, args).unsqueeze(-1), z), codes.shape)
 
 
-def quantize_per_token(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """Fake-quantize activations with one scale per token (dynamic, over the last dim)."""
-    lo, hi = x.float().amin(dim=-1, keepdim=True), x.float().amax(dim=-1, keepdim=True)
+# -- activations at run time ------------------------------------------------------------------
+
+def _dynamic(x: torch.Tensor, args: QuantArgs, granularity: str) -> torch.Tensor:
+    xf = x.float()
+    if granularity == "group":
+        size = args.group_size
+        length = xf.shape[-1]
+        pad = -length % size
+        blocks = torch.nn.functional.pad(xf, (0, pad)) if pad else xf
+        blocks = blocks.reshape(*xf.shape[:-1], -1, size)
+        finite = _finite(blocks)
+        lo, hi = finite.amin(dim=-1, keepdim=True), finite.amax(dim=-1, keepdim=True)
+        if _is_fp4(args) and args.format == "nvfp4":
+            amax = torch.maximum(-lo, hi)  # the global scale is per token: no token depends on another
+            block, global_scale = nvfp4_scales(amax, amax.amax(dim=-2, keepdim=True))
+            scale, zero = block.float() * global_scale, None
+        else:
+            scale, zero = qparams(lo, hi, args)
+        y = dequantize(quantize(blocks, scale, zero, args), scale, zero)
+        return y.reshape(*xf.shape[:-1], -1)[..., :length].to(x.dtype)
+    finite = _finite(xf)
+    if granularity == "tensor":
+        lo, hi = finite.amin(), finite.amax()
+    else:  # token: one scale per row of the last dimension
+        lo, hi = finite.amin(dim=-1, keepdim=True), finite.amax(dim=-1, keepdim=True)
     scale, zero = qparams(lo, hi, args)
     return fake_quantize(x, scale, zero, args)
 
 
+def quantize_dynamic(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Fake-quantize activations with scales taken from ``x`` itself, as ``args.granularity`` says:
+    per ``token`` (each row of the last dimension; int or FP8), per ``group`` (blocks of
+    ``group_size`` along the last dimension: NVFP4, MXFP4, or int/FP8 blocks), or per ``tensor``.
+
+    NVFP4's global scale is taken per token here (``amax_token / (6 * 448)``), so a token's
+    result never depends on what else is in the batch.
+
+    Example::
+
+        >>> args = QuantArgs(type="float", bits=4, format="mxfp4", granularity="group", group_size=32, dynamic=True)
+        >>> quantize_dynamic(torch.full((1, 32), 7.0), args)[0, :2].tolist()   # X = 2^(2-2): 7 saturates
+        [6.0, 6.0]
+    """
+    return _dynamic(x, args, args.granularity)
+
+
+def quantize_per_token(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Fake-quantize activations with one scale per token (dynamic, over the last dim)."""
+    return _dynamic(x, args, "token")
+
+
 # -- packing -------------------------------------------------------------------------------
 
-def pack(codes: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
-    """Pack integer codes along the last dim into uint8: 2 (int4) or 4 (int2) per byte.
+def pack(codes: torch.Tensor, bits: int, symmetric: bool = True, format: str | None = None) -> torch.Tensor:
+    """Pack codes along the last dim into uint8.
 
-    Codes are stored offset to unsigned (``code + 2**(bits-1)`` when symmetric), low
-    nibble first. Widths that do not divide 8 are stored one per byte, unpacked.
+    Integers: 2 (int4) or 4 (int2) per byte, stored offset to unsigned (``code + 2**(bits-1)``
+    when symmetric), low nibble first; widths that do not divide 8 are stored one per byte.
+    ``format`` ``"nvfp4"``/``"mxfp4"``: two E2M1 codes per byte, low nibble first.
+    ``"e4m3"``/``"e5m2"``: the float8 codes' bytes (a uint8 view).
 
     Example::
 
         >>> pack(torch.tensor([[1, -2]], dtype=torch.int8), 4, True).tolist()
         [[105]]
+        >>> pack(torch.tensor([[0b0011, 0b1010]], dtype=torch.uint8), 4, format="nvfp4").tolist()   # 1.5, -1
+        [[163]]
     """
+    if format in FP8_DTYPES:
+        return codes.to(FP8_DTYPES[format]).view(torch.uint8)
+    if format in FP4_FORMATS:
+        bits, symmetric = 4, False
     u = codes.to(torch.int16) + ((1 << (bits - 1)) if symmetric else 0)
     u = u.to(torch.uint8)
     if 8 % bits or bits == 8:
@@ -165,8 +456,13 @@ def pack(codes: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
     return (u << shifts).sum(dim=-1).to(torch.uint8)
 
 
-def unpack(packed: torch.Tensor, bits: int, symmetric: bool, length: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: codes (int8 when symmetric, else uint8) of the given length."""
+def unpack(packed: torch.Tensor, bits: int, symmetric: bool, length: int, format: str | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack`: codes of the given length along the last dim (int8 when
+    symmetric int, uint8 when asymmetric or FP4, the float8 dtype for FP8)."""
+    if format in FP8_DTYPES:
+        return packed.contiguous().view(FP8_DTYPES[format])[..., :length]
+    if format in FP4_FORMATS:
+        bits, symmetric = 4, False
     if 8 % bits or bits == 8:
         u = packed.to(torch.int16)
     else:

@@ -5,7 +5,7 @@ Example::
     >>> from qframe.plugins import build_registry
     >>> registry = build_registry(entry_points=False)
     >>> registry.get("quantizer", "rtn").summary
-    'round-to-nearest weights (int2-8), optional int8 activations'
+    'round-to-nearest weights (int2-8, FP8, NVFP4, MXFP4), optional activations'
 """
 
 from __future__ import annotations
@@ -29,7 +29,11 @@ DISABLE_ENV = "QFRAME_DISABLE_PLUGINS"
 # The built-in plugins. Removing a module here removes a feature, never breaks the core.
 BUILTIN_MODULES: tuple[str, ...] = (
     "qframe_plugins.minmax",
+    "qframe_plugins.histogram",
+    "qframe_plugins.mse",
     "qframe_plugins.rtn",
+    "qframe_plugins.fp",
+    "qframe_plugins.kv_cache",
     "qframe_plugins.llama",
     "qframe_plugins.text_datasets",
     "qframe_plugins.generated",

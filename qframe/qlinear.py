@@ -1,9 +1,22 @@
 """``QuantLinear``: the canonical state of one quantized linear, and a module that
 computes with it (fake quantization: dequantized weights, quantize-dequantized inputs).
 
-Buffers (what the native checkpoint stores): ``weight_codes`` (int8, or uint8 when
-asymmetric), ``weight_scale`` and ``weight_zero`` ``[out, groups]``, ``input_scale`` and
-``input_zero`` (static activations).
+Buffers (what the native checkpoint stores), by weight format:
+
+=============  ==========================  ==============================  =====================
+format         ``weight_codes [out, in]``  ``weight_scale [rows, groups]``  more
+=============  ==========================  ==============================  =====================
+int, sym.      int8                        float32
+int, asym.     uint8                       float32                         ``weight_zero``
+e4m3 / e5m2    float8_e4m3fn / _e5m2       float32
+nvfp4          uint8 E2M1 codes 0-15       float8_e4m3fn (blocks of 16)    ``weight_global_scale`` (float32, scalar)
+mxfp4          uint8 E2M1 codes 0-15       uint8 E8M0 exponents (32)
+=============  ==========================  ==============================  =====================
+
+Inputs: static activations (int or FP8) keep one ``input_scale`` (and ``input_zero`` when
+asymmetric); dynamic ones are quantized per token, per block (FP4) or per tensor at run time
+and keep nothing. Outputs (a KV cache: see :meth:`QuantLinear.quantize_output`) keep
+``output_scale`` (and ``output_zero``). The dequantized ``weight`` is derived and never saved.
 
 Example::
 
@@ -12,9 +25,15 @@ Example::
     >>> layer = QuantLinear.from_linear(torch.nn.Linear(8, 4), QuantArgs(bits=4))
     >>> layer.weight_codes.dtype, tuple(layer.weight_scale.shape)
     (torch.int8, (4, 1))
+    >>> fp4 = QuantArgs(type="float", bits=4, granularity="group", group_size=16)
+    >>> layer = QuantLinear.from_linear(torch.nn.Linear(32, 4), fp4)
+    >>> layer.weight_scale.dtype, tuple(layer.weight_scale.shape), layer.weight_global_scale.shape
+    (torch.float8_e4m3fn, (4, 2), torch.Size([]))
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import nn
@@ -22,8 +41,18 @@ from torch import nn
 from . import numerics
 from .scheme import QuantArgs
 
+# Quantized state keeps its dtype through ``module.to(dtype)``/``.half()``: codes and scales
+# are exact in their own dtypes and would be corrupted by a cast; only the derived ``weight``
+# (and the bias) follow the model's dtype.
+_EXACT_BUFFERS = frozenset({
+    "weight_codes", "weight_scale", "weight_zero", "weight_global_scale",
+    "input_scale", "input_zero", "output_scale", "output_zero",
+})
+
 
 class QuantLinear(nn.Module):
+    stands_for = ("Linear",)  # recipe targets that name Linear reach quantized linears too
+
     def __init__(
         self,
         in_features: int,
@@ -32,27 +61,31 @@ class QuantLinear(nn.Module):
         weights: QuantArgs | None,
         activations: QuantArgs | None = None,
         dtype: torch.dtype = torch.float32,
+        outputs: QuantArgs | None = None,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight_args, self.input_args = weights, activations
+        self.weight_args, self.input_args, self.output_args = weights, activations, None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         if weights is None:
             self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=dtype), requires_grad=False)
         else:
             groups = numerics.n_groups(in_features, weights) if weights.granularity != "tensor" else 1
             rows = 1 if weights.granularity == "tensor" else out_features
-            code_dtype = torch.int8 if weights.symmetric else torch.uint8
-            self.register_buffer("weight_codes", torch.zeros(out_features, in_features, dtype=code_dtype))
-            self.register_buffer("weight_scale", torch.ones(rows, groups))
+            self.register_buffer("weight_codes", torch.zeros(out_features, in_features, dtype=numerics.code_dtype(weights)))
+            self.register_buffer("weight_scale", torch.ones(rows, groups).to(numerics.scale_dtype(weights)))
             if not weights.symmetric:
                 self.register_buffer("weight_zero", torch.zeros(rows, groups))
+            if weights.type == "float" and weights.format == "nvfp4":
+                self.register_buffer("weight_global_scale", torch.ones(()))
             # The dequantized weight the forward uses; derived, so never saved.
             self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=dtype), persistent=False)
         if activations is not None and not activations.dynamic:
             self.register_buffer("input_scale", torch.ones(()))
             if not activations.symmetric:
                 self.register_buffer("input_zero", torch.zeros(()))
+        if outputs is not None:
+            self._add_output(outputs)
 
     @classmethod
     def from_linear(
@@ -78,6 +111,8 @@ class QuantLinear(nn.Module):
             module.weight_scale.copy_(q.scale)
             if q.zero is not None:
                 module.weight_zero.copy_(q.zero)
+            if q.global_scale is not None:
+                module.weight_global_scale.copy_(q.global_scale.reshape(()))
             module.refresh()
         if input_range is not None:
             scale, zero = numerics.qparams(*input_range, activations)
@@ -86,11 +121,32 @@ class QuantLinear(nn.Module):
                 module.input_zero.copy_(zero.reshape(()))
         return module
 
+    def _add_output(self, args: QuantArgs) -> None:
+        if args.dynamic or args.granularity != "tensor":
+            raise ValueError(f"output quantization takes one static scale per tensor, not {args.to_dict()}")
+        self.output_args = args
+        anchor = next(itertools.chain(self.parameters(), self.buffers()), None)
+        device = anchor.device if anchor is not None else torch.device("cpu")
+        self.register_buffer("output_scale", torch.ones((), device=device))
+        if not args.symmetric:
+            self.register_buffer("output_zero", torch.zeros((), device=device))
+
+    def quantize_output(self, args: QuantArgs, output_range: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Quantize-dequantize this linear's output with one static scale (what a KV cache
+        stores for the key and value projections), from a calibrated ``(lo, hi)`` range."""
+        self._add_output(args)
+        scale, zero = numerics.qparams(*output_range, args)
+        self.output_scale.copy_(scale.reshape(()))
+        if zero is not None:
+            self.output_zero.copy_(zero.reshape(()))
+
     def refresh(self) -> None:
         """Recompute the dequantized weight from codes and scales (after loading them)."""
         if self.weight_args is not None:
-            zero = getattr(self, "weight_zero", None)
-            w = numerics.dequantize_weight(self.weight_codes, self.weight_scale, zero, self.weight_args)
+            w = numerics.dequantize_weight(
+                self.weight_codes, self.weight_scale, getattr(self, "weight_zero", None), self.weight_args,
+                global_scale=getattr(self, "weight_global_scale", None),
+            )
             self.weight = w.to(self.weight.dtype)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,13 +154,28 @@ class QuantLinear(nn.Module):
         if args is None:
             return x
         if args.dynamic:
-            return numerics.quantize_per_token(x, args)
+            return numerics.quantize_dynamic(x, args)
         return numerics.fake_quantize(x, self.input_scale, getattr(self, "input_zero", None), args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(self.quantize_input(x), self.weight, self.bias)
+        y = nn.functional.linear(self.quantize_input(x), self.weight, self.bias)
+        if self.output_args is not None:
+            y = numerics.fake_quantize(y, self.output_scale, getattr(self, "output_zero", None), self.output_args)
+        return y
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: b for name, b in self._buffers.items() if name in _EXACT_BUFFERS and b is not None}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
 
     def extra_repr(self) -> str:
         w = self.weight_args.to_dict() if self.weight_args else None
         a = self.input_args.to_dict() if self.input_args else None
-        return f"in_features={self.in_features}, out_features={self.out_features}, weights={w}, activations={a}"
+        text = f"in_features={self.in_features}, out_features={self.out_features}, weights={w}, activations={a}"
+        if self.output_args is not None:
+            text += f", outputs={self.output_args.to_dict()}"
+        return text

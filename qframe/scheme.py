@@ -1,13 +1,16 @@
 """Quantization schemes as pure, validated data.
 
-``QuantArgs`` says how one tensor is quantized (bits, number type, symmetry, granularity,
-static or dynamic); ``QuantScheme`` says which modules get which ``QuantArgs``.
+``QuantArgs`` says how one tensor is quantized (bits, number type and format, symmetry,
+granularity, static or dynamic); ``QuantScheme`` says which modules get which ``QuantArgs``.
 
 Example::
 
     >>> args = QuantArgs.from_table({"bits": 4, "group_size": 128}, role="weights")
     >>> args.granularity, args.symmetric
     ('group', True)
+    >>> fp4 = QuantArgs.from_table({"type": "float", "bits": 4}, role="weights")
+    >>> fp4.format, fp4.granularity, fp4.group_size
+    ('nvfp4', 'group', 16)
 """
 
 from __future__ import annotations
@@ -24,6 +27,13 @@ GRANULARITIES = ("tensor", "channel", "group", "token")
 NUMBER_TYPES = ("int", "float")
 INT_BITS = (2, 3, 4, 5, 6, 7, 8)
 FLOAT_BITS = (4, 8)
+# Float formats by width; the first is the default.
+FLOAT_FORMATS: dict[int, tuple[str, ...]] = {8: ("e4m3", "e5m2"), 4: ("nvfp4", "mxfp4")}
+FORMAT_BITS = {name: bits for bits, names in FLOAT_FORMATS.items() for name in names}
+# Largest magnitude of each format's element type (E4M3, E5M2, E2M1).
+FORMAT_MAX = {"e4m3": 448.0, "e5m2": 57344.0, "nvfp4": 6.0, "mxfp4": 6.0}
+# FP4 formats scale fixed blocks of input channels.
+BLOCK_SIZES = {"nvfp4": 16, "mxfp4": 32}
 
 
 def _expect(key: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
@@ -39,10 +49,25 @@ def _expect(key: str, value: Any, kind: type | tuple[type, ...], what: str) -> A
 class QuantArgs:
     """How one tensor (weights or activations) is quantized.
 
-    ``granularity``: one scale per ``tensor``, per output ``channel``, per ``group`` of
-    ``group_size`` input channels, or per ``token`` (dynamic activations only).
-    ``dynamic``: scales are computed at run time from each input instead of calibrated.
-    ``calibrator`` names the calibrator plugin that sets static ranges.
+    ``type`` and ``bits`` choose the number type: ``int`` 2-8 bits (symmetric, or
+    asymmetric with a zero point), or ``float`` 8 or 4 bits. ``format`` names the float
+    format (``int`` takes none):
+
+    - 8 bits: ``e4m3`` (the default; max 448) or ``e5m2`` (max 57344), saturating, with a
+      scale per tensor, channel or group (or per token, dynamic activations);
+    - 4 bits: ``nvfp4`` (the default; E2M1 in blocks of 16 with E4M3 block scales and an
+      FP32 global scale per tensor) or ``mxfp4`` (E2M1 in blocks of 32 with E8M0
+      power-of-two scales, as the OCP MX specification defines them). Both take
+      ``granularity = "group"`` with their block size as ``group_size``.
+
+    Float formats are symmetric. ``granularity``: one scale per ``tensor``, per output
+    ``channel``, per ``group`` of ``group_size`` input channels, or per ``token`` (dynamic
+    activations only; dynamic activations may also take ``group``, blocks along the last
+    dimension). ``dynamic``: scales are computed at run time from each input instead of
+    calibrated. ``calibrator`` names the calibrator plugin that sets static ranges.
+
+    ``qmin``/``qmax`` bound the grid in the scaled domain: integer codes for ``int``,
+    ``-fmax``/``fmax`` for floats.
     """
 
     bits: int = 8
@@ -52,6 +77,7 @@ class QuantArgs:
     group_size: int | None = None
     dynamic: bool = False
     calibrator: str = "minmax"
+    format: str | None = None
 
     def __post_init__(self) -> None:
         _expect("type", self.type, str, "a string")
@@ -76,14 +102,64 @@ class QuantArgs:
             raise RecipeError("group_size", self.group_size, f"only granularity 'group' takes a group_size, not {self.granularity!r}")
         if self.granularity == "token" and not self.dynamic:
             raise RecipeError("granularity", "token", "per-token scales are dynamic only; set dynamic = true")
+        self._check_format()
+
+    def _check_format(self) -> None:
+        if self.format is not None:
+            _expect("format", self.format, str, "a format name")
+        if self.type == "int":
+            if self.format is not None:
+                every = ", ".join(FORMAT_BITS)
+                raise RecipeError("format", self.format,
+                                  f'only type = "float" takes a format ({every}); allowed for int: none')
+            return
+        allowed = FLOAT_FORMATS[self.bits]
+        if self.format is None:
+            object.__setattr__(self, "format", allowed[0])  # frozen: the default by width
+        elif self.format not in allowed:
+            needs = f"{self.format} needs bits = {FORMAT_BITS[self.format]}, and " if self.format in FORMAT_BITS else ""
+            raise RecipeError("format", self.format, f"{needs}{self.bits}-bit floats are {' or '.join(allowed)}; "
+                              f"allowed: {', '.join(allowed)}")
+        if not self.symmetric:
+            raise RecipeError("symmetric", self.symmetric, f"{self.format} is symmetric (no zero point); allowed: true")
+        block = BLOCK_SIZES.get(self.format)
+        if block is not None:
+            if self.granularity != "group":
+                raise RecipeError("granularity", self.granularity,
+                                  f"{self.format} scales blocks of {block} input channels; allowed: group "
+                                  f"(with group_size = {block})")
+            if self.group_size != block:
+                raise RecipeError("group_size", self.group_size, f"{self.format} uses blocks of {block}; allowed: {block}")
 
     @property
-    def qmin(self) -> int:
+    def is_float(self) -> bool:
+        return self.type == "float"
+
+    @property
+    def fmax(self) -> float:
+        """Largest magnitude of a float format's elements (448 for e4m3, 57344 for e5m2, 6 for FP4)."""
+        if self.type != "float":
+            raise ValueError(f"int{self.bits} has no float maximum; use qmin/qmax")
+        return FORMAT_MAX[self.format]
+
+    @property
+    def qmin(self) -> int | float:
+        if self.type == "float":
+            return -FORMAT_MAX[self.format]
         return -(1 << (self.bits - 1)) if self.symmetric else 0
 
     @property
-    def qmax(self) -> int:
+    def qmax(self) -> int | float:
+        if self.type == "float":
+            return FORMAT_MAX[self.format]
         return (1 << (self.bits - 1)) - 1 if self.symmetric else (1 << self.bits) - 1
+
+    @property
+    def name(self) -> str:
+        """A short name of the number format: ``int4``, ``uint4`` (asymmetric), ``e4m3``, ``nvfp4``..."""
+        if self.type == "float":
+            return self.format
+        return f"{'int' if self.symmetric else 'uint'}{self.bits}"
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -93,7 +169,9 @@ class QuantArgs:
         """Build from a recipe table; defaults depend on whether it quantizes weights or activations.
 
         Weights default to per-channel (per-group when ``group_size`` is given);
-        activations to static per-tensor, or per-token when ``dynamic = true``.
+        activations to static per-tensor, or per-token when ``dynamic = true``. A ``format``
+        implies its ``type`` and ``bits`` when they are not given, and FP4 formats default to
+        their own blocks (``group_size`` 16 for nvfp4, 32 for mxfp4).
         """
         if not isinstance(table, Mapping):
             raise RecipeError("", table, "expected a table such as { bits = 4, group_size = 128 }")
@@ -102,6 +180,15 @@ class QuantArgs:
             if key not in allowed:
                 raise RecipeError(key, table[key], f"unknown key; allowed: {', '.join(allowed)}")
         values = dict(table)
+        fmt = values.get("format")
+        if isinstance(fmt, str) and fmt in FORMAT_BITS:
+            values.setdefault("type", "float")
+            values.setdefault("bits", FORMAT_BITS[fmt])
+        if values.get("type") == "float" and "granularity" not in values and values.get("group_size") is None:
+            width = values.get("bits", 8)
+            chosen = fmt if fmt is not None else FLOAT_FORMATS.get(width, (None,))[0]
+            if chosen in BLOCK_SIZES:
+                values["group_size"] = BLOCK_SIZES[chosen]
         # The role's own limits first: their advice beats a generic one ("set dynamic = true").
         if role == "weights" and values.get("granularity") == "token":
             raise RecipeError("granularity", "token", "weights take tensor, channel or group")
@@ -115,15 +202,19 @@ class QuantArgs:
         args = cls(**values)
         if role == "weights" and args.dynamic:
             raise RecipeError("dynamic", True, "weights are quantized once; dynamic applies to activations")
-        if role == "activations" and args.granularity in ("channel", "group"):
-            raise RecipeError("granularity", args.granularity, "activations take tensor or token")
+        if role == "activations" and args.granularity == "channel":
+            raise RecipeError("granularity", "channel", "activations take tensor or token (or group, when dynamic)")
+        if role == "activations" and args.granularity == "group" and not args.dynamic:
+            raise RecipeError("dynamic", False, f"activations scaled per block of {args.group_size} are "
+                              "quantized at run time; allowed: true")
         return args
 
 
 def _pattern_matches(pattern: str, name: str, module: object) -> bool:
     if pattern.startswith("re:"):
         return re.search(pattern[3:], name) is not None
-    if any(pattern == cls.__name__ for cls in type(module).__mro__):
+    # A module matches its class names and the names it stands in for (QuantLinear is a "Linear").
+    if pattern in {cls.__name__ for cls in type(module).__mro__} | set(getattr(module, "stands_for", ())):
         return True
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
 

@@ -1,16 +1,17 @@
-"""``rtn``: round-to-nearest.
+"""``rtn``: round-to-nearest, in every number format of the core numerics.
 
-Weights are rounded on the integer grid their ``QuantArgs`` define (int2-8, symmetric or
-asymmetric, per tensor, channel or group), with ranges from the weights' own min/max.
-Activations, when the stage has them, are int8: static per tensor (calibrated by any
-calibrator plugin on the layer's real inputs) or dynamic per token.
+Weights are rounded on the grid their ``QuantArgs`` define (int2-8 symmetric or asymmetric
+per tensor, channel or group; FP8 E4M3/E5M2; NVFP4 and MXFP4 blocks), with ranges from the
+weights' own min/max. Activations, when the stage has them, are quantized statically (one
+scale per tensor, calibrated on the layer's real inputs by any calibrator plugin) or
+dynamically (per token, or per block for FP4).
 
 Recipe::
 
     [[stage]]
     quantizer = "rtn"
     weights = { bits = 4, group_size = 128 }
-    activations = { bits = 8, dynamic = true }     # optional: W8A8-style inputs
+    activations = { bits = 8, dynamic = true }     # optional
 """
 
 from __future__ import annotations
@@ -23,16 +24,11 @@ from qframe.qlinear import QuantLinear
 
 def check(stage) -> None:
     weights, acts = stage.scheme.weights, stage.scheme.activations
-    if weights is not None and weights.type != "int":
-        raise RecipeError("weights.type", weights.type, "not supported by rtn; allowed: int")
     if weights is not None and weights.calibrator != "minmax":
         raise RecipeError("weights.calibrator", weights.calibrator,
                           "rtn takes weight ranges from the weights' own min/max; allowed: minmax")
-    if acts is not None:
-        if acts.type != "int":
-            raise RecipeError("activations.type", acts.type, "not supported by rtn; allowed: int")
-        if acts.bits != 8:
-            raise RecipeError("activations.bits", acts.bits, "not supported by rtn; allowed: 8")
+    if acts is not None and acts.type == "int" and acts.bits != 8:
+        raise RecipeError("activations.bits", acts.bits, "int activations are int8; allowed: 8")
 
 
 class RTN(Quantizer):
@@ -53,7 +49,7 @@ class RTN(Quantizer):
 def qframe_quantizers():
     yield QuantizerPlugin(
         name="rtn",
-        summary="round-to-nearest weights (int2-8), optional int8 activations",
+        summary="round-to-nearest weights (int2-8, FP8, NVFP4, MXFP4), optional activations",
         factory=RTN,
         check=check,
     )

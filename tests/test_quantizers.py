@@ -1,0 +1,106 @@
+"""fp8, nvfp4, mxfp4 and kv_cache quantizers, and rtn in every format, on tiny random models."""
+
+import pytest
+import torch
+from torch import nn
+
+import qframe
+from qframe.checkpoint import load_native, save_native
+from qframe.cli import main
+from qframe.qlinear import QuantLinear
+from qframe.testing import tiny_llama_model
+
+ROOT_RECIPES = ["fp8", "fp8_kv", "int8_kv", "nvfp4", "mxfp4", "w8a8_int8"]
+
+
+def tokens(n=4, length=32):
+    return torch.randint(0, 256, (n, length), generator=torch.Generator().manual_seed(3))
+
+
+def logits(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=ids).logits
+
+
+def rel_err(a, b):
+    return float((a - b).pow(2).mean() / b.pow(2).mean())
+
+
+@pytest.mark.parametrize("name", ROOT_RECIPES)
+def test_ready_recipes_quantize_and_reload_exactly(name, tmp_path):
+    model = tiny_llama_model(hidden_size=64, intermediate_size=128, vocab_size=256)
+    ids = tokens()
+    before = logits(model, ids)
+    recipe = qframe.load_recipe(f"recipes/{name}.toml", overrides={"calibration.batch_size": 2})
+    qmodel = qframe.quantize(model, recipe, calibration=ids, device="cpu")
+    after = logits(model, ids)
+    assert 0 < rel_err(after, before) < 0.5
+    save_native(qmodel, tmp_path)
+    assert torch.equal(logits(load_native(tmp_path).model, ids), after)
+
+
+def test_fp8_weights_sit_on_the_e4m3_grid():
+    model = tiny_llama_model(hidden_size=64, intermediate_size=128, vocab_size=256)
+    recipe = qframe.load_recipe("recipes/fp8.toml")
+    qmodel = qframe.quantize(model, recipe, calibration=tokens(), device="cpu")
+    q = qmodel.quantized_modules()["model.layers.0.mlp.up_proj"]
+    scale = q.weight_scale.float().reshape(-1)[0]
+    on_grid = (q.weight.float() / scale).to(torch.float8_e4m3fn).float() * scale
+    assert torch.allclose(q.weight.float(), on_grid, rtol=0, atol=0)
+    assert q.input_scale.item() > 0
+
+
+def test_kv_cache_quantizes_only_key_and_value_outputs():
+    model = tiny_llama_model(hidden_size=64, intermediate_size=128, vocab_size=256)
+    ids = tokens()
+    recipe = qframe.recipe.parse_recipe({"stage": [{"quantizer": "kv_cache", "activations": {"bits": 8}}]})
+    qmodel = qframe.quantize(model, recipe, calibration=ids, device="cpu")
+    modules = qmodel.quantized_modules()
+    assert sorted(n.rsplit(".", 1)[-1] for n in modules if n.startswith("model.layers.0.")) == ["k_proj", "v_proj"]
+    k = modules["model.layers.0.self_attn.k_proj"]
+    assert k.weight_args is None  # the weights stay as they were: only the cache is quantized
+    assert qmodel.layers[0]["modules"]["model.layers.0.self_attn.k_proj"]["kv_scale"] == pytest.approx(float(k.output_scale))
+    # the k_proj output the attention sees is on the int8 grid of that scale
+    seen = []
+    hook = k.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    logits(model, ids)
+    hook.remove()
+    codes = seen[0] / k.output_scale
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.abs().max() <= 128
+
+
+def test_kv_cache_composes_with_a_weight_stage():
+    model = tiny_llama_model(hidden_size=64, intermediate_size=128, vocab_size=256)
+    recipe = qframe.load_recipe("recipes/int8_kv.toml")
+    qmodel = qframe.quantize(model, recipe, calibration=tokens(), device="cpu")
+    k = qmodel.quantized_modules()["model.layers.1.self_attn.k_proj"]
+    assert k.weight_args.bits == 4 and k.output_args.bits == 8
+
+
+@pytest.mark.parametrize("override, key, allowed", [
+    ("stage.0.weights.symmetric=false", "stage[0].weights.symmetric", "allowed: true"),
+    ("stage.0.activations.calibrator=magic", "stage[0].activations.calibrator", "installed:"),
+])
+def test_fp8_bad_input_exits_2(override, key, allowed, capsys):
+    assert main(["validate", "recipes/fp8.toml", "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert key in err and allowed in err and "Traceback" not in err
+
+
+def test_nvfp4_block_size_must_be_16(capsys):
+    assert main(["validate", "recipes/nvfp4.toml", "--set", "stage.0.weights.group_size=32"]) == 2
+    err = capsys.readouterr().err
+    assert "stage[0].weights.group_size: 32" in err and "16" in err
+
+
+def test_fp4_quantizer_refuses_another_format(capsys):
+    assert main(["validate", "recipes/mxfp4.toml", "--set", 'stage.0.weights.format="nvfp4"',
+                 "--set", "stage.0.weights.group_size=16"]) == 2
+    assert "stage[0].weights.type" in capsys.readouterr().err
+
+
+def test_kv_cache_refuses_weights_and_fp4(capsys):
+    assert main(["validate", "recipes/int8_kv.toml", "--set", "stage.1.weights.bits=4"]) == 2
+    assert "stage[1].weights" in capsys.readouterr().err
+    assert main(["validate", "recipes/int8_kv.toml", "--set", "stage.1.activations.dynamic=true"]) == 2
+    assert "stage[1].activations" in capsys.readouterr().err
