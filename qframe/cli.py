@@ -61,11 +61,13 @@ def _layer_progress(enabled: bool = True) -> Iterator:
     columns = (TextColumn("[bold]quantizing"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.description}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     progress = Progress(*columns, console=err, disable=not enabled)
-    task = progress.add_task("", total=None)
+    tasks: list = []
 
     def update(done: int, total: int, name: str) -> None:
-        progress.start()  # on the first layer, not while the model loads; idempotent
-        progress.update(task, completed=done, total=total, description=name)
+        if not tasks:  # start the clock at the first layer, not while the model loads
+            progress.start()
+            tasks.append(progress.add_task("", total=total))
+        progress.update(tasks[0], completed=done, total=total, description=name)
 
     try:
         yield update
