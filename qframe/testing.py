@@ -39,9 +39,12 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 from .errors import PluginError
 from .hookspecs import HOOKS, PROJECT
@@ -178,3 +181,42 @@ def tiny_llama():
                                      registry=qframe_registry(), device="cpu")
     """
     return tiny_llama_model()
+
+
+def random_tokens(n: int, length: int, vocab: int, seed: int = 0) -> "torch.Tensor":
+    """Seeded random token ids ``[n, length]``, for calibration in tests.
+
+    Example::
+
+        >>> random_tokens(2, 3, vocab=10, seed=1).shape
+        torch.Size([2, 3])
+    """
+    import torch
+
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, ids) -> "torch.Tensor":
+    """The model's logits for ``ids``, without autograd.
+
+    Example::
+
+        >>> logits(tiny_llama_model(vocab_size=64), random_tokens(1, 4, vocab=64)).shape
+        torch.Size([1, 4, 64])
+    """
+    import torch
+
+    with torch.inference_mode():
+        return model(input_ids=ids).logits
+
+
+def relative_error(a, b) -> float:
+    """Mean squared difference relative to the mean square of the reference ``b``.
+
+    Example::
+
+        >>> import torch
+        >>> relative_error(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0]))
+        0.5
+    """
+    return float((a - b).pow(2).mean() / b.pow(2).mean())

@@ -1,7 +1,6 @@
 """Dataset specs to token windows, with a real tokenizer (SmolLM2's, from its GGUF)."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -9,6 +9,7 @@ import qframe
 from qframe.checkpoint import load_native, save_native
 from qframe.qlinear import QuantLinear
 from qframe.recipe import parse_recipe
+from qframe.testing import logits, random_tokens, relative_error
 
 CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
 
@@ -25,16 +26,7 @@ def recipe(**stage):
 
 
 def tokens(n=6, length=16):
-    return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(1))
-
-
-def logits(model, ids):
-    with torch.inference_mode():
-        return model(input_ids=ids).logits
-
-
-def rel_err(a, b):
-    return float((a - b).pow(2).mean() / b.pow(2).mean())
+    return random_tokens(n, length, vocab=128, seed=1)
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
@@ -48,7 +40,7 @@ def test_weight_only_int4_quantizes_every_decoder_linear(kind):
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, QuantLinear)
     # 64 input channels in groups of 48: a full group and a partial one
     assert modules["model.layers.0.self_attn.q_proj"].weight_scale.shape == (64, 2)
-    assert 0 < rel_err(logits(model, ids), before) < 0.05
+    assert 0 < relative_error(logits(model, ids), before) < 0.05
     assert qmodel.manifest["dataset"] is None  # weight-only RTN reads no data
     figures = qmodel.layers[0]["modules"]["model.layers.0.mlp.down_proj"]
     assert 0 < figures["weight_error"] < 0.05
@@ -100,7 +92,7 @@ def test_dynamic_activations_need_no_data():
     before = logits(model, ids)
     qmodel = qframe.quantize(model, recipe(weights={"bits": 8}, activations={"bits": 8, "dynamic": True}), device="cpu")
     assert qmodel.manifest["dataset"] is None
-    assert rel_err(logits(model, ids), before) < 1e-3
+    assert relative_error(logits(model, ids), before) < 1e-3
 
 
 def test_targets_and_ignore_select_modules():

@@ -2,28 +2,17 @@
 
 import pytest
 import torch
-from torch import nn
 
 import qframe
 from qframe.checkpoint import load_native, save_native
 from qframe.cli import main
-from qframe.qlinear import QuantLinear
-from qframe.testing import tiny_llama_model
+from qframe.testing import logits, random_tokens, relative_error, tiny_llama_model
 
 ROOT_RECIPES = ["fp8", "fp8_kv", "int8_kv", "nvfp4", "mxfp4", "w8a8_int8"]
 
 
 def tokens(n=4, length=32):
-    return torch.randint(0, 256, (n, length), generator=torch.Generator().manual_seed(3))
-
-
-def logits(model, ids):
-    with torch.inference_mode():
-        return model(input_ids=ids).logits
-
-
-def rel_err(a, b):
-    return float((a - b).pow(2).mean() / b.pow(2).mean())
+    return random_tokens(n, length, vocab=256, seed=3)
 
 
 @pytest.mark.parametrize("name", ROOT_RECIPES)
@@ -34,7 +23,7 @@ def test_ready_recipes_quantize_and_reload_exactly(name, tmp_path):
     recipe = qframe.load_recipe(f"recipes/{name}.toml", overrides={"calibration.batch_size": 2})
     qmodel = qframe.quantize(model, recipe, calibration=ids, device="cpu")
     after = logits(model, ids)
-    assert 0 < rel_err(after, before) < 0.5
+    assert 0 < relative_error(after, before) < 0.5
     save_native(qmodel, tmp_path)
     assert torch.equal(logits(load_native(tmp_path).model, ids), after)
 
