@@ -16,8 +16,10 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 
@@ -231,3 +233,35 @@ def positive(key: str, value: object, kind: type = int) -> None:
     """Raise a :class:`RecipeError` naming ``key`` unless ``value`` is a positive ``kind``."""
     if isinstance(value, bool) or not isinstance(value, (kind, int)) or value <= 0:
         raise RecipeError(key, value, f"expected a positive {'integer' if kind is int else 'number'}")
+
+
+def build_calibrator(record: Any, args: QuantArgs) -> Calibrator:
+    """Build the calibrator plugin ``record`` for ``args``, passing ``args.calibrator_options``.
+
+    An option the calibrator does not take is a :class:`RecipeError` naming it and listing
+    the ones it does; resolving a recipe calls this once, so mistakes surface before any
+    model loads.
+
+    Example::
+
+        >>> import qframe
+        >>> args = QuantArgs(granularity="tensor", calibrator="percentile", calibrator_options={"percentile": 99.9})
+        >>> build_calibrator(qframe.calibrators.get("percentile"), args).percentile
+        99.9
+    """
+    options = dict(args.calibrator_options)
+    try:
+        parameters = inspect.signature(record.factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C factory: let the call decide
+        parameters = ()
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+        known = [p.name for p in parameters if p.kind is p.KEYWORD_ONLY]
+        for key, value in options.items():
+            if key not in known:
+                allowed = ", ".join(known) if known else "none"
+                raise RecipeError(f"calibrator_options.{key}", value,
+                                  f"calibrator {record.name} has no such option; allowed: {allowed}")
+    try:
+        return record.factory(args, **options)
+    except RecipeError as exc:  # an option's value, or args the calibrator cannot serve
+        raise (exc.within("calibrator_options") if exc.key in options else exc) from None

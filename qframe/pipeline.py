@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .calibrate import Calibrator
+from .calibrate import Calibrator, build_calibrator
 from .errors import QFrameError
 from .model import Architecture, find_architecture
 from .qlinear import QuantLinear
@@ -57,7 +57,8 @@ class Quantizer(ABC):
         return isinstance(module, nn.Linear)
 
     def calibrator(self, args: QuantArgs) -> Calibrator:
-        return self.registry.get("calibrator", args.calibrator).factory(args)
+        """A fresh calibrator for ``args``: its plugin, with the recipe's ``calibrator_options``."""
+        return build_calibrator(self.registry.get("calibrator", args.calibrator), args)
 
     @abstractmethod
     def quantize_layer(self, work: "LayerWork", targets: list[tuple[str, nn.Linear]]) -> None:
@@ -177,9 +178,11 @@ def capture_inputs(model: nn.Module, arch: Architecture, ids: torch.Tensor, batc
     return captured
 
 
-def advance(layer: nn.Module, reference: nn.Module, inputs: LayerInputs) -> float:
-    """Replace each batch of ``inputs`` by the quantized layer's output, in place, and return
-    the relative squared error against the unquantized ``reference`` on the same inputs.
+def advance(layer: nn.Module, reference: nn.Module, inputs: LayerInputs, propagate: str = "quantized") -> float:
+    """Replace each batch of ``inputs`` by the next layer's inputs, in place: the quantized
+    layer's output (``propagate="quantized"``) or the unquantized ``reference``'s
+    (``"float"``). Return the relative squared error of the quantized output against the
+    reference's on the same inputs.
 
     Streaming batch by batch holds one extra copy of the layer's weights instead of a
     second copy of every calibration activation.
@@ -191,7 +194,7 @@ def advance(layer: nn.Module, reference: nn.Module, inputs: LayerInputs) -> floa
             ref = _first(reference(hidden, **kwargs)).float()
             num += float((out.float() - ref).pow(2).sum())
             den += float(ref.pow(2).sum())
-            inputs.hidden[i] = out
+            inputs.hidden[i] = out if propagate == "quantized" else ref.to(out.dtype)
     return num / max(den, 1e-30)
 
 
@@ -234,7 +237,7 @@ def run_pipeline(
             quantizer.quantize_layer(work, targets)
         entry: dict[str, Any] = {"layer": work.prefix, "modules": work.figures}
         if inputs is not None:
-            entry["output_error"] = advance(layer, reference, inputs)
+            entry["output_error"] = advance(layer, reference, inputs, plan.recipe.calibration.propagate)
             del reference
         layer.to(home)
         entry["seconds"] = round(time.perf_counter() - started, 4)

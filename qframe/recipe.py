@@ -34,13 +34,27 @@ class ModelSpec:
     dtype: str = "auto"
 
 
+PROPAGATE = ("quantized", "float")
+
+
 @dataclass(frozen=True)
 class CalibrationSpec:
+    """Where calibration text comes from and how it flows through the layers.
+
+    ``propagate`` chooses what each decoder layer is calibrated on: ``"quantized"`` (the
+    default) feeds it the outputs of the layers before it as quantized, so it sees, and
+    can compensate for, their error; ``"float"`` feeds it the unquantized model's
+    activations, as modelopt calibrates (the whole float model at once). Static
+    activation ranges come out tighter on the float stream, since upstream rounding noise
+    widens the extremes. Either way no second copy of the activations is kept.
+    """
+
     dataset: str = "generated"
     samples: int = 128
     seq_len: int = 512
     seed: int = 0
     batch_size: int = 8
+    propagate: str = "quantized"
 
 
 @dataclass(frozen=True)
@@ -180,6 +194,8 @@ def parse_recipe(data: Mapping[str, Any], source: str | None = None) -> Recipe:
         calibration = build_dataclass(CalibrationSpec, data.get("calibration", {}), "calibration")
         for name in ("samples", "seq_len", "batch_size"):
             _positive(f"calibration.{name}", getattr(calibration, name))
+        if calibration.propagate not in PROPAGATE:
+            raise RecipeError("calibration.propagate", calibration.propagate, f"allowed: {', '.join(PROPAGATE)}")
         stages = data.get("stage")
         if not isinstance(stages, list) or not stages:
             raise RecipeError("stage", stages, "a recipe needs at least one [[stage]] table")
@@ -293,6 +309,7 @@ class Plan:
 
 def resolve(recipe: Recipe, registry) -> Plan:
     """Check every plugin a recipe names exists and accepts what the recipe asks of it."""
+    from .calibrate import build_calibrator
     from .data import parse_spec
 
     def fail(exc: RecipeError, prefix: str | None = None):
@@ -307,9 +324,16 @@ def resolve(recipe: Recipe, registry) -> Plan:
         record = registry.get("quantizer", spec.quantizer)
         for role in ("weights", "activations"):
             args = getattr(spec.scheme, role)
-            if args is not None and args.calibrator not in registry.names("calibrator"):
+            if args is None:
+                continue
+            if args.calibrator not in registry.names("calibrator"):
                 raise fail(RecipeError(f"{key}.{role}.calibrator", args.calibrator,
                                        f"unknown calibrator; installed: {', '.join(registry.names('calibrator'))}"))
+            if args.calibrator_options or (role == "activations" and not args.dynamic):
+                try:  # build one now so a bad option fails before any model loads
+                    build_calibrator(registry.get("calibrator", args.calibrator), args)
+                except RecipeError as exc:
+                    raise fail(exc, f"{key}.{role}") from None
         try:
             if record.check is not None:
                 record.check(spec)

@@ -64,7 +64,9 @@ class QuantArgs:
     ``channel``, per ``group`` of ``group_size`` input channels, or per ``token`` (dynamic
     activations only; dynamic activations may also take ``group``, blocks along the last
     dimension). ``dynamic``: scales are computed at run time from each input instead of
-    calibrated. ``calibrator`` names the calibrator plugin that sets static ranges.
+    calibrated. ``calibrator`` names the calibrator plugin that sets static ranges and
+    ``calibrator_options`` its keyword options (``{ percentile = 99.9 }``), checked against
+    the plugin when the recipe is resolved.
 
     ``qmin``/``qmax`` bound the grid in the scaled domain: integer codes for ``int``,
     ``-fmax``/``fmax`` for floats.
@@ -78,6 +80,8 @@ class QuantArgs:
     dynamic: bool = False
     calibrator: str = "minmax"
     format: str | None = None
+    # Held as sorted (key, value) pairs so the args stay hashable; a table is accepted.
+    calibrator_options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         _expect("type", self.type, str, "a string")
@@ -90,6 +94,14 @@ class QuantArgs:
         _expect("symmetric", self.symmetric, bool, "true or false")
         _expect("dynamic", self.dynamic, bool, "true or false")
         _expect("calibrator", self.calibrator, str, "a calibrator name")
+        options = self.calibrator_options
+        if isinstance(options, Mapping):
+            options = tuple(sorted(options.items()))
+        if not isinstance(options, tuple) or not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)
+                                                    for p in options):
+            raise RecipeError("calibrator_options", self.calibrator_options,
+                              "expected a table of the calibrator's options, e.g. { percentile = 99.9 }")
+        object.__setattr__(self, "calibrator_options", options)  # frozen: normalized once
         if self.granularity not in GRANULARITIES:
             raise RecipeError("granularity", self.granularity, f"allowed: {', '.join(GRANULARITIES)}")
         if self.granularity == "group":
@@ -162,7 +174,10 @@ class QuantArgs:
         return f"{'int' if self.symmetric else 'uint'}{self.bits}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        out = {k: v for k, v in asdict(self).items() if v is not None and k != "calibrator_options"}
+        if self.calibrator_options:
+            out["calibrator_options"] = dict(self.calibrator_options)
+        return out
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any], *, role: Literal["weights", "activations"]) -> "QuantArgs":

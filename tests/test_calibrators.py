@@ -80,6 +80,20 @@ def test_bad_options_name_their_key(cls, options, key):
     assert info.value.key == key
 
 
+def test_recipe_options_reach_the_calibrator(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[stage]]\nquantizer = "rtn"\nweights = { bits = 8 }\n'
+                      'activations = { bits = 8, calibrator = "percentile", calibrator_options = { percentile = 90.0, bins = 10 } }\n')
+    plan = qframe.recipe.resolve(qframe.load_recipe(recipe), qframe.plugins.default_registry())
+    stage = plan.stages[0]
+    calib = stage.record.factory(stage.spec, stage.options, qframe.plugins.default_registry()).calibrator(
+        stage.spec.scheme.activations)
+    assert (calib.percentile, calib.histogram.bins) == (90.0, 10)
+    calib.observe(torch.arange(1.0, 11.0))
+    assert calib.compute()[1].item() == pytest.approx(9.0)
+    assert stage.spec.to_dict()["activations"]["calibrator_options"] == {"bins": 10, "percentile": 90.0}
+
+
 def test_group_granularity_is_refused():
     with pytest.raises(RecipeError, match="allowed: tensor, channel"):
         MSE(QuantArgs(bits=4, granularity="group", group_size=32))

@@ -87,6 +87,24 @@ def test_later_layers_calibrate_on_quantized_inputs():
     assert qmodel.layers[1]["output_error"] > 0
 
 
+def test_float_propagation_calibrates_on_the_unquantized_model():
+    # with propagate = "float" layer 1's range comes from the float model's activations
+    model, ids = tiny("llama"), tokens()
+    seen = []
+    q1 = model.model.layers[1].self_attn.q_proj
+    hook = q1.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    logits(model, ids)
+    hook.remove()
+    x = torch.cat([s.flatten() for s in seen])
+    plan = parse_recipe({"calibration": {"batch_size": 3, "propagate": "float"},
+                         "stage": [{"quantizer": "rtn", "weights": {"bits": 2}, "activations": {"bits": 8}}]})
+    qmodel = qframe.quantize(model, plan, calibration=ids, device="cpu")
+    q1 = model.model.layers[1].self_attn.q_proj
+    assert q1.input_scale.item() == pytest.approx(max(x.max().item() / 127, x.min().item() / -128), rel=1e-5)
+    assert qmodel.manifest["recipe"]["calibration"]["propagate"] == "float"
+    assert qmodel.layers[1]["output_error"] > 0
+
+
 def test_dynamic_activations_need_no_data():
     model, ids = tiny("qwen2"), tokens()
     before = logits(model, ids)
