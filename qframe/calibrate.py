@@ -236,7 +236,8 @@ def positive(key: str, value: object, kind: type = int) -> None:
 
 
 def build_calibrator(record: Any, args: QuantArgs) -> Calibrator:
-    """Build the calibrator plugin ``record`` for ``args``, passing ``args.calibrator_options``.
+    """Build the calibrator plugin ``record`` for ``args`` (as :meth:`QuantArgs.calibrated`
+    sees them), passing ``args.calibrator_options``.
 
     An option the calibrator does not take is a :class:`RecipeError` naming it and listing
     the ones it does; resolving a recipe calls this once, so mistakes surface before any
@@ -244,9 +245,9 @@ def build_calibrator(record: Any, args: QuantArgs) -> Calibrator:
 
     Example::
 
-        >>> import qframe
+        >>> from qframe.plugins import default_registry
         >>> args = QuantArgs(granularity="tensor", calibrator="percentile", calibrator_options={"percentile": 99.9})
-        >>> build_calibrator(qframe.calibrators.get("percentile"), args).percentile
+        >>> build_calibrator(default_registry().get("calibrator", "percentile"), args).percentile
         99.9
     """
     options = dict(args.calibrator_options)
@@ -262,6 +263,6 @@ def build_calibrator(record: Any, args: QuantArgs) -> Calibrator:
                 raise RecipeError(f"calibrator_options.{key}", value,
                                   f"calibrator {record.name} has no such option; allowed: {allowed}")
     try:
-        return record.factory(args, **options)
+        return record.factory(args.calibrated(), **options)
     except RecipeError as exc:  # an option's value, or args the calibrator cannot serve
         raise (exc.within("calibrator_options") if exc.key in options else exc) from None

@@ -52,6 +52,7 @@ def _module_entry(module: QuantLinear) -> dict[str, Any]:
         "weights": module.weight_args.to_dict() if module.weight_args else None,
         "activations": module.input_args.to_dict() if module.input_args else None,
         "outputs": module.output_args.to_dict() if module.output_args else None,
+        "input_prescale": module.has_prescale,
     }
 
 
@@ -134,7 +135,8 @@ def load_native(directory: str | Path) -> QuantizedModel:
         weights = QuantArgs(**entry["weights"]) if entry["weights"] else None
         acts = QuantArgs(**entry["activations"]) if entry["activations"] else None
         outputs = QuantArgs(**entry["outputs"]) if entry.get("outputs") else None
-        module = QuantLinear(entry["in_features"], entry["out_features"], entry["bias"], weights, acts, dtype, outputs)
+        module = QuantLinear(entry["in_features"], entry["out_features"], entry["bias"], weights, acts, dtype, outputs,
+                             prescale=entry.get("input_prescale", False))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, module)
         packed = tensors.pop(f"{name}.weight_packed", None)

@@ -193,6 +193,28 @@ class Architecture:
             raise ModelError(f"{type(model).__name__}.{self.layers_path} is not a list of decoder layers")
         return layers
 
+    def fold_scale(self, producer: nn.Module, scale: torch.Tensor) -> None:
+        """Multiply ``producer``'s output channels by ``scale`` (what smoothing folds in front of
+        a :class:`SmoothingGroup`'s consumers, whose input channels carry ``1 / scale``): a norm's
+        ``weight`` (and ``bias``), or a linear's rows (and ``bias``). Adapters whose norms compute
+        differently (Gemma's ``1 + weight``) override this.
+
+        Example::
+
+            >>> norm = nn.LayerNorm(2); Architecture().fold_scale(norm, torch.tensor([2.0, 0.5]))
+            >>> norm.weight.tolist()
+            [2.0, 0.5]
+        """
+        weight = getattr(producer, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.shape[0] != scale.numel():
+            raise ModelError(f"cannot fold a scale of {scale.numel()} channels into {type(producer).__name__}")
+        with torch.no_grad():
+            shape = (-1,) + (1,) * (weight.dim() - 1)
+            weight.mul_(scale.to(weight.device, weight.dtype).reshape(shape))
+            bias = getattr(producer, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.mul_(scale.to(bias.device, bias.dtype))
+
     def pre_layer_modules(self, model: nn.Module) -> list[nn.Module]:
         """Modules that compute the first decoder layer's inputs (embeddings, rotary tables)."""
         found = []

@@ -157,12 +157,29 @@ def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     return torch.where((c & 8) != 0, -mag, mag)
 
 
-def nvfp4_scales(amax_block: torch.Tensor, amax_global: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def nvfp4_global_scale(amax: torch.Tensor) -> torch.Tensor:
+    """NVFP4's FP32 global scale for a tensor whose largest magnitude is ``amax``:
+    ``amax / (6 * 448)``, or 1 where ``amax`` is 0 (what TensorRT-LLM stores as an NVFP4
+    linear's ``weights_scaling_factor_2`` and, for activations, ``input_scale``).
+
+    Example::
+
+        >>> nvfp4_global_scale(torch.tensor([2688.0, 0.0])).tolist()
+        [1.0, 1.0]
+    """
+    global_scale = _div(_sanitized(amax).abs(), E2M1_MAX * E4M3_MAX)
+    return torch.where(global_scale > 0, global_scale, torch.ones_like(global_scale))
+
+
+def nvfp4_scales(
+    amax_block: torch.Tensor, amax_global: torch.Tensor | None = None, *, global_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """NVFP4 block scales (``float8_e4m3fn``, shaped like ``amax_block``) and the FP32 global scale.
 
     ``global = amax_global / (6 * 448)`` (``amax_global`` defaults to the largest block amax:
-    the tensor's); ``block = e4m3(amax_block / (6 * global))``, clamped to [2^-9, 448]. An
-    all-zero block gets 1, an all-zero tensor a global scale of 1. The arithmetic and its order
+    the tensor's; a calibrated ``global_scale`` may be given instead); ``block =
+    e4m3(amax_block / (6 * global))``, clamped to [2^-9, 448]. An all-zero block gets 1, an
+    all-zero tensor a global scale of 1. The arithmetic and its order
     are modelopt's (``NVFP4QTensor``), so both give the same bits.
 
     Example::
@@ -172,11 +189,9 @@ def nvfp4_scales(amax_block: torch.Tensor, amax_global: torch.Tensor | None = No
         ([[448.0, 96.0, 1.0]], 1.0)
     """
     amax_block = _sanitized(amax_block).abs()
-    if amax_global is None:
-        amax_global = amax_block.amax()
-    amax_global = _sanitized(amax_global).abs()
-    global_scale = _div(amax_global, E2M1_MAX * E4M3_MAX)
-    global_scale = torch.where(global_scale > 0, global_scale, torch.ones_like(global_scale))
+    if global_scale is None:
+        global_scale = nvfp4_global_scale(amax_block.amax() if amax_global is None else amax_global)
+    global_scale = global_scale.float()
     block = amax_block / (E2M1_MAX * global_scale)
     block = torch.where(block == 0, torch.ones_like(block), block)
     return block.clamp(E4M3_MIN_SCALE, E4M3_MAX).to(torch.float8_e4m3fn), global_scale
@@ -217,19 +232,20 @@ def e8m0_decode(scale: torch.Tensor) -> torch.Tensor:
 # -- ranges to scales -------------------------------------------------------------------------
 
 def scale_parts(
-    lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs
+    lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs, global_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The scales as stored: ``(scale, zero, global_scale)``.
 
     ``scale`` is float32, except for NVFP4 (``float8_e4m3fn`` block scales, with a scalar
-    ``global_scale``) and MXFP4 (``uint8`` E8M0 exponents). ``zero`` only for asymmetric int.
+    ``global_scale``: the one given, else from the largest range) and MXFP4 (``uint8`` E8M0
+    exponents). ``zero`` only for asymmetric int.
     """
     lo = torch.minimum(_sanitized(lo), torch.zeros((), device=lo.device))
     hi = torch.maximum(_sanitized(hi), torch.zeros((), device=hi.device))
     if _is_fp4(args):
         amax = torch.maximum(-lo, hi)
         if args.format == "nvfp4":
-            block, global_scale = nvfp4_scales(amax)
+            block, global_scale = nvfp4_scales(amax, global_scale=global_scale)
             return block, None, global_scale
         return mxfp4_scales(amax), None, None
     if args.symmetric:  # int (fitted) and FP8 (qmin = -qmax = -fmax: amax / fmax)
@@ -347,14 +363,60 @@ def quantize_weight(
     w: torch.Tensor,
     args: QuantArgs,
     ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
+    global_scale: torch.Tensor | None = None,
 ) -> QuantizedWeight:
-    """Round a weight ``[out, in]`` to the grid ``args`` defines (ranges default to min/max)."""
+    """Round a weight ``[out, in]`` to the grid ``args`` defines, with ranges per tensor,
+    channel or group (default: their min/max; :func:`mse_ranges` searches clipped ones).
+    NVFP4's global scale comes from the weight's own largest magnitude (so clipped ranges
+    shrink the block scales under it) unless ``global_scale`` is given: an algorithm that
+    changes the weight as it rounds (GPTQ) passes the original one, so that rounding its
+    result again reproduces the same codes."""
     lo, hi = ranges if ranges is not None else minmax_ranges(w, args)
-    scale, zero, global_scale = scale_parts(lo, hi, args)
     g = grouped(w.float(), args)
+    if global_scale is None:
+        global_scale = _weight_global_scale(w, args)
+    scale, zero, global_scale = scale_parts(lo, hi, args, global_scale)
     effective = effective_scale(scale, global_scale, args).unsqueeze(-1)
     q = quantize(g, effective, None if zero is None else zero.unsqueeze(-1), args)
     return QuantizedWeight(ungrouped(encode(q, args), w.shape), scale, zero, args, global_scale)
+
+
+def _weight_global_scale(w: torch.Tensor, args: QuantArgs) -> torch.Tensor | None:
+    if not (_is_fp4(args) and args.format == "nvfp4"):
+        return None
+    return nvfp4_global_scale(_finite(w.float()).abs().amax())
+
+
+def mse_ranges(w: torch.Tensor, args: QuantArgs, *, max_shrink: float = 0.2, steps: int = 20
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ranges of a weight ``[out, in]`` that minimize its squared rounding error
+    in the target format: each group's min/max shrunk by the ratio, among ``1, 1 - d, ...,
+    1 - max_shrink`` (``d = max_shrink / steps``), whose fake-quantized group lies closest to
+    the original. Exact (every candidate quantizes the whole weight once) and vectorized over
+    groups; NVFP4 keeps the weight's global scale, so each block's E4M3 scale is searched.
+
+    Example::
+
+        >>> w = torch.tensor([[1.0, 0.9, 0.8, 0.55, 0.5, 0.3, 0.2, -7.0]])   # one outlier
+        >>> lo, hi = mse_ranges(w, QuantArgs(bits=2, symmetric=False))
+        >>> lo.item() > -7.0    # clipping the outlier costs less than the grid it wastes
+        True
+    """
+    lo, hi = minmax_ranges(w, args)
+    g = grouped(_finite(w.float()), args)
+    fixed = _weight_global_scale(w, args)
+    best_err = torch.full(lo.shape, math.inf, device=w.device)
+    best_ratio = torch.ones_like(lo)
+    for k in range(steps + 1):
+        ratio = 1.0 - max_shrink * k / steps
+        scale, zero, global_scale = scale_parts(lo * ratio, hi * ratio, args, fixed)
+        effective = effective_scale(scale, global_scale, args).unsqueeze(-1)
+        z = None if zero is None else zero.unsqueeze(-1)
+        err = (dequantize(quantize(g, effective, z, args), effective, z) - g).square().sum(-1)
+        better = err < best_err  # ties keep the wider range
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+    return lo * best_ratio, hi * best_ratio
 
 
 def dequantize_weight(
@@ -373,7 +435,7 @@ def dequantize_weight(
 
 # -- activations at run time ------------------------------------------------------------------
 
-def _dynamic(x: torch.Tensor, args: QuantArgs, granularity: str) -> torch.Tensor:
+def _dynamic(x: torch.Tensor, args: QuantArgs, granularity: str, global_scale: torch.Tensor | None = None) -> torch.Tensor:
     xf = x.float()
     if granularity == "group":
         size = args.group_size
@@ -384,8 +446,11 @@ def _dynamic(x: torch.Tensor, args: QuantArgs, granularity: str) -> torch.Tensor
         finite = _finite(blocks)
         lo, hi = finite.amin(dim=-1, keepdim=True), finite.amax(dim=-1, keepdim=True)
         if _is_fp4(args) and args.format == "nvfp4":
-            amax = torch.maximum(-lo, hi)  # the global scale is per token: no token depends on another
-            block, global_scale = nvfp4_scales(amax, amax.amax(dim=-2, keepdim=True))
+            amax = torch.maximum(-lo, hi)
+            if global_scale is None:  # per token: no token depends on another
+                block, global_scale = nvfp4_scales(amax, amax.amax(dim=-2, keepdim=True))
+            else:  # static, calibrated
+                block, global_scale = nvfp4_scales(amax, global_scale=global_scale.to(amax.device))
             scale, zero = block.float() * global_scale, None
         else:
             scale, zero = qparams(lo, hi, args)
@@ -415,6 +480,23 @@ def quantize_dynamic(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
         [6.0, 6.0]
     """
     return _dynamic(x, args, args.granularity)
+
+
+def quantize_nvfp4_static(x: torch.Tensor, args: QuantArgs, global_scale: torch.Tensor) -> torch.Tensor:
+    """Fake-quantize activations to NVFP4 with a calibrated FP32 ``global_scale`` and block
+    scales taken from ``x`` at run time: what TensorRT-LLM's NVFP4 linears do with their
+    ``input_scale``. A block larger than ``6 * 448 * global_scale`` saturates.
+
+    Example::
+
+        >>> args = QuantArgs(type="float", bits=4, granularity="group", group_size=16)
+        >>> x = torch.tensor([[6.0] + [0.5] * 15])
+        >>> quantize_nvfp4_static(x, args, torch.tensor(6 / 2688))[0, :2].tolist()   # calibrated amax 6
+        [6.0, 0.5]
+        >>> quantize_nvfp4_static(x, args, torch.tensor(3 / 2688))[0, :2].tolist()   # amax 3: saturates
+        [3.0, 0.5]
+    """
+    return _dynamic(x, args, "group", global_scale)
 
 
 def quantize_per_token(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:

@@ -14,8 +14,11 @@ mxfp4          uint8 E2M1 codes 0-15       uint8 E8M0 exponents (32)
 =============  ==========================  ==============================  =====================
 
 Inputs: static activations (int or FP8) keep one ``input_scale`` (and ``input_zero`` when
-asymmetric); dynamic ones are quantized per token, per block (FP4) or per tensor at run time
-and keep nothing. Outputs (a KV cache: see :meth:`QuantLinear.quantize_output`) keep
+asymmetric); static NVFP4 keeps its FP32 global scale as ``input_scale`` (block scales come
+from the input at run time, as in TensorRT-LLM); dynamic ones are quantized per token, per block (FP4) or per tensor at run time
+and keep nothing. A smoothing scale that could not be folded away is kept as
+``input_prescale`` (float32 ``[in]``), multiplied into every input before it is quantized.
+Outputs (a KV cache: see :meth:`QuantLinear.quantize_output`) keep
 ``output_scale`` (and ``output_zero``). The dequantized ``weight`` is derived and never saved.
 
 Example::
@@ -46,7 +49,7 @@ from .scheme import QuantArgs
 # (and the bias) follow the model's dtype.
 _EXACT_BUFFERS = frozenset({
     "weight_codes", "weight_scale", "weight_zero", "weight_global_scale",
-    "input_scale", "input_zero", "output_scale", "output_zero",
+    "input_scale", "input_zero", "output_scale", "output_zero", "input_prescale",
 })
 
 
@@ -62,6 +65,7 @@ class QuantLinear(nn.Module):
         activations: QuantArgs | None = None,
         dtype: torch.dtype = torch.float32,
         outputs: QuantArgs | None = None,
+        prescale: bool = False,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -86,6 +90,21 @@ class QuantLinear(nn.Module):
                 self.register_buffer("input_zero", torch.zeros(()))
         if outputs is not None:
             self._add_output(outputs)
+        if prescale:
+            self.register_buffer("input_prescale", torch.ones(in_features))
+
+    @property
+    def has_prescale(self) -> bool:
+        return "input_prescale" in self._buffers
+
+    def set_input_prescale(self, scale: torch.Tensor) -> None:
+        """Multiply every input by ``scale`` (per input channel) before it is quantized: a
+        smoothing scale that could not be folded into the module before (TensorRT-LLM's
+        ``prequant_scaling_factor``). The weight must already carry its inverse."""
+        scale = scale.detach().float().reshape(self.in_features)
+        anchor = next(itertools.chain(self.parameters(), self.buffers()), None)
+        device = anchor.device if anchor is not None else scale.device
+        self.register_buffer("input_prescale", scale.to(device).clone())
 
     @classmethod
     def from_linear(
@@ -96,8 +115,10 @@ class QuantLinear(nn.Module):
         *,
         weight_ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
         input_range: tuple[torch.Tensor, torch.Tensor] | None = None,
+        weight_global_scale: torch.Tensor | None = None,
     ) -> "QuantLinear":
-        """Quantize ``linear``'s weight (ranges default to min/max) and attach input scales."""
+        """Quantize ``linear``'s weight (ranges default to min/max; NVFP4's global scale to
+        the weight's, see :func:`qframe.numerics.quantize_weight`) and attach input scales."""
         w = linear.weight.detach()
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, weights, activations, w.dtype)
         module.to(w.device)
@@ -106,7 +127,7 @@ class QuantLinear(nn.Module):
         if weights is None:
             module.weight.data.copy_(w)
         else:
-            q = numerics.quantize_weight(w, weights, weight_ranges)
+            q = numerics.quantize_weight(w, weights, weight_ranges, weight_global_scale)
             module.weight_codes.copy_(q.codes)
             module.weight_scale.copy_(q.scale)
             if q.zero is not None:
@@ -114,7 +135,10 @@ class QuantLinear(nn.Module):
             if q.global_scale is not None:
                 module.weight_global_scale.copy_(q.global_scale.reshape(()))
             module.refresh()
-        if input_range is not None:
+        if input_range is not None and activations.format == "nvfp4":  # the static global scale
+            lo, hi = input_range
+            module.input_scale.copy_(numerics.nvfp4_global_scale(torch.maximum(-lo, hi)).reshape(()))
+        elif input_range is not None:
             scale, zero = numerics.qparams(*input_range, activations)
             module.input_scale.copy_(scale.reshape(()))
             if zero is not None:
@@ -155,9 +179,13 @@ class QuantLinear(nn.Module):
             return x
         if args.dynamic:
             return numerics.quantize_dynamic(x, args)
+        if args.format == "nvfp4":
+            return numerics.quantize_nvfp4_static(x, args, self.input_scale)
         return numerics.fake_quantize(x, self.input_scale, getattr(self, "input_zero", None), args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.has_prescale:
+            x = x * self.input_prescale.to(x.dtype)
         y = nn.functional.linear(self.quantize_input(x), self.weight, self.bias)
         if self.output_args is not None:
             y = numerics.fake_quantize(y, self.output_scale, getattr(self, "output_zero", None), self.output_args)

@@ -143,6 +143,21 @@ class QuantArgs:
             if self.group_size != block:
                 raise RecipeError("group_size", self.group_size, f"{self.format} uses blocks of {block}; allowed: {block}")
 
+    def calibrated(self) -> "QuantArgs":
+        """The args a calibrator sees: these, except for static NVFP4 activations, whose one
+        calibrated number is the per-tensor range their FP32 global scale covers (the scale
+        of the E4M3 block scales, so it is calibrated as an E4M3 tensor).
+
+        Example::
+
+            >>> QuantArgs(type="float", bits=4, granularity="group", group_size=16).calibrated().granularity
+            'tensor'
+        """
+        if self.format != "nvfp4" or self.dynamic:
+            return self
+        return QuantArgs(bits=8, type="float", format="e4m3", granularity="tensor", calibrator=self.calibrator,
+                         calibrator_options=self.calibrator_options)
+
     @property
     def is_float(self) -> bool:
         return self.type == "float"
@@ -219,7 +234,7 @@ class QuantArgs:
             raise RecipeError("dynamic", True, "weights are quantized once; dynamic applies to activations")
         if role == "activations" and args.granularity == "channel":
             raise RecipeError("granularity", "channel", "activations take tensor or token (or group, when dynamic)")
-        if role == "activations" and args.granularity == "group" and not args.dynamic:
+        if role == "activations" and args.granularity == "group" and not args.dynamic and args.format != "nvfp4":
             raise RecipeError("dynamic", False, f"activations scaled per block of {args.group_size} are "
                               "quantized at run time; allowed: true")
         return args

@@ -4,7 +4,8 @@ format's own constraints checked before any model loads.
 - ``fp8``: E4M3 (or E5M2) weights per tensor or per channel; activations static per tensor
   (any calibrator) or dynamic per token, or none.
 - ``nvfp4``: E2M1 weights in blocks of 16 with E4M3 block scales and an FP32 global scale;
-  activations the same, dynamic (W4A4), or none (weight-only).
+  activations the same (W4A4), their global scale static per tensor (calibrated, by any
+  calibrator, as TensorRT-LLM serves it) or dynamic per token, or none (weight-only).
 - ``mxfp4``: E2M1 in blocks of 32 with E8M0 (power-of-two) scales, per the OCP MX spec.
 
 Recipe::
@@ -57,8 +58,9 @@ def _check_fp4(name: str):
         _require("weights", weights, name, (name,), ("group",))
         if acts is not None:
             _require("activations", acts, name, (name,), ("group",))
-            if not acts.dynamic:
-                raise RecipeError("activations.dynamic", False, f"{name} activations are scaled per block at run time; set dynamic = true")
+            if not acts.dynamic and name == "mxfp4":
+                raise RecipeError("activations.dynamic", False, "mxfp4 activations are scaled per block at run time "
+                                  "(E8M0 scales have no global part to calibrate); allowed: true")
     return check
 
 

@@ -2,7 +2,9 @@
 
 Weights are rounded on the grid their ``QuantArgs`` define (int2-8 symmetric or asymmetric
 per tensor, channel or group; FP8 E4M3/E5M2; NVFP4 and MXFP4 blocks), with ranges from the
-weights' own min/max. Activations, when the stage has them, are quantized statically (one
+weights' own min/max (``calibrator = "minmax"``, the default) or, with ``calibrator = "mse"``,
+each group's min/max shrunk to the ratio of least rounding error
+(:func:`qframe.numerics.mse_ranges`). Activations, when the stage has them, are quantized statically (one
 scale per tensor, calibrated on the layer's real inputs by any calibrator plugin) or
 dynamically (per token, or per block for FP4).
 
@@ -16,17 +18,25 @@ Recipe::
 
 from __future__ import annotations
 
-from qframe import QuantizerPlugin, hookimpl
+from qframe import QuantizerPlugin, hookimpl, numerics
 from qframe.errors import RecipeError
 from qframe.pipeline import LayerWork, Quantizer, weight_error
 from qframe.qlinear import QuantLinear
 
 
+# Weight calibrators: ranges read off the whole weight at once (no stream to observe).
+WEIGHT_RANGES = {"minmax": numerics.minmax_ranges, "mse": numerics.mse_ranges}
+
+
 def check(stage) -> None:
     weights, acts = stage.scheme.weights, stage.scheme.activations
-    if weights is not None and weights.calibrator != "minmax":
+    if weights is not None and weights.calibrator not in WEIGHT_RANGES:
         raise RecipeError("weights.calibrator", weights.calibrator,
-                          "rtn takes weight ranges from the weights' own min/max; allowed: minmax")
+                          "rtn takes weight ranges from the weights themselves: their min/max, or the clipped "
+                          f"ranges of least rounding error; allowed: {', '.join(WEIGHT_RANGES)}")
+    if weights is not None and weights.calibrator_options:
+        key, value = weights.calibrator_options[0]
+        raise RecipeError(f"weights.calibrator_options.{key}", value, "rtn's weight ranges take no options; allowed: none")
     if acts is not None and acts.type == "int" and acts.bits != 8:
         raise RecipeError("activations.bits", acts.bits, "int activations are int8; allowed: 8")
 
@@ -38,8 +48,11 @@ class RTN(Quantizer):
         if acts is not None and not acts.dynamic and targets:
             observed = work.observe_inputs([n for n, _ in targets], lambda _name: self.calibrator(acts))
             ranges = {name: calib.compute() for name, calib in observed.items()}
+        weights = self.scheme.weights
         for name, linear in targets:
-            quantized = QuantLinear.from_linear(linear, self.scheme.weights, acts, input_range=ranges.get(name))
+            weight_ranges = None if weights is None else WEIGHT_RANGES[weights.calibrator](linear.weight.detach(), weights)
+            quantized = QuantLinear.from_linear(linear, weights, acts, weight_ranges=weight_ranges,
+                                                input_range=ranges.get(name))
             work.replace(name, quantized)
             if self.scheme.weights is not None:
                 work.record(name, weight_error=weight_error(linear, quantized))

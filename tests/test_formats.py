@@ -303,6 +303,7 @@ ROUND_TRIP = {
     "e4m3 tensor + e4m3 static": ({"type": "float", "bits": 8, "granularity": "tensor"}, {"type": "float", "bits": 8}),
     "e5m2 + e5m2 static": ({"type": "float", "bits": 8, "format": "e5m2"}, {"type": "float", "format": "e5m2"}),
     "nvfp4 W4A4": ({"type": "float", "bits": 4}, {"type": "float", "bits": 4, "dynamic": True}),
+    "nvfp4 W4A4 static global": ({"type": "float", "bits": 4}, {"format": "nvfp4"}),
     "nvfp4 W4A16": ({"format": "nvfp4"}, None),
     "mxfp4 W4A4": ({"format": "mxfp4"}, {"format": "mxfp4", "dynamic": True}),
 }
@@ -353,6 +354,22 @@ def test_quant_linear_keeps_quantized_state_through_dtype_casts():
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
 
 
+def test_static_nvfp4_inputs_keep_a_calibrated_global_scale():
+    # input_scale is the activations' FP32 global scale, amax / (6 * 448), as TensorRT-LLM stores it;
+    # block scales still come from each input, under that global scale
+    acts = QuantArgs.from_table({"format": "nvfp4"}, role="activations")
+    assert (acts.dynamic, acts.granularity, acts.calibrated().granularity) == (False, "group", "tensor")
+    layer = QuantLinear.from_linear(torch.nn.Linear(32, 8), NVFP4, acts, input_range=(torch.tensor(-12.0), torch.tensor(6.0)))
+    assert layer.input_scale.item() == pytest.approx(12.0 / 2688)
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0)) * 3
+    amax = x.reshape(5, 2, 16).abs().amax(-1, keepdim=True)
+    block = (amax / (6 * layer.input_scale)).clamp(2.0**-9, 448).to(torch.float8_e4m3fn).float() * layer.input_scale
+    expected = (numerics.e2m1_decode(numerics.e2m1_encode(x.reshape(5, 2, 16) / block)) * block).reshape(5, 32)
+    assert torch.equal(layer.quantize_input(x), expected)
+    # beyond the calibrated range a block saturates at 6 * 448 * global
+    assert layer.quantize_input(torch.full((1, 32), 100.0)).max().item() == pytest.approx(12.0)
+
+
 def test_static_fp8_input_saturates_in_quant_linear():
     linear = torch.nn.Linear(2, 1, bias=False)
     linear.weight.data = torch.tensor([[1.0, 1.0]])
@@ -382,7 +399,7 @@ RECIPE_ERRORS = {
                              "allowed: e4m3, e5m2"),
     "unknown format": ({"type": "float", "bits": 8, "format": "e3m4"}, "weights",
                        "stage[0].weights.format: 'e3m4' is not valid", "allowed: e4m3, e5m2"),
-    "static fp4 activations": ({"format": "nvfp4"}, "activations",
+    "static mxfp4 activations": ({"format": "mxfp4"}, "activations",
                                "stage[0].activations.dynamic: False is not valid", "allowed: true"),
 }
 
@@ -397,6 +414,28 @@ def test_recipe_errors_for_formats(table, role, start, allowed):
     message = str(info.value)
     assert message.startswith(f"r.toml: {start}"), message
     assert allowed in message
+
+
+@pytest.mark.parametrize("name", ALL_WEIGHT_FORMATS)
+def test_mse_weight_ranges_never_lose_to_minmax(name):
+    args = ALL_WEIGHT_FORMATS[name]
+    w = torch.randn(16, 96, generator=torch.Generator().manual_seed(1))
+    w[3, 5], w[7, :] = 40.0, 0.0  # an outlier, an all-zero row
+    w[9, 9] = float("nan")
+    lo, hi = numerics.mse_ranges(w, args)
+    assert torch.isfinite(lo).all() and torch.isfinite(hi).all()
+    minmax_lo, minmax_hi = numerics.minmax_ranges(w, args)
+    assert (hi <= minmax_hi).all() and (lo >= minmax_lo).all()
+    clean = torch.nan_to_num(w)
+
+    def group_errors(ranges):
+        q = numerics.quantize_weight(clean, args, ranges).dequantize()
+        return numerics.grouped((q - clean).square(), args).sum(-1)
+
+    searched, plain = group_errors((lo, hi)), group_errors(None)
+    assert (searched <= plain * (1 + 1e-6) + 1e-12).all()  # per group, exactly the better candidate
+    if args.type == "int" and args.bits <= 4:
+        assert searched.sum() < plain.sum()  # and at 4 bits and below it finds better ones
 
 
 def test_format_defaults_and_to_dict():

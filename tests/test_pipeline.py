@@ -155,9 +155,21 @@ def test_rtn_refuses_a_weight_calibrator_it_would_ignore():
     from qframe.plugins import build_registry
 
     registry = build_registry(entry_points=False, plugins=[_SecondCalibrator()])
-    with pytest.raises(qframe.RecipeError, match=r"stage\[0\]\.weights\.calibrator: 'other'.*allowed: minmax"):
+    with pytest.raises(qframe.RecipeError, match=r"stage\[0\]\.weights\.calibrator: 'other'.*allowed: minmax, mse"):
         qframe.quantize(tiny("llama"), recipe(weights={"bits": 4, "calibrator": "other"}), registry=registry, device="cpu")
     # activations do honour any calibrator
     model, ids = tiny("llama"), tokens()
     qframe.quantize(model, recipe(weights={"bits": 8}, activations={"bits": 8, "calibrator": "other"}),
                     calibration=ids, registry=registry, device="cpu")
+
+
+def test_rtn_weights_with_mse_ranges_reduce_weight_error():
+    plain, searched = tiny("llama"), tiny("llama")
+    a = qframe.quantize(plain, recipe(weights={"bits": 3, "group_size": 32}), device="cpu")
+    b = qframe.quantize(searched, recipe(weights={"bits": 3, "group_size": 32, "calibrator": "mse"}), device="cpu")
+    errors = lambda q: [m["weight_error"] for layer in q.layers for m in layer["modules"].values()]
+    assert all(e_b <= e_a * (1 + 1e-6) for e_a, e_b in zip(errors(a), errors(b)))
+    assert sum(errors(b)) < 0.97 * sum(errors(a))
+    with pytest.raises(qframe.RecipeError, match=r"weights\.calibrator_options\.bins: 64.*take no options"):
+        qframe.quantize(tiny("llama"), recipe(weights={"bits": 4, "calibrator": "mse", "calibrator_options": {"bins": 64}}),
+                        device="cpu")
