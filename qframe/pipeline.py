@@ -6,6 +6,9 @@ layer to produce the next layer's inputs, and move it back. Only one decoder lay
 on the accelerator at a time; inputs are captured once, at the first layer, and never
 recomputed through earlier layers.
 
+Calibration activations stay on the accelerator, or spill to CPU memory when they would not fit
+(``calibration.offload``); then each batch visits the device only while a layer runs on it.
+
 Example (what ``qframe.quantize`` does)::
 
     layers = run_pipeline(model, plan, registry, calibration=windows.ids, device=torch.device("cuda"))
@@ -67,10 +70,51 @@ class Quantizer(ABC):
 
 @dataclass
 class LayerInputs:
-    """The inputs of the current decoder layer: hidden states and keyword arguments per batch."""
+    """The inputs of the current decoder layer: hidden states and keyword arguments per batch.
+
+    ``hidden`` lives on the accelerator, or in CPU memory (pinned, when CUDA is present) when
+    ``spilled``: then each batch travels to the device only while the layer runs on it. The
+    keyword arguments (masks, rotary tables) are small and stay on the device.
+    """
 
     hidden: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
+    spilled: bool = False
+
+    def batch(self, i: int, device: torch.device) -> torch.Tensor:
+        """Batch ``i``'s hidden states on ``device``."""
+        return self.hidden[i].to(device, non_blocking=True)
+
+    def store(self, i: int, hidden: torch.Tensor) -> None:
+        """Replace batch ``i`` (computed on the device) by ``hidden``, kept where the inputs live."""
+        self.hidden[i] = _spill(hidden) if self.spilled else hidden
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+
+def _spill(t: torch.Tensor) -> torch.Tensor:
+    out = t.detach().to("cpu", non_blocking=False)
+    return out.pin_memory() if torch.cuda.is_available() else out
+
+
+def should_spill(offload: str, device: torch.device, ids: torch.Tensor, hidden_size: int, dtype: torch.dtype) -> bool:
+    """Whether calibration activations go to CPU memory: ``offload = "cpu"`` always,
+    ``"device"`` never, ``"auto"`` when they would take more than a third of the accelerator's
+    free memory (the rest is for the layer, its copy and the algorithms' work).
+
+    Example::
+
+        >>> should_spill("auto", torch.device("cpu"), torch.zeros(128, 2048), 4096, torch.bfloat16)
+        False
+    """
+    if offload == "cpu":
+        return True
+    if offload == "device" or device.type != "cuda":
+        return False
+    needed = ids.numel() * hidden_size * torch.empty((), dtype=dtype).element_size()
+    free, _total = torch.cuda.mem_get_info(device)
+    return needed > free / 3
 
 
 @dataclass
@@ -94,8 +138,9 @@ class LayerWork:
         """Forward every calibration batch through the layer (as it is now)."""
         if self.inputs is None:
             raise QFrameError(f"{self.prefix}: no calibration inputs were captured")
+        inputs = self.inputs
         with torch.inference_mode():
-            return [_first(self.layer(h, **kw)) for h, kw in zip(self.inputs.hidden, self.inputs.kwargs)]
+            return [_first(self.layer(inputs.batch(i, self.device), **kw)) for i, kw in enumerate(inputs.kwargs)]
 
     def observe_inputs(self, names: list[str], make: Callable[[str], Calibrator]) -> dict[str, Calibrator]:
         """Run the layer once, feeding each named submodule's input to its own calibrator."""
@@ -148,14 +193,16 @@ class _Captured(Exception):
     pass
 
 
-def capture_inputs(model: nn.Module, arch: Architecture, ids: torch.Tensor, batch_size: int, device: torch.device) -> LayerInputs:
-    """Run the embeddings once per batch and keep what the first decoder layer receives."""
+def capture_inputs(model: nn.Module, arch: Architecture, ids: torch.Tensor, batch_size: int, device: torch.device,
+                   spill: bool = False) -> LayerInputs:
+    """Run the embeddings once per batch and keep what the first decoder layer receives
+    (hidden states in CPU memory when ``spill``)."""
     layers = arch.decoder_layers(model)
-    captured = LayerInputs([], [])
+    captured = LayerInputs([], [], spilled=spill)
 
     def hook(_module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden.append(hidden)
+        captured.hidden.append(_spill(hidden) if spill else hidden)
         captured.kwargs.append(kwargs)
         raise _Captured
 
@@ -178,7 +225,8 @@ def capture_inputs(model: nn.Module, arch: Architecture, ids: torch.Tensor, batc
     return captured
 
 
-def advance(layer: nn.Module, reference: nn.Module, inputs: LayerInputs, propagate: str = "quantized") -> float:
+def advance(layer: nn.Module, reference: nn.Module, inputs: LayerInputs, propagate: str = "quantized",
+            device: torch.device | None = None) -> float:
     """Replace each batch of ``inputs`` by the next layer's inputs, in place: the quantized
     layer's output (``propagate="quantized"``) or the unquantized ``reference``'s
     (``"float"``). Return the relative squared error of the quantized output against the
@@ -187,14 +235,25 @@ def advance(layer: nn.Module, reference: nn.Module, inputs: LayerInputs, propaga
     Streaming batch by batch holds one extra copy of the layer's weights instead of a
     second copy of every calibration activation.
     """
+    return _compare(layer, reference, inputs, device or _device_of(layer), propagate)
+
+
+def output_error(layer: nn.Module, reference: nn.Module, inputs: LayerInputs, device: torch.device) -> float:
+    """The relative squared error of ``layer``'s outputs against ``reference``'s, inputs unchanged."""
+    return _compare(layer, reference, inputs, device, None)
+
+
+def _compare(layer, reference, inputs: LayerInputs, device: torch.device, propagate: str | None) -> float:
     num = den = 0.0
     with torch.inference_mode():
-        for i, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+        for i, kwargs in enumerate(inputs.kwargs):
+            hidden = inputs.batch(i, device)
             out = _first(layer(hidden, **kwargs))
-            ref = _first(reference(hidden, **kwargs)).float()
-            num += float((out.float() - ref).pow(2).sum())
-            den += float(ref.pow(2).sum())
-            inputs.hidden[i] = out if propagate == "quantized" else ref.to(out.dtype)
+            ref = _first(reference(hidden, **kwargs))
+            num += float((out.float() - ref.float()).pow(2).sum())
+            den += float(ref.float().pow(2).sum())
+            if propagate is not None:
+                inputs.store(i, out if propagate == "quantized" else ref.to(out.dtype))
     return num / max(den, 1e-30)
 
 
@@ -222,7 +281,11 @@ def run_pipeline(
     if plan.needs_calibration_data:
         if calibration is None:
             raise QFrameError("this recipe needs calibration data, and none was given")
-        inputs = capture_inputs(model, arch, calibration, plan.recipe.calibration.batch_size, device)
+        settings = plan.recipe.calibration
+        dtype = next(model.parameters()).dtype
+        width = getattr(model.config, "hidden_size", None) or 0  # unknown: spill only when told to
+        spill = should_spill(settings.offload, device, calibration, width, dtype)
+        inputs = capture_inputs(model, arch, calibration, settings.batch_size, device, spill)
     prefix = arch.layers_path
     report = []
     for index, layer in enumerate(layers):
@@ -231,13 +294,21 @@ def run_pipeline(
         layer.to(device)
         work = LayerWork(index, f"{prefix}.{index}", layer, inputs, device, arch=arch)
         reference = copy.deepcopy(layer) if inputs is not None else None
-        for spec, quantizer in quantizers:
+        entry: dict[str, Any] = {"layer": work.prefix, "modules": {}, "stages": []}
+        for number, (spec, quantizer) in enumerate(quantizers):
+            work.figures = {}
             candidates = [(n, m) for n, m in work.named_linears() if quantizer.accepts(m)]
             targets = spec.scheme.select(candidates)
             quantizer.quantize_layer(work, targets)
-        entry: dict[str, Any] = {"layer": work.prefix, "modules": work.figures}
+            stage = {"stage": number, "quantizer": spec.quantizer, "modules": work.figures}
+            if inputs is not None and number < len(quantizers) - 1:  # the last one's comes with advance
+                stage["output_error"] = output_error(layer, reference, inputs, device)
+            entry["stages"].append(stage)
+            for name, values in work.figures.items():
+                entry["modules"].setdefault(name, {}).update(values)
         if inputs is not None:
-            entry["output_error"] = advance(layer, reference, inputs, plan.recipe.calibration.propagate)
+            entry["output_error"] = advance(layer, reference, inputs, plan.recipe.calibration.propagate, device)
+            entry["stages"][-1]["output_error"] = entry["output_error"]
             del reference
         layer.to(home)
         entry["seconds"] = round(time.perf_counter() - started, 4)

@@ -35,6 +35,7 @@ class ModelSpec:
 
 
 PROPAGATE = ("quantized", "float")
+OFFLOAD = ("auto", "device", "cpu")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class CalibrationSpec:
     seed: int = 0
     batch_size: int = 8
     propagate: str = "quantized"
+    offload: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,8 @@ def parse_recipe(data: Mapping[str, Any], source: str | None = None) -> Recipe:
             _positive(f"calibration.{name}", getattr(calibration, name))
         if calibration.propagate not in PROPAGATE:
             raise RecipeError("calibration.propagate", calibration.propagate, f"allowed: {', '.join(PROPAGATE)}")
+        if calibration.offload not in OFFLOAD:
+            raise RecipeError("calibration.offload", calibration.offload, f"allowed: {', '.join(OFFLOAD)}")
         stages = data.get("stage")
         if not isinstance(stages, list) or not stages:
             raise RecipeError("stage", stages, "a recipe needs at least one [[stage]] table")

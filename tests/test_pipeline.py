@@ -105,6 +105,32 @@ def test_float_propagation_calibrates_on_the_unquantized_model():
     assert qmodel.layers[1]["output_error"] > 0
 
 
+def test_spilled_activations_give_the_same_model():
+    ids = tokens()
+    results = {}
+    for offload in ("device", "cpu"):
+        model = tiny("llama")
+        plan = parse_recipe({"calibration": {"batch_size": 3, "offload": offload},
+                             "stage": [{"quantizer": "rtn", "weights": {"bits": 4, "group_size": 32}, "activations": {"bits": 8}}]})
+        qmodel = qframe.quantize(model, plan, calibration=ids, device="cpu")
+        results[offload] = (logits(model, ids), [layer["output_error"] for layer in qmodel.layers])
+    assert torch.equal(results["cpu"][0], results["device"][0]) and results["cpu"][1] == results["device"][1]
+
+
+def test_every_stage_records_its_error():
+    model, ids = tiny("llama"), tokens()
+    plan = parse_recipe({"calibration": {"batch_size": 3}, "stage": [
+        {"quantizer": "rtn", "weights": {"bits": 4, "group_size": 32}},
+        {"quantizer": "kv_cache", "activations": {"bits": 8}}]})
+    qmodel = qframe.quantize(model, plan, calibration=ids, device="cpu")
+    for layer in qmodel.layers:
+        first, second = layer["stages"]
+        assert (first["quantizer"], second["quantizer"]) == ("rtn", "kv_cache")
+        assert 0 < first["output_error"] < second["output_error"] == layer["output_error"]
+        assert all("weight_error" in v for v in first["modules"].values())
+        assert set(second["modules"]) == {f"{layer['layer']}.self_attn.{p}_proj" for p in "kv"}
+
+
 def test_dynamic_activations_need_no_data():
     model, ids = tiny("qwen2"), tokens()
     before = logits(model, ids)
