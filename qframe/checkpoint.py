@@ -34,6 +34,8 @@ from safetensors.torch import load_file, save_file
 
 from . import numerics
 from .errors import ModelError
+from .model import find_architecture
+from .plugins import default_registry
 from .qlinear import QuantLinear
 from .quantized import QuantizedModel
 from .scheme import QuantArgs
@@ -131,6 +133,8 @@ def load_native(directory: str | Path) -> QuantizedModel:
     dtype = getattr(torch, manifest["dtype"])
     config = AutoConfig.from_pretrained(directory)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # The saved state is that of the prepared model (e.g. GPT-2's Conv1D turned into nn.Linear).
+    find_architecture(model, default_registry()).prepare(model)
     for name, entry in manifest["modules"].items():
         weights = QuantArgs(**entry["weights"]) if entry["weights"] else None
         acts = QuantArgs(**entry["activations"]) if entry["activations"] else None

@@ -187,6 +187,30 @@ class Architecture:
     # The projections whose outputs the attention caches (relative to a decoder layer).
     kv_projections: tuple[str, ...] = ()
 
+    def for_model(self, model: nn.Module) -> "Architecture":
+        """This adapter specialised to ``model`` (called by :func:`find_architecture`): an
+        adapter whose groups depend on the config (grouped-query attention, pre- or post-norm)
+        or that must inspect the model (the structural fallback) overrides this. Returns
+        ``self`` or a new adapter; never changes the model.
+
+        Example::
+
+            >>> Architecture().for_model(nn.Linear(2, 2)).layers_path
+            'model.layers'
+        """
+        return self
+
+    def prepare(self, model: nn.Module) -> None:
+        """Put ``model`` in the form the pipeline quantizes, in place and exactly (the logits do
+        not change): e.g. GPT-2's ``Conv1D`` projections become ``nn.Linear``. The pipeline
+        calls it before quantizing and :func:`qframe.checkpoint.load_native` after building
+        the model from its config; it must be idempotent. By default it does nothing.
+
+        Example::
+
+            >>> Architecture().prepare(nn.Linear(2, 2))  # nothing to do for Llama-like models
+        """
+
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         layers = model.get_submodule(self.layers_path)
         if not isinstance(layers, nn.ModuleList):
@@ -227,14 +251,34 @@ class Architecture:
 
 
 def find_architecture(model: nn.Module, registry) -> Architecture:
-    """The adapter whose ``model_types`` include the model's ``config.model_type``."""
+    """The adapter whose ``model_types`` include the model's ``config.model_type``,
+    specialised to the model (:meth:`Architecture.for_model`).
+
+    Registered adapters always win; an adapter serving ``"*"`` (the built-in structural
+    fallback, :mod:`qframe_plugins.structural`) serves any other model it can make sense of.
+
+    Example::
+
+        >>> from qframe.testing import make_registry, tiny_llama_model
+        >>> type(find_architecture(tiny_llama_model(), make_registry())).__name__
+        'LlamaFamily'
+    """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    served = []
+    served, fallbacks = [], []
     for entry in registry.entries("architecture"):
         if model_type in entry.record.model_types:
-            return entry.record.factory()
-        served.extend(entry.record.model_types)
-    raise ModelError(
+            return entry.record.factory().for_model(model)
+        if "*" in entry.record.model_types:
+            fallbacks.append(entry)
+        served.extend(t for t in entry.record.model_types if t != "*")
+    message = (
         f"no architecture adapter serves model_type {model_type!r} ({type(model).__name__}); "
         f"installed adapters serve: {', '.join(sorted(served)) or 'none'}"
     )
+    reasons = []
+    for entry in fallbacks:
+        try:
+            return entry.record.factory().for_model(model)
+        except ModelError as exc:
+            reasons.append(f"{entry.record.name}: {exc}")
+    raise ModelError(message + "".join(f"; fallback {r}" for r in reasons))

@@ -273,6 +273,7 @@ def run_pipeline(
 ) -> list[dict[str, Any]]:
     """Quantize ``model`` in place; return per-layer figures (errors, seconds)."""
     arch = find_architecture(model, registry)
+    arch.prepare(model)  # e.g. GPT-2's Conv1D projections become equivalent nn.Linear
     layers = arch.decoder_layers(model)
     quantizers = [(s.spec, s.record.factory(s.spec, s.options, registry)) for s in plan.stages]
     inputs = None

@@ -220,3 +220,107 @@ def relative_error(a, b) -> float:
         0.5
     """
     return float((a - b).pow(2).mean() / b.pow(2).mean())
+
+
+def _tiny_configs() -> dict[str, Any]:
+    """Config builders for :func:`tiny_model`: 2 layers, hidden size 32 to 64, 128 tokens."""
+    import transformers as tf
+
+    attn = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128, max_position_embeddings=128)
+    gemma = dict(attn, num_key_value_heads=2, head_dim=16, intermediate_size=96)
+
+    def gemma3():
+        vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=28, patch_size=14)
+        return tf.Gemma3Config(text_config=tf.Gemma3TextConfig(**gemma), vision_config=vision, mm_tokens_per_image=4)
+
+    return {
+        "gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128,
+                                      bos_token_id=0, eos_token_id=0),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(**attn, intermediate_size=128, bos_token_id=0, eos_token_id=0),
+        "opt": lambda: tf.OPTConfig(**attn, ffn_dim=128, word_embed_proj_dim=64, bos_token_id=0, eos_token_id=0,
+                                    pad_token_id=1),
+        "phi3": lambda: tf.Phi3Config(**attn, num_key_value_heads=4, intermediate_size=96, pad_token_id=0,
+                                      bos_token_id=0, eos_token_id=0),
+        "gemma": lambda: tf.GemmaConfig(**dict(gemma, num_key_value_heads=4)),
+        "gemma2": lambda: tf.Gemma2Config(**gemma),
+        "gemma3_text": lambda: tf.Gemma3TextConfig(**gemma),
+        "gemma3": gemma3,
+        "falcon": lambda: tf.FalconConfig(**{k: v for k, v in attn.items() if k != "max_position_embeddings"},
+                                          bos_token_id=0, eos_token_id=0),
+        "bloom": lambda: tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=128, bos_token_id=0,
+                                        eos_token_id=0),
+    }
+
+
+TINY_FAMILIES = ("gpt2", "gpt_neox", "opt", "phi3", "gemma", "gemma2", "gemma3_text", "gemma3", "falcon", "bloom")
+
+
+def tiny_model(family: str, *, seed: int = 0):
+    """A randomly initialised two-layer causal LM of ``family`` (one of :data:`TINY_FAMILIES`, a
+    ``model_type``) with 128 tokens, in float32 and eval mode; the global random state is left
+    as it was.
+
+    Example::
+
+        >>> model = tiny_model("gpt_neox")
+        >>> type(model).__name__, model.config.num_hidden_layers
+        ('GPTNeoXForCausalLM', 2)
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = _tiny_configs()[family]()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    model.config.use_cache = False
+    return model.eval()
+
+
+def assert_smoothing_groups_exact(model, arch, ids: "torch.Tensor | None" = None, seed: int = 0) -> None:
+    """Assert that each of ``arch``'s smoothing groups is exact on every decoder layer of the
+    (prepared) ``model``: scaling the producer's output channels by a random positive ``s``
+    (``arch.fold_scale``) and the consumers' weight columns by ``1 / s`` leaves the layer's
+    output unchanged.
+
+    Example::
+
+        >>> from qframe.model import find_architecture
+        >>> model = tiny_llama_model(num_key_value_heads=4)
+        >>> assert_smoothing_groups_exact(model, find_architecture(model, make_registry()))
+    """
+    import copy
+
+    import torch
+    from torch import nn
+
+    layers = arch.decoder_layers(model)
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = random_tokens(2, 12, vocab=vocab, seed=seed) if ids is None else ids
+    seen: list[tuple[tuple, dict]] = []
+    hooks = [layer.register_forward_pre_hook(lambda _m, a, kw: seen.append((a, kw)), with_kwargs=True) for layer in layers]
+    try:
+        logits(model, ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(seen) == len(layers), "every decoder layer runs once"
+    generator = torch.Generator().manual_seed(seed)
+    first = lambda out: out[0] if isinstance(out, (tuple, list)) else out
+    for index, (layer, (args, kwargs)) in enumerate(zip(layers, seen)):
+        with torch.inference_mode():
+            expected = first(layer(*args, **kwargs))
+        for group in arch.smoothing_groups:
+            trial = copy.deepcopy(layer)
+            consumers = [trial.get_submodule(name) for name in group.consumers]
+            assert all(isinstance(c, nn.Linear) for c in consumers), f"{group}: consumers must be nn.Linear"
+            scale = torch.empty(consumers[0].in_features).uniform_(0.5, 2.0, generator=generator)
+            arch.fold_scale(trial.get_submodule(group.producer), scale)
+            with torch.no_grad():
+                for linear in consumers:
+                    linear.weight.div_(scale)
+            with torch.inference_mode():
+                got = first(trial(*args, **kwargs))
+            assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())), \
+                f"layer {index}: {group} is not exact (max difference {float((got - expected).abs().max()):.3g})"

@@ -129,8 +129,8 @@ def recipe_file(tmp_path):
 
 VALIDATE_ERRORS = {
     # case: (recipe text, --set overrides, what the message says after the file name)
-    "unknown quantizer": ("[[stage]]\nquantizer = 'awq'\nweights = { bits = 4 }\n", [],
-                          ": stage[0].quantizer: 'awq' is not valid; unknown quantizer; installed: "),
+    "unknown quantizer": ("[[stage]]\nquantizer = 'hqq'\nweights = { bits = 4 }\n", [],
+                          ": stage[0].quantizer: 'hqq' is not valid; unknown quantizer; installed: "),
     "bits=9": ("[[stage]]\nquantizer = 'rtn'\nweights = { bits = 4 }\n", ["stage.0.weights.bits=9"],
                ": stage[0].weights.bits: 9 is not valid; allowed for int: 2, 3, 4, 5, 6, 7, 8"),
     "malformed TOML": ("[[stage]]\nquantizer = 'rtn'\nweights = { bits = \n", [], ": malformed TOML: "),
@@ -178,7 +178,7 @@ def test_apply_bad_input_exits_2_and_writes_nothing(case, tiny_model_dir, tmp_pa
     output = tmp_path / "out"
     recipe, model, overrides = W4A16, str(tiny_model_dir), []
     if case == "unknown quantizer":
-        overrides, expected = ["stage.0.quantizer=awq"], "stage[0].quantizer: 'awq' is not valid; unknown quantizer"
+        overrides, expected = ["stage.0.quantizer=hqq"], "stage[0].quantizer: 'hqq' is not valid; unknown quantizer"
     elif case == "bits=9":
         overrides, expected = ["stage.0.weights.bits=9"], "stage[0].weights.bits: 9 is not valid"
     elif case == "missing model":

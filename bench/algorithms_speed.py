@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Seconds per decoder layer and peak GPU memory of AWQ and GPTQ: qframe, modelopt, llm-compressor.
+
+The same random-weight Llama (seeded; timing and memory do not depend on weight values) and
+the same random calibration tokens for every tool; one tool per process, so that one tool's
+cached memory never counts against another's:
+
+    for t in qframe-awq qframe-gptq modelopt-awq llmcompressor-gptq llmcompressor-awq; do
+        python bench/algorithms_speed.py --tool $t --hidden 4096 --intermediate 14336 --layers 4 \\
+            --heads 32 --kv-heads 8 --samples 128 --seq-len 2048
+    done
+
+qframe keeps the model in CPU memory and moves one decoder layer at a time to the GPU; the peers
+get the model as their documented flows take it (modelopt: on the GPU; llm-compressor's
+``oneshot``: on the GPU, its sequential pipeline). Prints one JSON line per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
+
+RECIPES = {"qframe-awq": "recipes/awq_w4a16.toml", "qframe-gptq": "recipes/gptq_w4a16.toml",
+           "qframe-smoothquant": "recipes/smoothquant_w8a8.toml", "qframe-rtn": "recipes/rtn_w4a16.toml"}
+PEERS = ("modelopt-awq", "llmcompressor-gptq", "llmcompressor-awq")
+
+
+def run_qframe(tool: str, model, ids, device, group: int) -> dict:
+    import qframe
+
+    recipe = qframe.load_recipe(RECIPES[tool], [f"stage.0.weights.group_size={group}"] if tool != "qframe-smoothquant" else [])
+    qmodel = qframe.quantize(model, recipe, calibration=ids, device=device)
+    return {"seconds_per_layer": [round(layer["seconds"], 3) for layer in qmodel.layers]}
+
+
+def run_modelopt(model, ids, device, group: int, batch: int) -> dict:
+    import modelopt.torch.quantization as mtq
+
+    cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)
+    for entry in cfg["quant_cfg"]:
+        if isinstance(entry, dict) and entry.get("quantizer_name") == "*weight_quantizer":
+            entry["cfg"]["block_sizes"][-1] = group
+    model.to(device)
+
+    def loop(m):
+        with torch.no_grad():
+            for b in ids.split(batch):
+                m(input_ids=b.to(device), use_cache=False)
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        mtq.quantize(model, cfg, loop)
+    return {}
+
+
+def run_llmcompressor(tool: str, model, ids, device, group: int, batch: int, tokenizer: str | None) -> dict:
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.awq import AWQModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=4, type="int", symmetric=True, strategy="group", group_size=group))
+    modifier = (GPTQModifier if tool.endswith("gptq") else AWQModifier)(config_groups={"g": scheme}, ignore=["lm_head"])
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    model.to(device)
+    from transformers import AutoTokenizer
+
+    # oneshot insists on a processor beside a dataset, though these windows are token ids already
+    processor = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else None
+    oneshot(model=model, dataset=data, recipe=[modifier], num_calibration_samples=len(ids), processor=processor,
+            max_seq_length=ids.shape[1], batch_size=batch)
+    return {}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tool", required=True, choices=[*RECIPES, *PEERS])
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=14336)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--group", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--tokenizer", help="a tokenizer folder, for llm-compressor (which wants one)")
+    args = p.parse_args()
+
+    device = torch.device("cuda")
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+                         max_position_embeddings=max(args.seq_len, 2048))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval()
+    ids = torch.randint(0, args.vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(1))
+    layer_bytes = sum(t.numel() * t.element_size() for t in model.model.layers[0].parameters())
+    acts_bytes = args.samples * args.seq_len * args.hidden * torch.empty((), dtype=model.dtype).element_size()
+    torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    if args.tool in RECIPES:
+        extra = run_qframe(args.tool, model, ids, device, args.group)
+    elif args.tool == "modelopt-awq":
+        extra = run_modelopt(model, ids, device, args.group, args.batch_size)
+    else:
+        extra = run_llmcompressor(args.tool, model, ids, device, args.group, args.batch_size, args.tokenizer)
+    torch.cuda.synchronize(device)
+    total = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    print(json.dumps({
+        "tool": args.tool, "gpu": torch.cuda.get_device_name(device), "dtype": args.dtype, "group": args.group,
+        "shape": {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers},
+        "calibration_tokens": args.samples * args.seq_len, "seconds_total": round(total, 2),
+        "seconds_per_layer_mean": round(total / args.layers, 2), **extra,
+        "peak_gpu_gib": round(peak, 2), "layer_weights_gib": round(layer_bytes / 2**30, 2),
+        "calibration_activations_gib": round(acts_bytes / 2**30, 2),
+        "bound_gib": round((layer_bytes + acts_bytes) / 2**30 + 2, 2),
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()

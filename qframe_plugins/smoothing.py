@@ -1,0 +1,230 @@
+"""Smoothing scales, shared by the ``smoothquant`` and ``awq`` quantizers (a helper module,
+not a plugin).
+
+A :class:`~qframe.model.SmoothingGroup` is a producer (a norm or a linear) and the linears
+that read its output ``X``. A smoothing scale ``s > 0`` per input channel moves magnitude
+between the two: the consumers' weight columns are multiplied by ``s`` and their input
+divided by it. The division is *folded* into the producer's output channels when that is
+exact (:func:`active_groups` decides); otherwise each consumer keeps ``1 / s`` as its
+``input_prescale`` once quantized (TensorRT-LLM's ``prequant_scaling_factor``).
+
+Example::
+
+    groups = active_groups(work, targets)
+    stats = work.observe_inputs([g.names[0] for g in groups], lambda _name: ChannelStats())
+    for g in groups:
+        apply_scale(work, g, smoothquant_scale(stats[g.names[0]].amax, g.weight_amax(), 0.5), pending={})
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from qframe import numerics
+from qframe.calibrate import Calibrator
+from qframe.qlinear import QuantLinear
+from qframe.scheme import QuantArgs
+
+# Statistics below this count as zero: such channels keep s = 1 (nothing to migrate).
+TINY = 1e-5
+# Precompute every candidate's quantized weights when they fit in this many bytes.
+CANDIDATE_BYTES = 1 << 30
+
+
+class ChannelStats:
+    """Per input channel: min, max, max |x| and mean |x| over every token observed, NaN and
+    inf ignored; with ``keep_tokens``, also a uniform subsample of at most that many token
+    rows (non-finite values zeroed), in memory that does not grow with the stream."""
+
+    def __init__(self, keep_tokens: int = 0):
+        self.keep_tokens = keep_tokens
+        self.lo = self.hi = self.amax = self.abs_sum = self.count = None
+        self.samples: torch.Tensor | None = None
+        self._index: torch.Tensor | None = None
+        self._seen, self._stride = 0, 1
+
+    def observe(self, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        finite = torch.isfinite(rows)
+        clean = torch.where(finite, rows, torch.zeros((), device=rows.device))
+        lo, hi, mag = clean.amin(0), clean.amax(0), clean.abs()
+        if self.amax is None:
+            self.lo, self.hi, self.amax = lo, hi, mag.amax(0)
+            self.abs_sum, self.count = mag.sum(0), finite.sum(0)
+        else:
+            self.lo, self.hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
+            self.amax = torch.maximum(self.amax, mag.amax(0))
+            self.abs_sum, self.count = self.abs_sum + mag.sum(0), self.count + finite.sum(0)
+        if self.keep_tokens:
+            self._keep(clean)
+
+    def _keep(self, rows: torch.Tensor) -> None:
+        # Keep tokens whose position in the stream is a multiple of the stride; when too many
+        # are kept, double the stride. The sample stays evenly spread over all batches.
+        index = self._seen + torch.arange(rows.shape[0], device=rows.device)
+        self._seen += rows.shape[0]
+        take = index % self._stride == 0
+        kept, kept_index = rows[take], index[take]
+        if self.samples is not None:
+            kept, kept_index = torch.cat([self.samples, kept]), torch.cat([self._index, kept_index])
+        while kept.shape[0] > self.keep_tokens:
+            self._stride *= 2
+            take = kept_index % self._stride == 0
+            kept, kept_index = kept[take], kept_index[take]
+        self.samples, self._index = kept, kept_index
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / self.count.clamp_min(1)
+
+
+@dataclass
+class ActiveGroup:
+    """A smoothing group as one stage sees it in one decoder layer."""
+
+    names: list[str]  # full names of the consumers this stage quantizes
+    linears: list[nn.Linear]
+    others: list[nn.Linear] = field(default_factory=list)  # float consumers outside the targets
+    producer: nn.Module | None = None  # where 1 / s folds; None: kept as an input prescale
+
+    def weight_amax(self) -> torch.Tensor:
+        """max |W| per input channel over every consumer."""
+        return torch.stack([m.weight.detach().float().abs().amax(0) for m in self.linears + self.others]).amax(0)
+
+
+def active_groups(work, targets: list[tuple[str, nn.Module]]) -> list[ActiveGroup]:
+    """The layer's smoothing groups that hold at least one of ``targets``, in the
+    architecture's order. A group folds its scale into the producer only when that is exact:
+    the producer is a float ``nn.Linear`` or a norm whose output width is the consumers'
+    input width (not GQA's narrower ``v_proj`` in front of ``o_proj``), and every consumer
+    reading that output is a float ``nn.Linear`` (so all of them can take ``W · s``)."""
+    chosen = dict(targets)
+    found = []
+    for group in getattr(work.arch, "smoothing_groups", ()):
+        members = [(f"{work.prefix}.{c}", _submodule(work.layer, c)) for c in group.consumers]
+        if any(m is None for _, m in members) or not any(n in chosen for n, _ in members):
+            continue
+        active = ActiveGroup([n for n, _ in members if n in chosen], [m for n, m in members if n in chosen],
+                             [m for n, m in members if n not in chosen])
+        if all(isinstance(m, nn.Linear) for m in active.others):
+            active.producer = _foldable(_submodule(work.layer, group.producer), active.linears[0].in_features)
+        found.append(active)
+    return found
+
+
+def _submodule(layer: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return layer.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _foldable(producer: nn.Module | None, width: int) -> nn.Module | None:
+    if producer is None or isinstance(producer, QuantLinear):
+        return None
+    if isinstance(producer, nn.Linear):
+        return producer if producer.out_features == width else None
+    weight = getattr(producer, "weight", None)  # a norm: one weight per channel
+    return producer if isinstance(weight, torch.Tensor) and weight.dim() == 1 and weight.numel() == width else None
+
+
+def scale_columns(linear: nn.Linear, scale: torch.Tensor) -> None:
+    """``W <- W · diag(scale)``: the consumer's side of smoothing."""
+    with torch.no_grad():
+        linear.weight.mul_(scale.to(linear.weight.device, linear.weight.dtype))
+
+
+def apply_scale(work, group: ActiveGroup, scale: torch.Tensor, pending: dict[str, torch.Tensor]) -> bool:
+    """Smooth ``group`` by ``scale``. Folded: every consumer's columns times ``scale``, the
+    producer's output channels times ``1 / scale`` (the layer computes the same function).
+    Otherwise nothing changes yet: ``pending[name] = scale`` for each target consumer, for
+    the quantizer to apply to the weight and keep as a prescale when it quantizes it.
+    Returns whether the scale was folded."""
+    if group.producer is None:
+        pending.update({name: scale for name in group.names})
+        return False
+    for linear in group.linears + group.others:
+        scale_columns(linear, scale)
+    work.arch.fold_scale(group.producer, 1.0 / scale)
+    return True
+
+
+def smoothquant_scale(x_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's ``s = max|x|^alpha / max|w|^(1 - alpha)``; channels whose activations or
+    weights are all zero keep ``s = 1``.
+
+    Example::
+
+        >>> smoothquant_scale(torch.tensor([16.0, 0.0]), torch.tensor([1.0, 1.0]), 0.5).tolist()
+        [4.0, 1.0]
+    """
+    x_amax, w_amax = x_amax.float(), w_amax.float().to(x_amax.device)
+    s = x_amax.clamp_min(TINY).pow(alpha) / w_amax.clamp_min(TINY).pow(1 - alpha)
+    return torch.where((x_amax > TINY) & (w_amax > TINY), s, torch.ones_like(s))
+
+
+def fake_quantize_weight(w: torch.Tensor, args: QuantArgs | None) -> torch.Tensor:
+    """``w`` rounded to ``args``' grid with min/max ranges, dequantized (float32)."""
+    return w.float() if args is None else numerics.quantize_weight(w, args).dequantize()
+
+
+class CandidateLoss:
+    """An observer that scores smoothing scales on calibration data, streaming: for each
+    candidate ``s_c`` (a row of ``scales``) it accumulates
+    ``sum_j ||A_c(x / s_c) · Q(W_j · s_c)ᵀ − x · W_jᵀ||²`` over every batch, where ``Q``
+    rounds weights to ``weight_args`` (none: exact) and ``act(x, c)`` quantizes the
+    smoothed input (none: exact). Nothing but the losses is kept between batches.
+
+    Example::
+
+        loss = CandidateLoss([q.weight, k.weight], torch.stack([ones, s]), QuantArgs(bits=4))
+        loss.observe(x); best = int(loss.loss.argmin())
+    """
+
+    def __init__(self, weights: list[torch.Tensor], scales: torch.Tensor, weight_args: QuantArgs | None,
+                 act: Callable[[torch.Tensor, int], torch.Tensor] | None = None):
+        self.weights = [w.detach() for w in weights]
+        self.reference = torch.cat([w.float() for w in self.weights])
+        self.scales, self.weight_args, self.act = scales.float(), weight_args, act
+        self.loss = torch.zeros(scales.shape[0], device=scales.device, dtype=torch.float64)
+        self.energy = torch.zeros((), device=scales.device, dtype=torch.float64)  # sum ||x Wᵀ||²
+        size = scales.shape[0] * self.reference.numel() * 4
+        self._cached = [self._quantized(c) for c in range(scales.shape[0])] if size <= CANDIDATE_BYTES else None
+
+    def _quantized(self, c: int) -> torch.Tensor:
+        # Each consumer apart: per-tensor weight ranges must not span two consumers.
+        return torch.cat([fake_quantize_weight(w.float() * self.scales[c], self.weight_args) for w in self.weights])
+
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        x = torch.where(torch.isfinite(x), x, torch.zeros((), device=x.device))
+        reference = x @ self.reference.T
+        self.energy += reference.square().sum().double()
+        for c in range(self.scales.shape[0]):  # ~20 matmuls per batch; every token at once
+            smoothed = x / self.scales[c]
+            if self.act is not None:
+                smoothed = self.act(smoothed, c)
+            weight = self._cached[c] if self._cached is not None else self._quantized(c)
+            self.loss[c] += (smoothed @ weight.T - reference).square().sum().double()
+
+    def relative_loss(self, c: int) -> float:
+        """Candidate ``c``'s loss relative to the energy of the float outputs."""
+        return float(self.loss[c] / self.energy.clamp_min(1e-30))
+
+
+class Prescaled:
+    """A calibrator that observes ``x · prescale``: the input a consumer with a pending
+    (unfolded) smoothing scale will quantize."""
+
+    def __init__(self, inner: Calibrator, prescale: torch.Tensor):
+        self.inner, self.prescale = inner, prescale
+
+    def observe(self, x: torch.Tensor) -> None:
+        self.inner.observe(x * self.prescale.to(x.device, x.dtype))
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inner.compute()
