@@ -37,10 +37,13 @@ RECIPES = {"qframe-awq": "recipes/awq_w4a16.toml", "qframe-gptq": "recipes/gptq_
 PEERS = ("modelopt-awq", "llmcompressor-gptq", "llmcompressor-awq")
 
 
-def run_qframe(tool: str, model, ids, device, group: int) -> dict:
+def run_qframe(tool: str, model, ids, device, group: int, batch: int) -> dict:
     import qframe
 
-    recipe = qframe.load_recipe(RECIPES[tool], [f"stage.0.weights.group_size={group}"] if tool != "qframe-smoothquant" else [])
+    overrides = [f"calibration.batch_size={batch}"]
+    if tool != "qframe-smoothquant":
+        overrides.append(f"stage.0.weights.group_size={group}")
+    recipe = qframe.load_recipe(RECIPES[tool], overrides)
     qmodel = qframe.quantize(model, recipe, calibration=ids, device=device)
     return {"seconds_per_layer": [round(layer["seconds"], 3) for layer in qmodel.layers]}
 
@@ -115,7 +118,7 @@ def main() -> None:
     torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     if args.tool in RECIPES:
-        extra = run_qframe(args.tool, model, ids, device, args.group)
+        extra = run_qframe(args.tool, model, ids, device, args.group, args.batch_size)
     elif args.tool == "modelopt-awq":
         extra = run_modelopt(model, ids, device, args.group, args.batch_size)
     else:

@@ -16,6 +16,8 @@ Methods (``--methods``, comma-separated; default all):
 ``qframe-gptq-g{64,128}``      ``recipes/gptq_w4a16.toml``
 ``qframe-awq-gptq-g{64,128}``  ``recipes/awq_gptq_w4a16.toml``
 ``qframe-smoothquant``         ``recipes/smoothquant_w8a8.toml`` (int8 per channel, static per tensor)
+``qframe-smoothquant-a{A}``    the same with ``options.alpha = A`` (0.8, 0.9, 0.95)
+``qframe-gptq-actorder-g64``   ``recipes/gptq_w4a16.toml`` with ``act_order = true`` (static groups)
 ``modelopt-awq-g{64,128}``     ``INT4_AWQ_CFG`` with that block size (``--modelopt-python``)
 ``modelopt-smoothquant``       ``INT8_SMOOTHQUANT_CFG`` (``--modelopt-python``)
 ``llmcompressor-gptq-g{64,128}``  ``GPTQModifier``, int4 symmetric groups (``--llmcompressor-python``)
@@ -58,6 +60,8 @@ QFRAME = {
     **{f"qframe-gptq-g{g}": ("gptq_w4a16.toml", g) for g in GROUPS},
     **{f"qframe-awq-gptq-g{g}": ("awq_gptq_w4a16.toml", g) for g in GROUPS},
     "qframe-smoothquant": ("smoothquant_w8a8.toml", None),
+    **{f"qframe-smoothquant-a{a}": ("smoothquant_w8a8.toml", None, {"stage.0.options.alpha": a}) for a in (0.8, 0.9, 0.95)},
+    "qframe-gptq-actorder-g64": ("gptq_w4a16.toml", 64, {"stage.0.options.act_order": True}),
 }
 PEERS = {
     **{f"modelopt-awq-g{g}": "modelopt" for g in GROUPS},
@@ -113,16 +117,21 @@ def main() -> None:
     report["results"]["baseline"] = {"perplexity": base_ppl}
     log(f"{'baseline':28s} {base_ppl:.4f}")
 
+    def save() -> None:  # after every method: a run cut short keeps what it measured
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+
     def record(name: str, entry: dict) -> None:
         entry["delta_pct"] = 100 * (entry["perplexity"] / base_ppl - 1)
         report["results"][name] = entry
+        save()
         log(f"{name:28s} {entry['perplexity']:.4f} ({entry['delta_pct']:+.2f} %)  quantize {entry.get('quantize_s', 0):.1f} s")
 
     for name in (m for m in methods if m in QFRAME):
-        file, group = QFRAME[name]
+        file, group, *extra = QFRAME[name]
         path = REPO / "recipes" / file
         try:
-            recipe = qframe.load_recipe(path, qframe_overrides(path, group))
+            recipe = qframe.load_recipe(path, {**qframe_overrides(path, group), **(extra[0] if extra else {})})
             recipe = type(recipe)(recipe.model, type(recipe.calibration)(**{**recipe.calibration.__dict__,
                                   "batch_size": args.batch_size}), recipe.stages, recipe.export, recipe.source)
             model = copy.deepcopy(loaded.model)

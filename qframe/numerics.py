@@ -374,14 +374,24 @@ def quantize_weight(
     lo, hi = ranges if ranges is not None else minmax_ranges(w, args)
     g = grouped(w.float(), args)
     if global_scale is None:
-        global_scale = _weight_global_scale(w, args)
+        global_scale = weight_global_scale(w, args)
     scale, zero, global_scale = scale_parts(lo, hi, args, global_scale)
     effective = effective_scale(scale, global_scale, args).unsqueeze(-1)
     q = quantize(g, effective, None if zero is None else zero.unsqueeze(-1), args)
     return QuantizedWeight(ungrouped(encode(q, args), w.shape), scale, zero, args, global_scale)
 
 
-def _weight_global_scale(w: torch.Tensor, args: QuantArgs) -> torch.Tensor | None:
+def weight_global_scale(w: torch.Tensor, args: QuantArgs) -> torch.Tensor | None:
+    """NVFP4's FP32 global scale for the weight ``w`` (from its largest finite magnitude); ``None``
+    for every other format. Algorithms that change the weight as they round (GPTQ) keep the
+    original one.
+
+    Example::
+
+        >>> nvfp4 = QuantArgs(type="float", bits=4, granularity="group", group_size=16)
+        >>> weight_global_scale(torch.tensor([[2688.0, -1.0]]), nvfp4).item()
+        1.0
+    """
     if not (_is_fp4(args) and args.format == "nvfp4"):
         return None
     return nvfp4_global_scale(_finite(w.float()).abs().amax())
@@ -404,7 +414,7 @@ def mse_ranges(w: torch.Tensor, args: QuantArgs, *, max_shrink: float = 0.2, ste
     """
     lo, hi = minmax_ranges(w, args)
     g = grouped(_finite(w.float()), args)
-    fixed = _weight_global_scale(w, args)
+    fixed = weight_global_scale(w, args)
     best_err = torch.full(lo.shape, math.inf, device=w.device)
     best_ratio = torch.ones_like(lo)
     for k in range(steps + 1):

@@ -142,6 +142,16 @@ class LayerWork:
         with torch.inference_mode():
             return [_first(self.layer(inputs.batch(i, self.device), **kw)) for i, kw in enumerate(inputs.kwargs)]
 
+    def _forward_all(self) -> None:
+        """Run every batch through the layer for its hooks, keeping no outputs (a full copy of
+        the activations otherwise)."""
+        inputs = self.inputs
+        if inputs is None:
+            raise QFrameError(f"{self.prefix}: no calibration inputs were captured")
+        with torch.inference_mode():
+            for i, kw in enumerate(inputs.kwargs):
+                self.layer(inputs.batch(i, self.device), **kw)
+
     def observe_inputs(self, names: list[str], make: Callable[[str], Calibrator]) -> dict[str, Calibrator]:
         """Run the layer once, feeding each named submodule's input to its own calibrator."""
         return self._observe(names, make, outputs=False)
@@ -160,7 +170,7 @@ class LayerWork:
             else:
                 hooks.append(module.register_forward_pre_hook(lambda _m, args, c=calibrator: c.observe(args[0])))
         try:
-            self.run()
+            self._forward_all()
         finally:
             for hook in hooks:
                 hook.remove()

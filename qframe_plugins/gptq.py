@@ -6,9 +6,10 @@ weight is then rounded one input column at a time (in blocks of ``block_size`` w
 updates); each column's rounding error is spread over the columns not yet rounded through the
 Cholesky factor of ``H⁻¹``, so the layer's *output* error is minimized rather than the weight's.
 
-Scales are static: every group's scale (and zero point) is fixed up front from the original
-weight's min/max, so with ``act_order`` (columns in order of decreasing ``diag(H)``) the scales
-stay contiguous and export as for RTN. Every weight format of :mod:`qframe.numerics` works
+Group scales: each group's scale (and zero point) is taken from the weight's min/max when the
+rounding reaches the group, after the earlier columns' errors have updated it. With
+``act_order`` (columns in order of decreasing ``diag(H)``) they are fixed up front from the
+original weight instead (static groups), so the scales stay contiguous and export as for RTN. Every weight format of :mod:`qframe.numerics` works
 (int2-8 symmetric or asymmetric, FP8, NVFP4 with the original weight's global scale, MXFP4).
 
 With ``true_sequential`` the layer's linears are quantized in the order of the architecture's
@@ -157,6 +158,11 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, block_si
     """Round ``w`` ``[out, in]`` to ``args``'s grid minimizing ``tr(ΔW H ΔWᵀ)`` for the input
     Hessian ``h`` ``[in, in]``, on ``w``'s device.
 
+    Group scales: with ``act_order`` they are fixed up front from the original weight (static
+    groups, contiguous for export); without it each group's scale is taken when the rounding
+    reaches the group, from the weight as the earlier columns' errors have updated it (as the
+    GPTQ paper does), which fits the scale to what is actually rounded.
+
     Example::
 
         >>> x = torch.randn(256, 16)
@@ -169,7 +175,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, block_si
     h = h.to(weight.device, torch.float32).clone()
     # Static scales from the original weight: rounding the result again gives the same codes.
     ranges = numerics.minmax_ranges(weight, args)
-    global_scale = numerics._weight_global_scale(weight, args)
+    global_scale = numerics.weight_global_scale(weight, args)
     scale, zero, global_scale = numerics.scale_parts(*ranges, args, global_scale)
     scales = _per_column(numerics.effective_scale(scale, global_scale, args), args, weight.shape)
     zeros = None if zero is None else _per_column(zero, args, weight.shape)
@@ -185,6 +191,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, block_si
         weight, scales, h = weight[:, order], scales[:, order], h[order][:, order]
         zeros = None if zeros is None else zeros[:, order]
     upper, damp = _inverse_factor(h, dampening)
+    dynamic = not act_order and args.granularity == "group" and upper is not None
+    lo, hi = (ranges[0].clone(), ranges[1].clone()) if dynamic else ranges
     loss = torch.zeros((), device=weight.device)
     if upper is None:
         warnings.warn("gptq: the Hessian is not positive definite even with strong dampening; rounding to nearest")
@@ -198,6 +206,14 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, block_si
             u = upper[start:end, start:end]
             for i in range(end - start):
                 c = start + i
+                if dynamic and c % args.group_size == 0:  # a new group: its scale from the updated weight
+                    g, size = c // args.group_size, min(args.group_size, columns - c)
+                    current = torch.cat([block[:, i:], weight[:, end:]], 1)[:, :size]
+                    lo[:, g], hi[:, g] = current.amin(1), current.amax(1)
+                    s_g, z_g, _ = numerics.scale_parts(lo[:, g:g + 1], hi[:, g:g + 1], args, global_scale)
+                    scales[:, c:c + size] = numerics.effective_scale(s_g, global_scale, args)
+                    if zeros is not None:
+                        zeros[:, c:c + size] = z_g
                 col = block[:, i]
                 q = numerics.fake_quantize(col, scales[:, c], None if zeros is None else zeros[:, c], args)
                 quantized[:, c] = q
@@ -209,7 +225,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, block_si
     if act_order:
         quantized = quantized[:, torch.argsort(order)]
     fallback = upper is None
-    return GPTQResult(quantized, ranges, global_scale, float("nan") if fallback else float(loss) / energy, damp, fallback)
+    return GPTQResult(quantized, (lo, hi) if dynamic else ranges, global_scale,
+                      float("nan") if fallback else float(loss) / energy, damp, fallback)
 
 
 def _groups(work: LayerWork, targets: list[tuple[str, nn.Linear]], sequential: bool) -> list[list[tuple[str, nn.Linear]]]:

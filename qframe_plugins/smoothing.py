@@ -172,6 +172,10 @@ def fake_quantize_weight(w: torch.Tensor, args: QuantArgs | None) -> torch.Tenso
     return w.float() if args is None else numerics.quantize_weight(w, args).dequantize()
 
 
+# Elements of one [tokens, out] output block scored at once (256 MiB in float32).
+OUTPUT_ELEMENTS = 1 << 26
+
+
 class CandidateLoss:
     """An observer that scores smoothing scales on calibration data, streaming: for each
     candidate ``s_c`` (a row of ``scales``) it accumulates
@@ -200,16 +204,21 @@ class CandidateLoss:
         return torch.cat([fake_quantize_weight(w.float() * self.scales[c], self.weight_args) for w in self.weights])
 
     def observe(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        x = torch.where(torch.isfinite(x), x, torch.zeros((), device=x.device))
-        reference = x @ self.reference.T
-        self.energy += reference.square().sum().double()
-        for c in range(self.scales.shape[0]):  # ~20 matmuls per batch; every token at once
-            smoothed = x / self.scales[c]
-            if self.act is not None:
-                smoothed = self.act(smoothed, c)
+        x = x.detach().reshape(-1, x.shape[-1])
+        x = torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+        # Outputs [tokens, out] are the big temporaries: score a few thousand tokens at a time.
+        parts = x.split(max(1, OUTPUT_ELEMENTS // self.reference.shape[0]))
+        references = []
+        for part in parts:
+            references.append(part.float() @ self.reference.T)
+            self.energy += references[-1].square().sum().double()
+        for c in range(self.scales.shape[0]):  # ~20 candidates; every token of a part at once
             weight = self._cached[c] if self._cached is not None else self._quantized(c)
-            self.loss[c] += (smoothed @ weight.T - reference).square().sum().double()
+            for part, reference in zip(parts, references):
+                smoothed = part.float() / self.scales[c]
+                if self.act is not None:
+                    smoothed = self.act(smoothed, c)
+                self.loss[c] += (smoothed @ weight.T - reference).square().sum().double()
 
     def relative_loss(self, c: int) -> float:
         """Candidate ``c``'s loss relative to the energy of the float outputs."""

@@ -305,8 +305,8 @@ def test_unknown_name_lists_what_is_installed(qframe_registry):
     registry = qframe_registry()
     installed = ", ".join(registry.names("quantizer"))
     assert "rtn" in installed
-    with pytest.raises(PluginError, match=re.escape(f"unknown quantizer 'awq'; installed: {installed}")):
-        registry.get("quantizer", "awq")
+    with pytest.raises(PluginError, match=re.escape(f"unknown quantizer 'hqq'; installed: {installed}")):
+        registry.get("quantizer", "hqq")
     with pytest.raises(PluginError, match="unknown backend 'x'; installed: none"):
         qframe_registry(builtins=False).get("backend", "x")
 
