@@ -16,7 +16,7 @@ Methods (``--methods``, comma-separated; default all):
 ``qframe-gptq-g{64,128}``      ``recipes/gptq_w4a16.toml``
 ``qframe-awq-gptq-g{64,128}``  ``recipes/awq_gptq_w4a16.toml``
 ``qframe-smoothquant``         ``recipes/smoothquant_w8a8.toml`` (int8 per channel, static per tensor)
-``qframe-smoothquant-a{A}``    the same with ``options.alpha = A`` (0.8, 0.9, 0.95)
+``qframe-smoothquant-a{A}``    the same with ``options.alpha = A`` (0.5, 0.8, 0.9, 0.95)
 ``qframe-gptq-actorder-g64``   ``recipes/gptq_w4a16.toml`` with ``act_order = true`` (static groups)
 ``modelopt-awq-g{64,128}``     ``INT4_AWQ_CFG`` with that block size (``--modelopt-python``)
 ``modelopt-smoothquant``       ``INT8_SMOOTHQUANT_CFG`` (``--modelopt-python``)
@@ -60,7 +60,7 @@ QFRAME = {
     **{f"qframe-gptq-g{g}": ("gptq_w4a16.toml", g) for g in GROUPS},
     **{f"qframe-awq-gptq-g{g}": ("awq_gptq_w4a16.toml", g) for g in GROUPS},
     "qframe-smoothquant": ("smoothquant_w8a8.toml", None),
-    **{f"qframe-smoothquant-a{a}": ("smoothquant_w8a8.toml", None, {"stage.0.options.alpha": a}) for a in (0.8, 0.9, 0.95)},
+    **{f"qframe-smoothquant-a{a}": ("smoothquant_w8a8.toml", None, {"stage.0.options.alpha": a}) for a in (0.5, 0.8, 0.9, 0.95)},
     "qframe-gptq-actorder-g64": ("gptq_w4a16.toml", 64, {"stage.0.options.act_order": True}),
 }
 PEERS = {
