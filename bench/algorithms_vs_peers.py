@@ -43,7 +43,6 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import qframe  # noqa: E402

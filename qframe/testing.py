@@ -324,3 +324,23 @@ def assert_smoothing_groups_exact(model, arch, ids: "torch.Tensor | None" = None
                 got = first(trial(*args, **kwargs))
             assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())), \
                 f"layer {index}: {group} is not exact (max difference {float((got - expected).abs().max()):.3g})"
+
+
+def tiny_llama_with_outliers(**config: Any):
+    """:func:`tiny_llama_model` whose norms amplify one channel x50 before attention and before
+    the MLP: the activation outliers that SmoothQuant and AWQ exist for.
+
+    Example::
+
+        >>> model = tiny_llama_with_outliers()
+        >>> float(model.model.layers[0].input_layernorm.weight[5])
+        50.0
+    """
+    import torch
+
+    model = tiny_llama_model(**config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[5] *= 50
+            layer.post_attention_layernorm.weight[9] *= 50
+    return model

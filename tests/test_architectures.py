@@ -1,7 +1,6 @@
 """Architecture adapters (GPT-2, GPT-NeoX, OPT, Phi-3, Gemma 1/2/3) and the structural fallback,
 on tiny random models of each family."""
 
-import copy
 
 import pytest
 import torch
@@ -70,7 +69,7 @@ def test_smoothing_groups_are_exact(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_native_checkpoint_round_trip(family, tmp_path):
-    (model, _arch), ids = prepared(family), tokens()
+    model, ids = prepared(family)[0], tokens()
     qmodel = qframe.quantize(model, recipe(), calibration=ids, device="cpu")
     expected = logits(model, ids)
     qframe.export(qmodel, backend="qframe", output=tmp_path)
@@ -130,7 +129,7 @@ def test_structural_fallback_traces_groups():
 
 
 def test_structural_fallback_handles_conv1d():
-    model, ids = tiny_model("gpt2"), tokens()
+    model = tiny_model("gpt2")
     model.config.model_type = "gpt2-unknown"
     arch = find_architecture(model, REGISTRY)
     assert type(arch).__name__ == "Structural"

@@ -2,25 +2,17 @@
 
 import pytest
 import torch
-from torch import nn
 
 import qframe
 from qframe.qlinear import QuantLinear
 from qframe.recipe import parse_recipe
-from qframe.testing import logits, random_tokens, relative_error, tiny_llama_model
+from qframe.testing import tiny_llama_with_outliers, logits, random_tokens, relative_error, tiny_llama_model
 
 W4 = {"bits": 4, "group_size": 32}
 E4M3 = {"type": "float", "bits": 8}
 
 
-def outlier_model(**config) -> nn.Module:
-    """A tiny Llama (GQA: 4 heads over 2 KV heads) whose norms amplify one channel ×50."""
-    model = tiny_llama_model(**config)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.input_layernorm.weight[5] *= 50
-            layer.post_attention_layernorm.weight[9] *= 50
-    return model
+outlier_model = tiny_llama_with_outliers
 
 
 def recipe(quantizer="awq", weights=W4, activations=None, **options):

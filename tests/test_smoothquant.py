@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-from torch import nn
 
 import qframe
 from qframe.qlinear import QuantLinear
 from qframe.recipe import parse_recipe
-from qframe.testing import logits, random_tokens, relative_error, tiny_llama_model
+from qframe.testing import tiny_llama_with_outliers, logits, random_tokens, relative_error, tiny_llama_model
 from qframe_plugins.smoothing import ChannelStats, smoothquant_scale
 
 W8 = {"bits": 8}
@@ -15,14 +14,7 @@ A8 = {"bits": 8}
 GRID = [0.3, 0.5, 0.7, 0.85]
 
 
-def outlier_model(**config) -> nn.Module:
-    """A tiny Llama whose norms amplify one channel ×50: the activation outliers SmoothQuant targets."""
-    model = tiny_llama_model(**config)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.input_layernorm.weight[5] *= 50
-            layer.post_attention_layernorm.weight[9] *= 50
-    return model
+outlier_model = tiny_llama_with_outliers
 
 
 def recipe(quantizer="smoothquant", weights=W8, activations=A8, **options):
