@@ -235,6 +235,29 @@ def positive(key: str, value: object, kind: type = int) -> None:
         raise RecipeError(key, value, f"expected a positive {'integer' if kind is int else 'number'}")
 
 
+class Prescaled:
+    """A calibrator that observes ``x · prescale``: the input a linear with an unfolded
+    smoothing scale (``QuantLinear.input_prescale``) will quantize.
+
+    Example::
+
+        >>> from qframe_plugins.minmax import MinMax
+        >>> calib = Prescaled(MinMax(QuantArgs(granularity="tensor")), torch.tensor([2.0, 0.5]))
+        >>> calib.observe(torch.tensor([[1.0, -4.0]])); [t.item() for t in calib.compute()]
+        [-2.0, 2.0]
+    """
+
+    def __init__(self, inner: Calibrator, prescale: torch.Tensor):
+        self.inner, self.prescale = inner, prescale
+
+    def observe(self, x: torch.Tensor) -> None:
+        self.inner.observe(x * self.prescale.to(x.device, x.dtype))
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inner.compute()
+
+
+
 def build_calibrator(record: Any, args: QuantArgs) -> Calibrator:
     """Build the calibrator plugin ``record`` for ``args`` (as :meth:`QuantArgs.calibrated`
     sees them), passing ``args.calibrator_options``.

@@ -36,13 +36,14 @@ import torch
 from torch import nn
 
 from qframe import QuantizerPlugin, hookimpl, numerics
+from qframe.calibrate import Prescaled
 from qframe.errors import RecipeError
 from qframe.pipeline import LayerWork, Quantizer, weight_error
 from qframe.qlinear import QuantLinear
 from qframe.scheme import QuantArgs
 
 from .rtn import check as check_rtn
-from .smoothing import CandidateLoss, ChannelStats, Prescaled, active_groups, apply_scale, scale_columns
+from .smoothing import CandidateLoss, ChannelStats, active_groups, apply_scale, scale_columns
 
 # The clip search's partial outputs [tokens, rows, groups] are computed this many elements at a time.
 CLIP_CHUNK = 1 << 24

@@ -18,7 +18,10 @@ Recipe::
 
 from __future__ import annotations
 
+import torch
+
 from qframe import QuantizerPlugin, hookimpl, numerics
+from qframe.calibrate import Prescaled
 from qframe.errors import RecipeError
 from qframe.pipeline import LayerWork, Quantizer, weight_error
 from qframe.qlinear import QuantLinear
@@ -42,17 +45,25 @@ def check(stage) -> None:
 
 
 class RTN(Quantizer):
-    def quantize_layer(self, work: LayerWork, targets) -> None:
-        acts = self.scheme.activations
+    def quantize_layer(self, work: LayerWork, targets, prescales: dict[str, torch.Tensor] | None = None) -> None:
+        """Quantize ``targets``; ``prescales[name]`` (from a smoothing subclass) multiplies that
+        linear's inputs before they are quantized: its static range is calibrated on them."""
+        acts, prescales = self.scheme.activations, prescales or {}
         ranges = {}
         if acts is not None and not acts.dynamic and targets:
-            observed = work.observe_inputs([n for n, _ in targets], lambda _name: self.calibrator(acts))
+            def make(name: str):
+                calibrator = self.calibrator(acts)
+                return Prescaled(calibrator, prescales[name]) if name in prescales else calibrator
+
+            observed = work.observe_inputs([n for n, _ in targets], make)
             ranges = {name: calib.compute() for name, calib in observed.items()}
         weights = self.scheme.weights
         for name, linear in targets:
             weight_ranges = None if weights is None else WEIGHT_RANGES[weights.calibrator](linear.weight.detach(), weights)
             quantized = QuantLinear.from_linear(linear, weights, acts, weight_ranges=weight_ranges,
                                                 input_range=ranges.get(name))
+            if name in prescales:
+                quantized.set_input_prescale(prescales[name])
             work.replace(name, quantized)
             if self.scheme.weights is not None:
                 work.record(name, weight_error=weight_error(linear, quantized))

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from qframe import numerics
-from qframe.calibrate import Calibrator
 from qframe.qlinear import QuantLinear
 from qframe.scheme import QuantArgs
 
@@ -225,15 +224,3 @@ class CandidateLoss:
         return float(self.loss[c] / self.energy.clamp_min(1e-30))
 
 
-class Prescaled:
-    """A calibrator that observes ``x · prescale``: the input a consumer with a pending
-    (unfolded) smoothing scale will quantize."""
-
-    def __init__(self, inner: Calibrator, prescale: torch.Tensor):
-        self.inner, self.prescale = inner, prescale
-
-    def observe(self, x: torch.Tensor) -> None:
-        self.inner.observe(x * self.prescale.to(x.device, x.dtype))
-
-    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.inner.compute()

@@ -4,8 +4,9 @@ SmoothQuant (Xiao et al., 2023): for each smoothing group of a decoder layer (a 
 linear and the linears reading its output), a per-input-channel scale
 ``s = max|x|^alpha / max|w|^(1 - alpha)`` divides the input (folded into the producer) and
 multiplies the consumers' weight columns, so the layer computes the same function with
-flatter activations. Groups whose scale cannot be folded exactly (GQA's ``v_proj`` in front
-of ``o_proj``) are left alone. Then the targets are quantized as ``rtn`` does: weights per
+flatter activations. A group whose scale cannot be folded exactly (GQA's ``v_proj`` in
+front of ``o_proj``) keeps it as the consumers' ``input_prescale`` (TensorRT-LLM's
+SmoothQuant "smoother"), or is left alone when the stage only smooths. Then the targets are quantized as ``rtn`` does: weights per
 channel, activations static per tensor (calibrated after smoothing) or dynamic per token.
 
 ``alpha_grid`` searches alpha per layer and group: the grid value whose smoothed group,
@@ -35,7 +36,8 @@ from qframe.scheme import QuantArgs
 
 from .rtn import RTN
 from .rtn import check as check_rtn
-from .smoothing import ActiveGroup, CandidateLoss, ChannelStats, active_groups, apply_scale, smoothquant_scale
+from .smoothing import (ActiveGroup, CandidateLoss, ChannelStats, active_groups, apply_scale, scale_columns,
+                        smoothquant_scale)
 
 
 def _alpha(key: str, value: object) -> float:
@@ -93,7 +95,11 @@ class SmoothQuant(RTN):
         return True
 
     def quantize_layer(self, work: LayerWork, targets) -> None:
-        groups = [g for g in active_groups(work, targets) if g.producer is not None]
+        # A group that cannot be folded (GQA's v_proj -> o_proj) keeps its scale as the
+        # consumers' input prescale, as TensorRT-LLM's SmoothQuant "smoother" does; a float
+        # linear left for a later stage cannot carry one, so without quantizing it is skipped.
+        groups = [g for g in active_groups(work, targets) if g.producer is not None or self.options.quantize]
+        pending: dict[str, torch.Tensor] = {}
         if groups:
             feeds = [g.names[0] for g in groups]  # consumers of a group share one input
             stats = work.observe_inputs(feeds, lambda _name: ChannelStats())
@@ -101,14 +107,17 @@ class SmoothQuant(RTN):
             losses = self._search(work, groups, stats, alphas) if self.options.alpha_grid else {}
             for group, alpha in zip(groups, alphas):
                 scale = smoothquant_scale(stats[group.names[0]].amax, group.weight_amax(), alpha)
-                apply_scale(work, group, scale, pending={})
+                folded = apply_scale(work, group, scale, pending)
                 for name in group.names:
-                    work.record(name, smoothquant_alpha=alpha,
+                    work.record(name, smoothquant_alpha=alpha, smoothquant_folded=float(folded),
                                 smoothquant_scale_max=float(scale.max()), smoothquant_scale_min=float(scale.min()))
                     if name in losses:
                         work.record(name, smoothquant_search_loss=losses[name])
         if self.options.quantize:
-            super().quantize_layer(work, targets)
+            linears = dict(targets)
+            for name, scale in pending.items():  # weights take the scale, inputs its inverse
+                scale_columns(linears[name], scale)
+            super().quantize_layer(work, targets, {name: 1.0 / scale for name, scale in pending.items()})
 
     def _search(self, work: LayerWork, groups: list[ActiveGroup], stats: dict[str, ChannelStats],
                 alphas: list[float]) -> dict[str, float]:

@@ -57,7 +57,23 @@ def test_static_w8a8_beats_rtn_on_outlier_channels():
     assert isinstance(q_proj, QuantLinear) and q_proj.input_scale.numel() == 1
     figures = qmodel.layers[0]["modules"]["model.layers.0.self_attn.q_proj"]
     assert figures["smoothquant_alpha"] == 0.5 and figures["smoothquant_scale_max"] > 1
-    assert "smoothquant_alpha" not in qmodel.layers[0]["modules"]["model.layers.0.self_attn.o_proj"]
+    assert figures["smoothquant_folded"] == 1.0
+    # GQA: v_proj -> o_proj cannot fold, so o_proj keeps the scale as its input prescale
+    o_proj = qmodel.model.model.layers[0].self_attn.o_proj
+    assert qmodel.layers[0]["modules"]["model.layers.0.self_attn.o_proj"]["smoothquant_folded"] == 0.0
+    assert o_proj.has_prescale and not torch.equal(o_proj.input_prescale, torch.ones_like(o_proj.input_prescale))
+
+
+def test_prescaled_smoothing_is_exact_and_survives_the_checkpoint(tmp_path):
+    # W8A8 with per-token activations stays close; the prescaled o_proj reloads exactly
+    model, ids = outlier_model(), tokens()
+    before = logits(model, ids)
+    qmodel = qframe.quantize(model, recipe(activations={"bits": 8, "dynamic": True}), calibration=ids, device="cpu")
+    after = logits(model, ids)
+    assert model.model.layers[1].self_attn.o_proj.has_prescale
+    assert relative_error(after, before) < 5e-3
+    qframe.export(qmodel, backend="qframe", output=tmp_path / "out")
+    assert torch.equal(logits(qframe.load_quantized(tmp_path / "out").model, ids), after)
 
 
 def test_alpha_grid_picks_from_the_grid_and_is_no_worse_than_its_alpha():
