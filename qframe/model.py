@@ -217,6 +217,22 @@ class Architecture:
             raise ModelError(f"{type(model).__name__}.{self.layers_path} is not a list of decoder layers")
         return layers
 
+    def can_fold(self, producer: nn.Module, channels: int) -> bool:
+        """Whether :meth:`fold_scale` takes a scale of ``channels`` into ``producer`` exactly:
+        a linear with that many output rows, or a norm with one weight per channel (not GQA's
+        narrower ``v_proj`` in front of ``o_proj``). Adapters that override ``fold_scale``
+        widen this to match.
+
+        Example::
+
+            >>> Architecture().can_fold(nn.Linear(4, 2), 2), Architecture().can_fold(nn.Linear(4, 2), 4)
+            (True, False)
+        """
+        if isinstance(producer, nn.Linear):
+            return producer.out_features == channels
+        weight = getattr(producer, "weight", None)
+        return isinstance(weight, torch.Tensor) and weight.dim() == 1 and weight.numel() == channels
+
     def fold_scale(self, producer: nn.Module, scale: torch.Tensor) -> None:
         """Multiply ``producer``'s output channels by ``scale`` (what smoothing folds in front of
         a :class:`SmoothingGroup`'s consumers, whose input channels carry ``1 / scale``): a norm's

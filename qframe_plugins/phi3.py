@@ -27,6 +27,10 @@ class Phi3Family(Architecture):
         SmoothingGroup("mlp.gate_up_proj", ("mlp.down_proj",)),
     )
 
+    def can_fold(self, producer: nn.Module, channels: int) -> bool:
+        fused = isinstance(producer, nn.Linear) and producer.out_features == 2 * channels
+        return fused or super().can_fold(producer, channels)
+
     def fold_scale(self, producer: nn.Module, scale: torch.Tensor) -> None:
         """As :meth:`Architecture.fold_scale`; for the fused ``gate_up_proj`` (twice as many
         output rows as ``scale``) only the up half's rows, since ``down`` reads ``up * act(gate)``.

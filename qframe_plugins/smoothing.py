@@ -98,9 +98,10 @@ class ActiveGroup:
 def active_groups(work, targets: list[tuple[str, nn.Module]]) -> list[ActiveGroup]:
     """The layer's smoothing groups that hold at least one of ``targets``, in the
     architecture's order. A group folds its scale into the producer only when that is exact:
-    the producer is a float ``nn.Linear`` or a norm whose output width is the consumers'
-    input width (not GQA's narrower ``v_proj`` in front of ``o_proj``), and every consumer
-    reading that output is a float ``nn.Linear`` (so all of them can take ``W · s``)."""
+    the producer is not quantized yet and the adapter can fold that many channels into it
+    (:meth:`qframe.model.Architecture.can_fold`: not GQA's narrower ``v_proj`` in front of
+    ``o_proj``), and every consumer reading that output is a float ``nn.Linear`` (so all of
+    them can take ``W · s``)."""
     chosen = dict(targets)
     found = []
     for group in getattr(work.arch, "smoothing_groups", ()):
@@ -109,8 +110,10 @@ def active_groups(work, targets: list[tuple[str, nn.Module]]) -> list[ActiveGrou
             continue
         active = ActiveGroup([n for n, _ in members if n in chosen], [m for n, m in members if n in chosen],
                              [m for n, m in members if n not in chosen])
-        if all(isinstance(m, nn.Linear) for m in active.others):
-            active.producer = _foldable(_submodule(work.layer, group.producer), active.linears[0].in_features)
+        producer = _submodule(work.layer, group.producer)
+        if (all(isinstance(m, nn.Linear) for m in active.others) and producer is not None
+                and not isinstance(producer, QuantLinear) and work.arch.can_fold(producer, active.linears[0].in_features)):
+            active.producer = producer
         found.append(active)
     return found
 
@@ -120,15 +123,6 @@ def _submodule(layer: nn.Module, name: str) -> nn.Module | None:
         return layer.get_submodule(name)
     except AttributeError:
         return None
-
-
-def _foldable(producer: nn.Module | None, width: int) -> nn.Module | None:
-    if producer is None or isinstance(producer, QuantLinear):
-        return None
-    if isinstance(producer, nn.Linear):
-        return producer if producer.out_features == width else None
-    weight = getattr(producer, "weight", None)  # a norm: one weight per channel
-    return producer if isinstance(weight, torch.Tensor) and weight.dim() == 1 and weight.numel() == width else None
 
 
 def scale_columns(linear: nn.Linear, scale: torch.Tensor) -> None:

@@ -165,3 +165,15 @@ def test_the_pipeline_prepares_gpt2_itself():
     qmodel = qframe.quantize(model, plan, calibration=ids, device="cpu")
     layers = model.config.n_layer
     assert len(qmodel.quantized_modules()) == 4 * layers  # c_attn, c_proj, c_fc, mlp.c_proj per block
+
+
+def test_phi3_smoothing_folds_into_the_up_half_of_gate_up():
+    model = tiny_model("phi3")
+    ids = random_tokens(4, 16, vocab=model.config.vocab_size, seed=3)
+    before = logits(model, ids)
+    plan = parse_recipe({"stage": [{"quantizer": "smoothquant", "weights": {"bits": 8}, "activations": {"bits": 8},
+                                    "options": {"quantize": False}}]})
+    qmodel = qframe.quantize(model, plan, calibration=ids, device="cpu")
+    # down_proj reads up * act(gate): its scale folds into gate_up_proj's up rows, exactly
+    assert qmodel.layers[0]["modules"]["model.layers.0.mlp.down_proj"]["smoothquant_folded"] == 1.0
+    assert relative_error(logits(model, ids), before) < 1e-4
