@@ -5,8 +5,8 @@ linear and the linears reading its output), a per-input-channel scale
 ``s = max|x|^alpha / max|w|^(1 - alpha)`` divides the input (folded into the producer) and
 multiplies the consumers' weight columns, so the layer computes the same function with
 flatter activations. A group whose scale cannot be folded exactly (GQA's ``v_proj`` in
-front of ``o_proj``) keeps it as the consumers' ``input_prescale`` (TensorRT-LLM's
-SmoothQuant "smoother"), or is left alone when the stage only smooths. Then the targets are quantized as ``rtn`` does: weights per
+front of ``o_proj``) is left alone, or with ``prescale = true`` keeps its scale as the
+consumers' ``input_prescale`` (TensorRT-LLM's SmoothQuant "smoother"). Then the targets are quantized as ``rtn`` does: weights per
 channel, activations static per tensor (calibrated after smoothing) or dynamic per token.
 
 ``alpha_grid`` searches alpha per layer and group: the grid value whose smoothed group,
@@ -49,11 +49,15 @@ def _alpha(key: str, value: object) -> float:
 @dataclass(frozen=True)
 class SmoothQuantOptions:
     """``alpha``: migration strength (0 < alpha < 1); ``alpha_grid``: alphas to search per
-    layer and group instead; ``quantize``: false to smooth only."""
+    layer and group instead; ``quantize``: false to smooth only; ``prescale``: also smooth
+    groups that cannot be folded (GQA's ``v_proj`` -> ``o_proj``), keeping their scale as the
+    consumers' input prescale (off by default: on SmolLM2 at alpha 0.8 it costs +10.6 %
+    perplexity against +3.0 % without; docs/benchmarks.md)."""
 
     alpha: float = 0.5
     alpha_grid: list = field(default_factory=list)
     quantize: bool = True
+    prescale: bool = False
 
     def __post_init__(self) -> None:
         _alpha("alpha", self.alpha)
@@ -95,10 +99,11 @@ class SmoothQuant(RTN):
         return True
 
     def quantize_layer(self, work: LayerWork, targets) -> None:
-        # A group that cannot be folded (GQA's v_proj -> o_proj) keeps its scale as the
-        # consumers' input prescale, as TensorRT-LLM's SmoothQuant "smoother" does; a float
-        # linear left for a later stage cannot carry one, so without quantizing it is skipped.
-        groups = [g for g in active_groups(work, targets) if g.producer is not None or self.options.quantize]
+        # A group that cannot be folded (GQA's v_proj -> o_proj) is smoothed only with the
+        # prescale option, keeping its scale as the consumers' input prescale (TensorRT-LLM's
+        # SmoothQuant "smoother"); a float linear left for a later stage cannot carry one.
+        prescaled = self.options.prescale and self.options.quantize
+        groups = [g for g in active_groups(work, targets) if g.producer is not None or prescaled]
         pending: dict[str, torch.Tensor] = {}
         if groups:
             feeds = [g.names[0] for g in groups]  # consumers of a group share one input

@@ -58,7 +58,11 @@ def test_static_w8a8_beats_rtn_on_outlier_channels():
     figures = qmodel.layers[0]["modules"]["model.layers.0.self_attn.q_proj"]
     assert figures["smoothquant_alpha"] == 0.5 and figures["smoothquant_scale_max"] > 1
     assert figures["smoothquant_folded"] == 1.0
-    # GQA: v_proj -> o_proj cannot fold, so o_proj keeps the scale as its input prescale
+    # GQA: v_proj -> o_proj cannot fold; by default o_proj is not smoothed
+    assert "smoothquant_folded" not in qmodel.layers[0]["modules"]["model.layers.0.self_attn.o_proj"]
+    assert not qmodel.model.model.layers[0].self_attn.o_proj.has_prescale
+    # with prescale = true it keeps the scale as its input prescale
+    _, qmodel = quantized_error(recipe(prescale=True))
     o_proj = qmodel.model.model.layers[0].self_attn.o_proj
     assert qmodel.layers[0]["modules"]["model.layers.0.self_attn.o_proj"]["smoothquant_folded"] == 0.0
     assert o_proj.has_prescale and not torch.equal(o_proj.input_prescale, torch.ones_like(o_proj.input_prescale))
@@ -68,7 +72,8 @@ def test_prescaled_smoothing_is_exact_and_survives_the_checkpoint(tmp_path):
     # W8A8 with per-token activations stays close; the prescaled o_proj reloads exactly
     model, ids = outlier_model(), tokens()
     before = logits(model, ids)
-    qmodel = qframe.quantize(model, recipe(activations={"bits": 8, "dynamic": True}), calibration=ids, device="cpu")
+    qmodel = qframe.quantize(model, recipe(activations={"bits": 8, "dynamic": True}, prescale=True), calibration=ids,
+                             device="cpu")
     after = logits(model, ids)
     assert model.model.layers[1].self_attn.o_proj.has_prescale
     assert relative_error(after, before) < 5e-3
