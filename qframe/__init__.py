@@ -10,7 +10,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import DataError, ModelError, PluginError, QFrameError, RecipeError
+from .errors import DataError, ExportError, ModelError, PluginError, QFrameError, RecipeError
 from .hookspecs import hookimpl, hookspec
 from .types import ArchitecturePlugin, BackendPlugin, CalibratorPlugin, DatasetPlugin, QuantizerPlugin
 from .plugins import KindView
@@ -26,7 +26,7 @@ architectures = KindView("architecture")
 datasets = KindView("dataset")
 
 __all__ = [
-    "ArchitecturePlugin", "BackendPlugin", "CalibratorPlugin", "DataError", "DatasetPlugin",
+    "ArchitecturePlugin", "BackendPlugin", "CalibratorPlugin", "DataError", "DatasetPlugin", "ExportError",
     "ModelError", "PluginError", "QFrameError", "QuantArgs", "QuantScheme", "QuantizedModel",
     "QuantizerPlugin", "Recipe", "RecipeError", "apply", "architectures", "backends",
     "calibrators", "datasets", "evaluate", "export", "hookimpl", "hookspec", "load_quantized",

@@ -26,13 +26,13 @@ from torch import nn
 
 from .checkpoint import is_native, load_native, save_native
 from .data import DataContext, TokenWindows, calibration_windows, evaluation_windows
-from .errors import QFrameError
+from .errors import ExportError, QFrameError, RecipeError
 from .evaluate import EvalResult, perplexity
 from .model import load_model, resolve_source
 from .pipeline import run_pipeline
 from .plugins import Registry, default_registry
 from .quantized import QuantizedModel
-from .recipe import Plan, Recipe, load_recipe, resolve
+from .recipe import Plan, Recipe, load_recipe, make_exporter, resolve
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -139,13 +139,45 @@ def evaluate(
     return EvalResult(**{**result.__dict__, "layers": layers})
 
 
-def export(qmodel: QuantizedModel, backend: str, output: str | os.PathLike, *, registry: Registry | None = None) -> Path:
-    """Write ``qmodel`` with a backend plugin into ``output`` (atomically)."""
+def export(
+    qmodel: QuantizedModel,
+    backend: str,
+    output: str | os.PathLike,
+    *,
+    options: Mapping[str, Any] | None = None,
+    registry: Registry | None = None,
+) -> Path:
+    """Write ``qmodel`` with a backend plugin into ``output`` (atomically), then run the
+    backend's validator on what it wrote. ``options`` are the backend's ``[export]`` keys.
+
+    Example::
+
+        >>> qframe.export(qmodel, "tensorrt-llm", "out/trt", options={"tp_size": 2})  # doctest: +SKIP
+    """
     registry = registry or default_registry()
-    exporter = registry.get("backend", backend).factory()
+    try:
+        exporter = make_exporter(registry.get("backend", backend), options)
+    except RecipeError as exc:
+        raise exc.within("export") from None
     with _atomic_directory(Path(output)) as tmp:
-        exporter.export(qmodel, tmp)
+        _export_checked(exporter, qmodel, tmp)
+    _build(exporter, Path(output))
     return Path(output)
+
+
+def _build(exporter: Any, directory: Path) -> None:
+    # After the checkpoint is in place: a failed engine build never costs the checkpoint.
+    build = getattr(exporter, "build", None)
+    if build is not None:
+        build(directory)
+
+
+def _export_checked(exporter: Any, qmodel: QuantizedModel, directory: Path) -> None:
+    exporter.export(qmodel, directory)
+    validate = getattr(exporter, "validate", None)
+    problems = validate(directory) if validate else []
+    if problems:
+        raise ExportError(f"the checkpoint written to {directory} fails validation: " + "; ".join(problems))
 
 
 @contextmanager
@@ -199,17 +231,20 @@ def apply(
     if dry_run:
         return ApplyResult(None, None, plan)
     started = time.perf_counter()
+    exporter = make_exporter(plan.backend, parsed.export.options) if plan.backend.name != "qframe" else None
     with _atomic_directory(target) as tmp:
         loaded = load_model(source, parsed.model.dtype)
         load_s = time.perf_counter() - started
+        if hasattr(exporter, "check"):  # refuse what the format cannot express before calibrating
+            exporter.check(loaded.model, parsed)
         qmodel = quantize(loaded.model, parsed, tokenizer=loaded.tokenizer, device=chosen, registry=registry, progress=progress)
         qmodel.manifest["model"] = {"spec": source.spec, "kind": source.kind, "location": source.location}
         qmodel.manifest["timings"].update(load_s=round(load_s, 3), total_s=round(time.perf_counter() - started, 3))
         save_native(qmodel, tmp)
-        backend = plan.backend
-        if backend.name != "qframe":
-            exporter = backend.factory()
-            exporter.export(qmodel, tmp / getattr(exporter, "subdirectory", backend.name))
+        if exporter is not None:
+            _export_checked(exporter, qmodel, tmp / getattr(exporter, "subdirectory", plan.backend.name))
+    if exporter is not None:
+        _build(exporter, target / getattr(exporter, "subdirectory", plan.backend.name))
     return ApplyResult(target, qmodel, plan)
 
 

@@ -46,12 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("directory")
     p.add_argument("--backend", required=True)
     p.add_argument("--output", help="default: DIR/BACKEND")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a backend option, as the recipe's [export] table takes it, e.g. tp_size=2")
 
     p = sub.add_parser("plugins", help="list installed plugins")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("validate", help="check a recipe and the plugins it names")
-    p.add_argument("recipe")
+    p = sub.add_parser("validate", help="check a recipe and the plugins it names, or an exported checkpoint directory")
+    p.add_argument("recipe", metavar="RECIPE_OR_DIR")
+    p.add_argument("--backend", help="the backend that wrote DIR (default: the one that recognizes it)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
 
@@ -155,8 +158,13 @@ def cmd_export(args) -> int:
 
     from . import api
 
+    from .recipe import apply_override, parse_overrides
+
+    options: dict = {}
+    for key, value in parse_overrides(args.overrides).items():
+        apply_override(options, key, value)  # build.max_batch_size=8 -> {"build": {...}}
     qmodel = api.load_quantized(args.directory)
-    out = api.export(qmodel, args.backend, args.output or Path(args.directory) / args.backend)
+    out = api.export(qmodel, args.backend, args.output or Path(args.directory) / args.backend, options=options)
     err.print(f"wrote {out}")
     return 0
 
@@ -181,12 +189,42 @@ def cmd_plugins(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from pathlib import Path
+
     from .plugins import default_registry
     from .recipe import load_recipe, resolve
 
+    if Path(args.recipe).is_dir():
+        return _validate_directory(Path(args.recipe), args.backend, default_registry())
     plan = resolve(load_recipe(args.recipe, args.overrides), default_registry())
     print(f"{args.recipe}: valid ({len(plan.stages)} stage{'s' if len(plan.stages) != 1 else ''}: "
           + ", ".join(s.spec.quantizer for s in plan.stages) + f"; export: {plan.backend.name})")
+    return 0
+
+
+def _validate_directory(directory, backend: str | None, registry) -> int:
+    from .errors import QFrameError
+    from .recipe import make_exporter
+
+    candidates = [registry.get("backend", backend)] if backend else [e.record for e in registry.entries("backend")]
+    validators = []
+    for record in candidates:
+        try:
+            exporter = make_exporter(record)
+        except QFrameError:  # a backend whose options have no defaults cannot be asked
+            continue
+        if hasattr(exporter, "validate") and (backend or exporter.recognizes(directory)):
+            validators.append((record.name, exporter))
+    if not validators:
+        raise QFrameError(f"no installed backend recognizes {directory} as its checkpoint; name one with --backend")
+    name, exporter = validators[0]
+    problems = exporter.validate(directory)
+    for problem in problems:
+        print(f"{directory}: {problem}")
+    if problems:
+        err.print(f"{directory}: NOT a valid {name} checkpoint ({len(problems)} problem{'s' if len(problems) != 1 else ''})")
+        return 2
+    print(f"{directory}: valid {name} checkpoint")
     return 0
 
 

@@ -45,3 +45,8 @@ class ModelError(QFrameError):
 
 class DataError(QFrameError):
     """A dataset spec is malformed, or its data is missing or too short."""
+
+
+class ExportError(QFrameError):
+    """A quantized model cannot be written in a backend's format (it names the layer and
+    what to change), or a written checkpoint fails its backend's validator."""

@@ -37,6 +37,8 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "qframe_plugins.smoothquant",
     "qframe_plugins.awq",
     "qframe_plugins.gptq",
+    "qframe_plugins.tensorrt_llm",
+    "qframe_plugins.hf",
     "qframe_plugins.llama",
     "qframe_plugins.gpt2",
     "qframe_plugins.neox",

@@ -84,7 +84,26 @@ class StageSpec:
 
 @dataclass(frozen=True)
 class ExportSpec:
+    """The ``[export]`` table: a backend, and every other key is that backend's option
+    (checked against its ``options`` dataclass when the recipe is resolved)."""
+
     backend: str = "qframe"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_table(cls, table: Any) -> "ExportSpec":
+        """Example::
+
+            >>> ExportSpec.from_table({"backend": "tensorrt-llm", "tp_size": 2})
+            ExportSpec(backend='tensorrt-llm', options={'tp_size': 2})
+        """
+        if not isinstance(table, Mapping):
+            raise RecipeError("export", table, "expected a table")
+        table = dict(table)
+        backend = table.pop("backend", "qframe")
+        if not isinstance(backend, str) or not backend:
+            raise RecipeError("export.backend", backend, "expected a backend name, e.g. \"tensorrt-llm\"")
+        return cls(backend, table)
 
 
 @dataclass(frozen=True)
@@ -101,7 +120,7 @@ class Recipe:
             "model": dataclasses.asdict(self.model),
             "calibration": dataclasses.asdict(self.calibration),
             "stage": [s.to_dict() for s in self.stages],
-            "export": dataclasses.asdict(self.export),
+            "export": {"backend": self.export.backend, **self.export.options},
         }
 
 
@@ -112,15 +131,15 @@ def build_dataclass(cls: type, table: Any, key: str) -> Any:
 
     Example::
 
-        >>> build_dataclass(ExportSpec, {"backend": "qframe"}, "export")
-        ExportSpec(backend='qframe')
+        >>> build_dataclass(ModelSpec, {"dtype": "bfloat16"}, "model").dtype
+        'bfloat16'
     """
     if not isinstance(table, Mapping):
         raise RecipeError(key, table, "expected a table")
     known = {f.name: f for f in fields(cls)}
     for name, value in table.items():
         if name not in known:
-            raise RecipeError(f"{key}.{name}", value, f"unknown key; allowed: {', '.join(known)}")
+            raise RecipeError(_join(key, name), value, f"unknown key; allowed: {', '.join(known)}")
         default = known[name].default
         if default is not dataclasses.MISSING and default is not None and value is not None:
             expected = type(default)
@@ -128,13 +147,17 @@ def build_dataclass(cls: type, table: Any, key: str) -> Any:
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 ok = True
             if not ok:
-                raise RecipeError(f"{key}.{name}", value, f"expected {expected.__name__}")
+                raise RecipeError(_join(key, name), value, f"expected {expected.__name__}")
     try:
         return cls(**table)
     except RecipeError as exc:  # raised by the dataclass's own __post_init__
         raise exc.within(key) from None
     except TypeError as exc:  # a required key is missing
         raise RecipeError(key, dict(table), str(exc)) from None
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
 
 
 def _positive(key: str, value: int) -> None:
@@ -204,7 +227,7 @@ def parse_recipe(data: Mapping[str, Any], source: str | None = None) -> Recipe:
         if not isinstance(stages, list) or not stages:
             raise RecipeError("stage", stages, "a recipe needs at least one [[stage]] table")
         parsed = tuple(_parse_stage(t, f"stage[{i}]") for i, t in enumerate(stages))
-        export = build_dataclass(ExportSpec, data.get("export", {}), "export")
+        export = ExportSpec.from_table(data.get("export", {}))
     except RecipeError as exc:
         raise exc.within(source=source) from None
     return Recipe(model, calibration, parsed, export, source)
@@ -260,6 +283,25 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise QFrameError(f"{path}: malformed TOML: {exc}") from None
 
 
+def parse_overrides(overrides: Mapping[str, Any] | Iterable[str] | None) -> dict[str, Any]:
+    """``KEY=VALUE`` strings, as ``--set`` takes them (values parsed as TOML), as a mapping.
+
+    Example::
+
+        >>> parse_overrides(["tp_size=2", "build.max_batch_size=8", "dtype=float16"])
+        {'tp_size': 2, 'build.max_batch_size': 8, 'dtype': 'float16'}
+    """
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    items: dict[str, Any] = {}
+    for text in overrides or ():
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise QFrameError(f"--set {text!r}: expected KEY=VALUE, e.g. stage.0.weights.group_size=64")
+        items[key.strip()] = _parse_value(value.strip())
+    return items
+
+
 def load_recipe(
     path: str | Path,
     overrides: Mapping[str, Any] | Iterable[str] | None = None,
@@ -270,16 +312,7 @@ def load_recipe(
     ``--set`` takes them (values parsed as TOML).
     """
     data = read_toml(path)
-    items: list[tuple[str, Any]] = []
-    if isinstance(overrides, Mapping):
-        items = list(overrides.items())
-    elif overrides:
-        for text in overrides:
-            key, sep, value = text.partition("=")
-            if not sep:
-                raise QFrameError(f"--set {text!r}: expected KEY=VALUE, e.g. stage.0.weights.group_size=64")
-            items.append((key.strip(), _parse_value(value.strip())))
-    for key, value in items:
+    for key, value in parse_overrides(overrides).items():
         try:
             apply_override(data, key, value)
         except RecipeError as exc:
@@ -355,4 +388,25 @@ def resolve(recipe: Recipe, registry) -> Plan:
         parse_spec(recipe.calibration.dataset, registry)
     except RecipeError as exc:
         raise fail(exc, "calibration") from None
-    return Plan(recipe, tuple(stages), registry.get("backend", recipe.export.backend))
+    backend = registry.get("backend", recipe.export.backend)
+    try:
+        export_options(backend, recipe.export.options)
+    except RecipeError as exc:
+        raise fail(exc, "export") from None
+    return Plan(recipe, tuple(stages), backend)
+
+
+def export_options(record, options: Mapping[str, Any]) -> Any:
+    """The backend's options dataclass built from ``options`` (None when it takes none)."""
+    if record.options is None:
+        if options:
+            name, value = next(iter(options.items()))
+            raise RecipeError(name, value, f"backend {record.name} takes no options")
+        return None
+    return build_dataclass(record.options, options, "")
+
+
+def make_exporter(record, options: Mapping[str, Any] | None = None) -> Any:
+    """Build a backend's exporter from its record and ``[export]`` options."""
+    built = export_options(record, options or {})
+    return record.factory() if record.options is None else record.factory(built)

@@ -72,10 +72,25 @@ class QuantizerPlugin(PluginRecord):
 class BackendPlugin(PluginRecord):
     """Writes a quantized model in a format some runtime serves.
 
-    ``factory()`` returns an object with ``export(qmodel, directory) -> Path``.
+    ``factory(options)`` returns an exporter (``factory()`` when the plugin declares no
+    ``options``). ``options`` is a dataclass built from the recipe's ``[export]`` table
+    (every key but ``backend``; unknown keys are errors). The exporter has:
+
+    - ``export(qmodel, directory) -> Path``: write into ``directory`` (a fresh temporary
+      directory that is renamed into place only when everything succeeded);
+    - optionally ``subdirectory``: where ``qframe apply`` puts it inside its output;
+    - optionally ``check(model, recipe)``: raise :class:`qframe.ExportError` for what the
+      format cannot express, after the model is loaded and *before* it is calibrated;
+    - optionally ``validate(directory) -> list[str]``: the problems a written directory
+      has (empty when valid); ``qframe.export`` runs it after every export, and
+      ``qframe validate DIR`` from the command line, with ``recognizes(directory)``
+      telling which backend wrote a directory;
+    - optionally ``build(directory)``: turn the written checkpoint into an engine, after it
+      is in place (so a failed build never costs the checkpoint).
     """
 
     kind: ClassVar[str] = "backend"
+    options: type | None = None
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,7 @@ BAD = {
                                    "stage[0].activations.bits", "4", "int activations are int8; allowed: 8"),
     "unknown backend": (W4 + "[export]\nbackend = 'tensorrt-llm'\n", "export.backend", "'tensorrt-llm'",
                         "unknown backend; installed: <backends>"),
-    "unknown export key": (W4 + "[export]\nformat = 'x'\n", "export.format", "'x'", "unknown key; allowed: backend"),
+    "unknown export key": (W4 + "[export]\nformat = 'x'\n", "export.format", "'x'", "backend qframe takes no options"),
     "unknown dataset source": ("[calibration]\ndataset = 's3:bucket/x'\n" + W4, "calibration.dataset", "'s3:bucket/x'",
                                "unknown source 's3'; installed: <datasets>"),
     "unknown dataset param": ("[calibration]\ndataset = 'text:x?foo=1'\n" + W4, "calibration.dataset", "'text:x?foo=1'",

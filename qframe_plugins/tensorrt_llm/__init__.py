@@ -1,0 +1,1 @@
+"""``tensorrt-llm``: TensorRT-LLM checkpoints (``config.json`` + ``rank{N}.safetensors``)."""
