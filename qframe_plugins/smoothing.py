@@ -189,21 +189,32 @@ class CandidateLoss:
         self.scales, self.weight_args, self.act = scales.float(), weight_args, act
         self.loss = torch.zeros(scales.shape[0], device=scales.device, dtype=torch.float64)
         self.energy = torch.zeros((), device=scales.device, dtype=torch.float64)  # sum ||x Wᵀ||²
-        size = scales.shape[0] * self.reference.numel() * 4
+        size = scales.shape[0] * self.reference.numel() * self.dtype.itemsize
         self._cached = [self._quantized(c) for c in range(scales.shape[0])] if size <= CANDIDATE_BYTES else None
 
     def _quantized(self, c: int) -> torch.Tensor:
         # Each consumer apart: per-tensor weight ranges must not span two consumers.
-        return torch.cat([fake_quantize_weight(w.float() * self.scales[c], self.weight_args) for w in self.weights])
+        w = torch.cat([fake_quantize_weight(w.float() * self.scales[c], self.weight_args) for w in self.weights])
+        return w.to(self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype products are computed in: the model's 16-bit dtype on CUDA, where that
+        is what the layer itself computes in and float32 matmuls are many times slower;
+        float32 elsewhere. Losses are always summed in float32 and up."""
+        w = self.weights[0]
+        return w.dtype if w.is_cuda and w.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
     def observe(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1])
         x = torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+        dtype = self.dtype
+        reference_weight = self.reference.to(dtype)
         # Outputs [tokens, out] are the big temporaries: score a few thousand tokens at a time.
         parts = x.split(max(1, OUTPUT_ELEMENTS // self.reference.shape[0]))
         references = []
         for part in parts:
-            references.append(part.float() @ self.reference.T)
+            references.append((part.to(dtype) @ reference_weight.T).float())
             self.energy += references[-1].square().sum().double()
         for c in range(self.scales.shape[0]):  # ~20 candidates; every token of a part at once
             weight = self._cached[c] if self._cached is not None else self._quantized(c)
@@ -211,7 +222,8 @@ class CandidateLoss:
                 smoothed = part.float() / self.scales[c]
                 if self.act is not None:
                     smoothed = self.act(smoothed, c)
-                self.loss[c] += (smoothed @ weight.T - reference).square().sum().double()
+                out = (smoothed.to(dtype) @ weight.T).float()
+                self.loss[c] += out.sub_(reference).square_().sum().double()
 
     def relative_loss(self, c: int) -> float:
         """Candidate ``c``'s loss relative to the energy of the float outputs."""
