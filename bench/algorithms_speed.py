@@ -23,6 +23,7 @@ import copy
 import io
 import json
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -37,10 +38,10 @@ RECIPES = {"qframe-awq": "recipes/awq_w4a16.toml", "qframe-gptq": "recipes/gptq_
 PEERS = ("modelopt-awq", "llmcompressor-gptq", "llmcompressor-awq")
 
 
-def run_qframe(tool: str, model, ids, device, group: int, batch: int) -> dict:
+def run_qframe(tool: str, model, ids, device, group: int, batch: int, offload: str) -> dict:
     import qframe
 
-    overrides = [f"calibration.batch_size={batch}"]
+    overrides = [f"calibration.batch_size={batch}", f"calibration.offload={offload}"]
     if tool != "qframe-smoothquant":
         overrides.append(f"stage.0.weights.group_size={group}")
     recipe = qframe.load_recipe(RECIPES[tool], overrides)
@@ -79,6 +80,11 @@ def run_llmcompressor(tool: str, model, ids, device, group: int, batch: int, tok
         num_bits=4, type="int", symmetric=True, strategy="group", group_size=group))
     modifier = (GPTQModifier if tool.endswith("gptq") else AWQModifier)(config_groups={"g": scheme}, ignore=["lm_head"])
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    # oneshot re-reads the model's config from model.config.name_or_path, which a model built
+    # from a config does not have: give it a folder holding that config.
+    folder = tempfile.mkdtemp()
+    model.config.save_pretrained(folder)
+    model.config.name_or_path = folder
     model.to(device)
     from transformers import AutoTokenizer
 
@@ -103,6 +109,8 @@ def main() -> None:
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--offload", default="auto", choices=["auto", "device", "cpu"],
+                   help="qframe's calibration.offload: where calibration activations live")
     p.add_argument("--tokenizer", help="a tokenizer folder, for llm-compressor (which wants one)")
     args = p.parse_args()
 
@@ -118,7 +126,7 @@ def main() -> None:
     torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     if args.tool in RECIPES:
-        extra = run_qframe(args.tool, model, ids, device, args.group, args.batch_size)
+        extra = run_qframe(args.tool, model, ids, device, args.group, args.batch_size, args.offload)
     elif args.tool == "modelopt-awq":
         extra = run_modelopt(model, ids, device, args.group, args.batch_size)
     else:
@@ -129,7 +137,8 @@ def main() -> None:
     print(json.dumps({
         "tool": args.tool, "gpu": torch.cuda.get_device_name(device), "dtype": args.dtype, "group": args.group,
         "shape": {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers},
-        "calibration_tokens": args.samples * args.seq_len, "seconds_total": round(total, 2),
+        "calibration_tokens": args.samples * args.seq_len, "batch_size": args.batch_size,
+        "offload": args.offload if args.tool in RECIPES else None, "seconds_total": round(total, 2),
         "seconds_per_layer_mean": round(total / args.layers, 2), **extra,
         "peak_gpu_gib": round(peak, 2), "layer_weights_gib": round(layer_bytes / 2**30, 2),
         "calibration_activations_gib": round(acts_bytes / 2**30, 2),

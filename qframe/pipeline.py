@@ -255,15 +255,20 @@ def output_error(layer: nn.Module, reference: nn.Module, inputs: LayerInputs, de
 
 def _compare(layer, reference, inputs: LayerInputs, device: torch.device, propagate: str | None) -> float:
     num = den = 0.0
-    with torch.inference_mode():
-        for i, kwargs in enumerate(inputs.kwargs):
-            hidden = inputs.batch(i, device)
-            out = _first(layer(hidden, **kwargs))
-            ref = _first(reference(hidden, **kwargs))
-            num += float((out.float() - ref.float()).pow(2).sum())
-            den += float(ref.float().pow(2).sum())
-            if propagate is not None:
-                inputs.store(i, out if propagate == "quantized" else ref.to(out.dtype))
+    home = _device_of(reference)
+    reference.to(device)  # on the accelerator only while it is compared with
+    try:
+        with torch.inference_mode():
+            for i, kwargs in enumerate(inputs.kwargs):
+                hidden = inputs.batch(i, device)
+                out = _first(layer(hidden, **kwargs))
+                ref = _first(reference(hidden, **kwargs))
+                num += float((out.float() - ref.float()).pow(2).sum())
+                den += float(ref.float().pow(2).sum())
+                if propagate is not None:
+                    inputs.store(i, out if propagate == "quantized" else ref.to(out.dtype))
+    finally:
+        reference.to(home)
     return num / max(den, 1e-30)
 
 
@@ -302,9 +307,10 @@ def run_pipeline(
     for index, layer in enumerate(layers):
         started = time.perf_counter()
         home = _device_of(layer)
+        # The unquantized copy stays in the layer's home memory until it is compared with.
+        reference = copy.deepcopy(layer) if inputs is not None else None
         layer.to(device)
         work = LayerWork(index, f"{prefix}.{index}", layer, inputs, device, arch=arch)
-        reference = copy.deepcopy(layer) if inputs is not None else None
         entry: dict[str, Any] = {"layer": work.prefix, "modules": {}, "stages": []}
         for number, (spec, quantizer) in enumerate(quantizers):
             work.figures = {}

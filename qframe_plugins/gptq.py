@@ -138,25 +138,35 @@ def _per_column(t: torch.Tensor, args: QuantArgs, shape: torch.Size) -> torch.Te
 
 def _inverse_factor(h: torch.Tensor, dampening: float) -> tuple[torch.Tensor | None, float]:
     """The upper Cholesky factor of ``(H + damp·mean(diag H)·I)⁻¹`` and the dampening used,
-    retrying with 10x the dampening when a factorization fails; ``None`` if all fail."""
+    retrying with 10x the dampening when a factorization fails; ``None`` if all fail.
+
+    ``h`` is overwritten (damped, then replaced by the inverse) and must not be used
+    afterwards: no more than two ``[in, in]`` matrices exist at any moment (for a 14336-wide
+    down_proj each is 784 MiB)."""
     mean_diag = h.diagonal().mean()
-    damp = dampening
+    damp, added = dampening, 0.0
     for _ in range(DAMP_RETRIES + 1):
-        damped = h.clone()
-        damped.diagonal().add_(damp * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(damped)
+        h.diagonal().add_((damp - added) * mean_diag)
+        added = damp
+        lower, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            torch.cholesky_inverse(lower, out=h)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(h, upper=True)
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
                 return upper, damp
+            return None, float("nan")  # H itself is gone: the caller rounds to nearest
+        del lower
         damp = max(damp * 10, 1e-4)  # a zero dampening would never grow
     return None, float("nan")
 
 
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, block_size: int = 128,
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor | Hessian, args: QuantArgs, *, block_size: int = 128,
                   dampening: float = 0.01, act_order: bool = False) -> GPTQResult:
     """Round ``w`` ``[out, in]`` to ``args``'s grid minimizing ``tr(ΔW H ΔWᵀ)`` for the input
-    Hessian ``h`` ``[in, in]``, on ``w``'s device.
+    Hessian ``h`` ``[in, in]``, on ``w``'s device. A :class:`Hessian` given instead of its
+    matrix is consumed (its matrix is taken and freed as soon as it is factorized), which
+    keeps the peak memory of wide layers at two ``[in, in]`` matrices.
 
     Group scales: with ``act_order`` they are fixed up front from the original weight (static
     groups, contiguous for export); without it each group's scale is taken when the rounding
@@ -172,7 +182,11 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, block_si
     """
     columns = w.shape[1]
     weight = w.detach().float().clone()
-    h = h.to(weight.device, torch.float32).clone()
+    if isinstance(h, Hessian):
+        h, h_owner = h.matrix.to(weight.device, torch.float32), h
+        h_owner.matrix = None
+    else:
+        h = h.to(weight.device, torch.float32).clone()
     # Static scales from the original weight: rounding the result again gives the same codes.
     ranges = numerics.minmax_ranges(weight, args)
     global_scale = numerics.weight_global_scale(weight, args)
@@ -188,7 +202,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, block_si
 
     if act_order:  # columns with the largest inputs first; each keeps its own group's scale
         order = torch.argsort(h.diagonal(), descending=True)
-        weight, scales, h = weight[:, order], scales[:, order], h[order][:, order]
+        weight, scales = weight[:, order], scales[:, order]
+        h = h[order]  # rows, then columns: never more than two [in, in] matrices at once
+        h = h[:, order]
         zeros = None if zeros is None else zeros[:, order]
     upper, damp = _inverse_factor(h, dampening)
     dynamic = not act_order and args.granularity == "group" and upper is not None
@@ -198,7 +214,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, block_si
         warnings.warn("gptq: the Hessian is not positive definite even with strong dampening; rounding to nearest")
         quantized = numerics.fake_quantize(weight, scales, zeros, args)
     else:
-        quantized = torch.zeros_like(weight)
+        quantized = weight  # a finished block's columns are dead: their rounded values go in their place
         for start in range(0, columns, block_size):
             end = min(start + block_size, columns)
             block = weight[:, start:end].clone()
@@ -258,8 +274,9 @@ class GPTQ(Quantizer):
             hessians = work.observe_inputs(list(widths), lambda name: Hessian(widths[name], work.device))
             for name, linear in group:
                 started = time.perf_counter()
-                with torch.no_grad():
-                    result = gptq_quantize(linear.weight, hessians[name].matrix, weights, block_size=opts.block_size,
+                hessian = hessians[name]
+                with torch.no_grad():  # consumes the Hessian: its [in, in] matrix is freed as it goes
+                    result = gptq_quantize(linear.weight, hessian, weights, block_size=opts.block_size,
                                            dampening=opts.dampening, act_order=opts.act_order)
                 # A float32 linear holding the result: its codes reproduce the result exactly.
                 holder = nn.Linear(linear.in_features, linear.out_features, linear.bias is not None,
@@ -273,10 +290,9 @@ class GPTQ(Quantizer):
                 quantized = self._build(holder, result, None if static else acts, None, linear.weight.dtype)
                 work.replace(name, quantized)
                 work.record(name, weight_error=weight_error(linear, quantized), gptq_loss=result.loss, damp=result.damp,
-                            dropped_tokens=float(hessians[name].dropped), seconds=round(time.perf_counter() - started, 4))
+                            dropped_tokens=float(hessian.dropped), seconds=round(time.perf_counter() - started, 4))
                 if result.fallback:
                     work.record(name, gptq_fallback=1.0)
-                hessians[name].matrix = None  # free [in, in] before the next one is built
         if rounded:
             observed = work.observe_inputs(list(rounded), lambda _name: self.calibrator(acts))
             for name, (holder, result) in rounded.items():

@@ -31,7 +31,7 @@ from qframe.scheme import QuantArgs
 # Statistics below this count as zero: such channels keep s = 1 (nothing to migrate).
 TINY = 1e-5
 # Precompute every candidate's quantized weights when they fit in this many bytes.
-CANDIDATE_BYTES = 1 << 30
+CANDIDATE_BYTES = 1 << 29
 
 
 class ChannelStats:
@@ -165,8 +165,8 @@ def fake_quantize_weight(w: torch.Tensor, args: QuantArgs | None) -> torch.Tenso
     return w.float() if args is None else numerics.quantize_weight(w, args).dequantize()
 
 
-# Elements of one [tokens, out] output block scored at once (256 MiB in float32).
-OUTPUT_ELEMENTS = 1 << 26
+# Elements of one [tokens, out] output block scored at once (128 MiB in float32).
+OUTPUT_ELEMENTS = 1 << 25
 
 
 class CandidateLoss:
@@ -185,7 +185,7 @@ class CandidateLoss:
     def __init__(self, weights: list[torch.Tensor], scales: torch.Tensor, weight_args: QuantArgs | None,
                  act: Callable[[torch.Tensor, int], torch.Tensor] | None = None):
         self.weights = [w.detach() for w in weights]
-        self.reference = torch.cat([w.float() for w in self.weights])
+        self.reference = torch.cat([w.to(self.dtype) for w in self.weights])
         self.scales, self.weight_args, self.act = scales.float(), weight_args, act
         self.loss = torch.zeros(scales.shape[0], device=scales.device, dtype=torch.float64)
         self.energy = torch.zeros((), device=scales.device, dtype=torch.float64)  # sum ||x Wᵀ||²
@@ -194,8 +194,9 @@ class CandidateLoss:
 
     def _quantized(self, c: int) -> torch.Tensor:
         # Each consumer apart: per-tensor weight ranges must not span two consumers.
-        w = torch.cat([fake_quantize_weight(w.float() * self.scales[c], self.weight_args) for w in self.weights])
-        return w.to(self.dtype)
+        # Cast each consumer as it is done: float32 temporaries of one consumer at a time.
+        return torch.cat([fake_quantize_weight(w.float() * self.scales[c], self.weight_args).to(self.dtype)
+                          for w in self.weights])
 
     @property
     def dtype(self) -> torch.dtype:
@@ -209,13 +210,12 @@ class CandidateLoss:
         x = x.detach().reshape(-1, x.shape[-1])
         x = torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
         dtype = self.dtype
-        reference_weight = self.reference.to(dtype)
         # Outputs [tokens, out] are the big temporaries: score a few thousand tokens at a time.
         parts = x.split(max(1, OUTPUT_ELEMENTS // self.reference.shape[0]))
-        references = []
+        references = []  # in the compute dtype: the float32 ones would double this memory
         for part in parts:
-            references.append((part.to(dtype) @ reference_weight.T).float())
-            self.energy += references[-1].square().sum().double()
+            references.append(part.to(dtype) @ self.reference.T)
+            self.energy += references[-1].float().square().sum().double()
         for c in range(self.scales.shape[0]):  # ~20 candidates; every token of a part at once
             weight = self._cached[c] if self._cached is not None else self._quantized(c)
             for part, reference in zip(parts, references):
@@ -223,7 +223,7 @@ class CandidateLoss:
                 if self.act is not None:
                     smoothed = self.act(smoothed, c)
                 out = (smoothed.to(dtype) @ weight.T).float()
-                self.loss[c] += out.sub_(reference).square_().sum().double()
+                self.loss[c] += out.sub_(reference.float()).square_().sum().double()
 
     def relative_loss(self, c: int) -> float:
         """Candidate ``c``'s loss relative to the energy of the float outputs."""
