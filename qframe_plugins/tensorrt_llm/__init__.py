@@ -1,1 +1,185 @@
-"""``tensorrt-llm``: TensorRT-LLM checkpoints (``config.json`` + ``rank{N}.safetensors``)."""
+"""``tensorrt-llm``: TensorRT-LLM checkpoints (``config.json`` + ``rank{N}.safetensors``).
+
+Writes what ``trtllm-build --checkpoint_dir`` reads, for Llama, Mistral, Qwen2 and GPT-2,
+unquantized or in one of TensorRT-LLM's algorithms: FP8 (with an FP8 or INT8 KV cache),
+W4A16_AWQ (AWQ, GPTQ and RTN int4 alike), W4A8_AWQ, W8A8_SQ_PER_CHANNEL, W8A16 and NVFP4,
+split across ``tp_size * pp_size`` ranks. What the format cannot express is refused before
+calibration (:meth:`TensorRTLLMExporter.check`) and again before anything is written.
+
+Recipe::
+
+    [export]
+    backend = "tensorrt-llm"
+    tp_size = 2              # tensor-parallel ranks (default 1)
+    pp_size = 1              # pipeline stages (default 1)
+    dtype = "auto"           # float16 | bfloat16 | float32 | auto (the model's 16-bit dtype, else float16)
+    build = "auto"           # or true, or a table of trtllm-build options; default: no engine
+
+Command line (from a qframe output, no calibration)::
+
+    qframe export out/awq_w4a16 --backend tensorrt-llm --set tp_size=2
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qframe import BackendPlugin, hookimpl
+from qframe.errors import RecipeError
+
+CHECKPOINT_DTYPES = ("float16", "bfloat16", "float32", "auto")
+
+
+@dataclass(frozen=True)
+class TensorRTLLMOptions:
+    """The ``[export]`` keys of the ``tensorrt-llm`` backend.
+
+    Example::
+
+        >>> TensorRTLLMOptions(tp_size=2).world_size
+        2
+    """
+
+    tp_size: int = 1
+    pp_size: int = 1
+    dtype: str = "auto"
+    build: Any = None
+    # What ``build`` asks for, parsed (None: no engine build).
+    build_spec: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for key in ("tp_size", "pp_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RecipeError(key, value, "expected a positive integer (the number of ranks)")
+        if self.dtype not in CHECKPOINT_DTYPES:
+            raise RecipeError("dtype", self.dtype, f"allowed: {', '.join(CHECKPOINT_DTYPES)}")
+        object.__setattr__(self, "build_spec", _parse_build(self.build))
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size
+
+
+def _parse_build(value: Any) -> Any:
+    if value in (None, False):
+        return None
+    from .build import parse_build  # the engine builder's own module
+
+    return parse_build(value)
+
+
+class TensorRTLLMExporter:
+    """Writes, checks, validates and builds TensorRT-LLM checkpoints (see the module docstring).
+
+    Example::
+
+        >>> exporter = TensorRTLLMExporter(TensorRTLLMOptions(tp_size=2))
+        >>> exporter.subdirectory
+        'tensorrt_llm'
+    """
+
+    subdirectory = "tensorrt_llm"
+
+    def __init__(self, options: TensorRTLLMOptions | None = None):
+        self.options = options or TensorRTLLMOptions()
+
+    def check(self, model: torch.nn.Module, recipe: Any) -> None:
+        """Refuse, from the recipe and the model's shapes, what the checkpoint could not hold
+        (before any calibration); raises :class:`qframe.ExportError`."""
+        from .check import check_recipe
+
+        check_recipe(model, recipe, self.options)
+
+    def export(self, qmodel: Any, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``rank{N}.safetensors`` into ``directory``. Everything is
+        checked and converted before the first file is written."""
+        from safetensors.torch import save_file
+
+        from .convert import checkpoint_pieces, make_plan
+        from .layout import layout_for
+        from .shard import shard
+
+        model, opts = qmodel.model, self.options
+        layout = layout_for(model)
+        plan = make_plan(model, layout, checkpoint_dtype(model, opts.dtype), opts.tp_size, opts.pp_size)
+        ranks = shard(checkpoint_pieces(model, layout, plan), opts.tp_size, opts.pp_size, layout.num_layers)
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = checkpoint_config(layout, plan, opts)
+        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for rank, tensors in enumerate(ranks):
+            save_file(tensors, str(directory / f"rank{rank}.safetensors"), metadata={"format": "pt"})
+        return directory
+
+    def validate(self, directory: str | Path) -> list[str]:
+        """The problems of a written checkpoint directory (empty when it is valid)."""
+        from .validate import validate_checkpoint
+
+        return validate_checkpoint(Path(directory))
+
+    def recognizes(self, directory: str | Path) -> bool:
+        """Whether ``directory`` looks like a TensorRT-LLM checkpoint."""
+        from .validate import recognizes
+
+        return recognizes(Path(directory))
+
+    def build(self, directory: str | Path) -> Path | None:
+        """Build an engine from the checkpoint in ``directory`` when ``build`` asks for one."""
+        if self.options.build_spec is None:
+            return None
+        from .build import build_engine
+
+        return build_engine(Path(directory), self.options.build_spec)
+
+
+def checkpoint_dtype(model: torch.nn.Module, dtype: str) -> torch.dtype:
+    """The checkpoint's dtype: the one asked for, or for ``auto`` the model's when it is
+    16-bit (quantized scales were made exact in it), else float16."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    model_dtype = next(model.parameters()).dtype
+    return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def checkpoint_config(layout: Any, plan: Any, options: TensorRTLLMOptions) -> dict[str, Any]:
+    """``config.json``: the model's sizes, its family's keys, the mapping and the quantization."""
+    try:
+        version = metadata.version("qframe")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return {
+        "producer": {"name": "qframe", "version": version},
+        "architecture": layout.architecture,
+        "dtype": str(plan.dtype).removeprefix("torch."),
+        "logits_dtype": "float32",
+        "vocab_size": layout.vocab,
+        "hidden_size": layout.hidden,
+        "num_hidden_layers": layout.num_layers,
+        "num_attention_heads": layout.heads,
+        "num_key_value_heads": layout.kv_heads,
+        "head_size": layout.head_size,
+        **layout.config(),
+        # The embedding is replicated on every rank; lm_head is split (and padded) by rows.
+        "use_parallel_embedding": False,
+        "embedding_sharding_dim": 0,
+        "share_embedding_table": False,
+        "mapping": {"world_size": options.world_size, "tp_size": options.tp_size, "pp_size": options.pp_size},
+        "quantization": plan.quantization(),
+    }
+
+
+@hookimpl
+def qframe_backends():
+    yield BackendPlugin(
+        name="tensorrt-llm",
+        summary="TensorRT-LLM checkpoint (config.json + rank{N}.safetensors), tp/pp sharded, optional engine build",
+        factory=TensorRTLLMExporter,
+        options=TensorRTLLMOptions,
+    )

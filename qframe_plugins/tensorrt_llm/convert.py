@@ -1,0 +1,430 @@
+"""A quantized model's state in TensorRT-LLM's terms: which ``quant_algo`` its linears are,
+what cannot be expressed (refused before anything is written), and the checkpoint's tensors
+at tensor-parallel size 1 (:mod:`.shard` splits them across ranks).
+
+The spec is ``shared/TRTLLM_CHECKPOINT.md``. Per linear (``md`` is the checkpoint dtype):
+
+=====================  =================================================================
+quant_algo             tensors beside ``weight``
+=====================  =================================================================
+FP8                    float8 weight; ``weights_scaling_factor``, ``activation_scaling_factor`` f32 [1]
+W4A16_AWQ              int4 codes packed along the output (int8 [out/2, in]); f32 group scales
+                       ``weights_scaling_factor`` [out, in/g]; ``prequant_scaling_factor`` md [in]
+W4A8_AWQ               as W4A16_AWQ plus ``weights_scaling_factor_2`` (amax/448) and FP8
+                       ``activation_scaling_factor``
+W8A8_SQ_PER_CHANNEL    int8 weight; f32 per-row ``weights_scaling_factor``; int8 per-tensor
+                       ``activation_scaling_factor``; ``prequant_scaling_factor`` md [in]
+W8A16                  the dequantized weight in md (the builder quantizes it again)
+NVFP4                  E2M1 codes packed along the input (uint8 [out, in/2]); E4M3 block
+                       scales [out, in/16]; ``weights_scaling_factor_2`` and
+                       ``activation_scaling_factor`` (the static global scales) f32 [1]
+=====================  =================================================================
+
+Example::
+
+    >>> from qframe.scheme import QuantArgs
+    >>> algorithm(QuantArgs(bits=4, granularity="group", group_size=128), None, "q_proj")
+    'W4A16_AWQ'
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from qframe import numerics
+from qframe.errors import ExportError
+from qframe.qlinear import QuantLinear
+from qframe.scheme import QuantArgs
+
+from .layout import Layout, LinearSpec, Part
+
+AWQ_ALGOS = ("W4A16_AWQ", "W4A8_AWQ")
+# Group sizes TensorRT-LLM's group-wise int4 kernels take.
+AWQ_GROUP_SIZES = {"W4A16_AWQ": (64, 128), "W4A8_AWQ": (128,)}
+FP8_MAX = 448.0
+CHECKPOINT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _describe(args: QuantArgs | None) -> str:
+    if args is None:
+        return "none"
+    kind = args.format if args.type == "float" else f"int{args.bits}{'' if args.symmetric else ' asymmetric'}"
+    grain = f"group {args.group_size}" if args.granularity == "group" else f"per {args.granularity}"
+    return f"{kind} {grain}{' dynamic' if args.dynamic else ''}"
+
+
+def algorithm(weights: QuantArgs | None, acts: QuantArgs | None, where: str) -> str | None:
+    """TensorRT-LLM's ``quant_algo`` for a linear quantized with these args (``None``:
+    not quantized), or an :class:`~qframe.ExportError` that says what to change.
+
+    Example::
+
+        >>> algorithm(QuantArgs(type="float", bits=8, granularity="tensor"),
+        ...           QuantArgs(type="float", bits=8, granularity="tensor"), "q_proj")
+        'FP8'
+    """
+    def refuse(why: str) -> ExportError:
+        return ExportError(f"{where}: weights {_describe(weights)}, activations {_describe(acts)}: {why}")
+
+    if weights is None:
+        if acts is not None:
+            raise refuse("TensorRT-LLM has no activation-only quantization; quantize the weights too, or neither")
+        return None
+    if acts is not None and acts.dynamic and not (weights.type == "int" and weights.bits == 4):
+        raise refuse(
+            "TensorRT-LLM checkpoints take static activation scales only (per-token dynamic scales need the "
+            "*_PLUGIN variants, whose tensors have other names); calibrate static per-tensor activations "
+            "(activations = { ..., dynamic = false }), or export with another backend (hf, qframe)")
+    if weights.type == "int":
+        if not weights.symmetric:
+            raise refuse("TensorRT-LLM's int4/int8 kernels take symmetric weights (no zero points); "
+                         "set weights.symmetric = true")
+        if weights.bits == 4:
+            if weights.granularity != "group":
+                raise refuse("int4 weights are exported as W4A16_AWQ, which scales groups of 64 or 128 input "
+                             "channels; set weights.group_size = 64 or 128")
+            if acts is None:
+                algo = "W4A16_AWQ"
+            elif acts.type == "float" and acts.format == "e4m3" and not acts.dynamic:
+                algo = "W4A8_AWQ"
+            else:
+                raise refuse("int4 weights go with no activation quantization (W4A16_AWQ) or static FP8 E4M3 "
+                             "activations (W4A8_AWQ); change activations accordingly")
+            if weights.group_size not in AWQ_GROUP_SIZES[algo]:
+                sizes = " or ".join(map(str, AWQ_GROUP_SIZES[algo]))
+                raise refuse(f"TensorRT-LLM's {algo} takes group size {sizes}; set weights.group_size = {sizes}")
+            return algo
+        if weights.bits == 8:
+            if weights.granularity != "channel":
+                raise refuse("int8 weights are scaled per output channel in TensorRT-LLM (W8A16, "
+                             "W8A8_SQ_PER_CHANNEL); set weights.granularity = \"channel\"")
+            if acts is None:
+                return "W8A16"
+            if acts.type == "int" and acts.bits == 8 and acts.symmetric and acts.granularity == "tensor":
+                return "W8A8_SQ_PER_CHANNEL"
+            raise refuse("int8 weights go with no activation quantization (W8A16) or static symmetric int8 "
+                         "activations per tensor (W8A8_SQ_PER_CHANNEL)")
+        raise refuse("TensorRT-LLM checkpoints hold int4 or int8 weights; set weights.bits = 4 or 8")
+    if weights.format == "e4m3":
+        if weights.granularity != "tensor":
+            raise refuse("TensorRT-LLM's FP8 scales each weight per tensor; set weights.granularity = \"tensor\"")
+        if acts is None or acts.type != "float" or acts.format != "e4m3" or acts.granularity != "tensor":
+            raise refuse("TensorRT-LLM's FP8 needs static FP8 E4M3 activations per tensor; "
+                         "set activations = { type = \"float\", bits = 8 }")
+        return "FP8"
+    if weights.format == "nvfp4":
+        if acts is None or acts.format != "nvfp4":
+            raise refuse("TensorRT-LLM's NVFP4 quantizes activations to NVFP4 too, with a static global scale; "
+                         "set activations = { type = \"float\", bits = 4 }")
+        return "NVFP4"
+    raise refuse("TensorRT-LLM checkpoints hold FP8 E4M3 or NVFP4 floats; use format e4m3 or nvfp4")
+
+
+def kv_algorithm(outputs: QuantArgs, where: str) -> str:
+    """``kv_cache_quant_algo`` for a key/value projection's output args."""
+    if outputs.type == "int" and outputs.bits == 8 and outputs.symmetric:
+        return "INT8"
+    if outputs.type == "float" and outputs.format == "e4m3":
+        return "FP8"
+    raise ExportError(f"{where}: a {_describe(outputs)} KV cache cannot be written for TensorRT-LLM, which "
+                      "stores FP8 E4M3 or symmetric INT8 caches; use activations = { type = \"float\", bits = 8 } "
+                      "or { bits = 8 } in the kv_cache stage")
+
+
+# -- the plan: one algorithm for the whole model, checked against the shapes ----------------------
+
+@dataclass
+class Plan:
+    """What is written: ``quant_algo`` (None: unquantized), its group size, whether
+    prequantization scales are written, the KV cache's algorithm, and the TensorRT-LLM
+    linears left in the checkpoint dtype."""
+
+    quant_algo: str | None
+    group_size: int | None
+    pre_quant_scale: bool
+    kv_cache_quant_algo: str | None
+    dtype: torch.dtype
+    excluded: list[str] = field(default_factory=list)
+
+    def quantization(self) -> dict:
+        """``config.json``'s ``quantization`` table (explicit ``exclude_modules`` always)."""
+        out = {"quant_algo": self.quant_algo, "kv_cache_quant_algo": self.kv_cache_quant_algo}
+        if self.quant_algo in AWQ_ALGOS:
+            out.update(group_size=self.group_size, has_zero_point=False, pre_quant_scale=self.pre_quant_scale)
+        elif self.quant_algo == "NVFP4":
+            out["group_size"] = 16
+        # An empty list means "defaults" in older TensorRT-LLM and "nothing" in newer: never empty.
+        out["exclude_modules"] = ["lm_head", "*lm_head", "*vocab_embedding", "*position_embedding", *self.excluded]
+        return out
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ExportError(f"{name}: the model has no such module, which TensorRT-LLM's layout needs") from None
+
+
+def _args(module: nn.Module) -> tuple[QuantArgs | None, QuantArgs | None]:
+    if isinstance(module, QuantLinear):
+        return module.weight_args, module.input_args
+    return None, None
+
+
+def make_plan(model: nn.Module, layout: Layout, dtype: torch.dtype, tp_size: int = 1, pp_size: int = 1) -> Plan:
+    """Read the decoder layers' linears into a :class:`Plan`, refusing what TensorRT-LLM's
+    format cannot express (mixed algorithms, fused parts quantized differently, shapes that
+    do not split)."""
+    algo, first, group, prescaled, kv = None, None, None, False, None
+    excluded = []
+    for i in range(layout.num_layers):
+        for spec in layout.linears(i):
+            modules = [_module(model, p.module) for p in spec.parts]
+            found = {_args(m) for m in modules}
+            if len(found) > 1:
+                raise ExportError(
+                    f"{', '.join(p.module for p in spec.parts)}: TensorRT-LLM runs these as one linear "
+                    f"({spec.name}), so they must be quantized alike; quantize all of them the same way, or none "
+                    "(a recipe's ignore list must name all or none of them)")
+            weights, acts = found.pop()
+            here = algorithm(weights, acts, spec.parts[0].module)
+            if here is None:
+                excluded.append(spec.name)
+                continue
+            if algo is None:
+                algo, first, group = here, spec.parts[0].module, weights.group_size
+            elif (here, weights.group_size) != (algo, group):
+                raise ExportError(
+                    f"{spec.parts[0].module} is {here}{_group(weights.group_size)} but {first} is {algo}{_group(group)}: "
+                    "a TensorRT-LLM checkpoint holds one quantization algorithm; quantize every decoder linear alike "
+                    "(or leave some unquantized through the recipe's ignore list)")
+            prescaled |= any(getattr(m, "has_prescale", False) for m in modules)
+        for name in layout.kv_projections(i):
+            module = _module(model, name)
+            outputs = getattr(module, "output_args", None)
+            here_kv = kv_algorithm(outputs, name) if outputs is not None else None
+            if kv is None and here_kv is not None and i == 0:
+                kv = here_kv
+            if here_kv != kv:
+                raise ExportError(f"{name}: its KV cache is {here_kv or 'not quantized'} but layer 0's is "
+                                  f"{kv or 'not quantized'}; TensorRT-LLM quantizes every layer's cache alike")
+    if algo in ("W8A8_SQ_PER_CHANNEL",):
+        prescaled = True  # SmoothQuant linears always carry a smoother (ones where it was folded)
+    plan = Plan(algo, group if algo in AWQ_ALGOS else None, prescaled and algo in (*AWQ_ALGOS, "W8A8_SQ_PER_CHANNEL"),
+                kv, dtype, excluded)
+    check_parallel(layout, plan, tp_size, pp_size)
+    return plan
+
+
+def _group(size: int | None) -> str:
+    return f" (group {size})" if size else ""
+
+
+def check_parallel(layout: Layout, plan: Plan, tp_size: int, pp_size: int) -> None:
+    """Refuse a tensor/pipeline split the model's shapes do not allow (ExportError)."""
+    where = f"tp_size = {tp_size}"
+    heads, kv = layout.heads, layout.kv_heads
+    if heads % tp_size:
+        raise ExportError(f"{where} does not divide the model's {heads} attention heads; choose a tp_size that "
+                          f"divides {heads}")
+    if kv % tp_size and tp_size % kv:
+        raise ExportError(f"{where}: the model's {kv} key/value heads are neither divisible by it nor do they divide "
+                          f"it; choose a tp_size that divides {kv} or that {kv} divides")
+    if layout.intermediate % tp_size:
+        raise ExportError(f"{where} does not divide the MLP width {layout.intermediate}; choose a tp_size that divides it")
+    if layout.num_layers % pp_size:
+        raise ExportError(f"pp_size = {pp_size} does not divide the model's {layout.num_layers} decoder layers; "
+                          f"choose a pp_size that divides {layout.num_layers}")
+    if plan.quant_algo == "NVFP4":
+        for what, size in {"attention width": layout.heads * layout.head_size, "MLP width": layout.intermediate}.items():
+            if size % (16 * tp_size):
+                raise ExportError(f"NVFP4 at {where}: each rank's share of the model's {what} {size} must be a whole "
+                                  f"number of 16-channel blocks; choose a tp_size that divides {size // 16}")
+    if plan.quant_algo in AWQ_ALGOS:
+        # TensorRT-LLM pads group-wise int4 linears to multiples of max(64, group) * tp (128 for
+        # W4A8), and a padded linear no longer matches the checkpoint's shapes.
+        multiple = max(128 if plan.quant_algo == "W4A8_AWQ" else 64, plan.group_size) * tp_size
+        sizes = {"hidden size": layout.hidden, "MLP width": layout.intermediate,
+                 "attention width": layout.heads * layout.head_size,
+                 "q/k/v width": (layout.heads + 2 * layout.kv_heads) * layout.head_size}
+        for what, size in sizes.items():
+            if size % multiple:
+                raise ExportError(
+                    f"{plan.quant_algo} group {plan.group_size} at {where}: the model's {what} {size} is not a multiple "
+                    f"of {multiple} (max({128 if plan.quant_algo == 'W4A8_AWQ' else 64}, group size) x tp_size), so "
+                    f"TensorRT-LLM would pad it and the checkpoint would not load; choose a group size and tp_size "
+                    f"for which {size} is a multiple (e.g. group 64 at tp_size 1 when {size} is a multiple of 64)")
+
+
+# -- tensors at tensor-parallel size 1 ---------------------------------------------------------------
+
+@dataclass
+class Piece:
+    """One checkpoint tensor before it is split across ranks: ``parts`` (one per part of a
+    fused linear, else one) concatenated along ``out_dim`` after splitting; ``in_dim`` is the
+    dimension a row-parallel linear splits; ``parallel`` is ``column``, ``row``, ``vocab`` or
+    ``None`` (replicated); ``heads`` per part split by attention head; ``encode`` turns the
+    rank's tensor into its stored form (packing); ``stage`` is the layer index, or ``first``
+    / ``last`` for the pipeline stage that holds it."""
+
+    parts: list[torch.Tensor]
+    stage: int | str
+    parallel: str | None = None
+    out_dim: int | None = None
+    in_dim: int | None = None
+    heads: list[int | None] | None = None
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def pack_int4_rows(codes: torch.Tensor) -> torch.Tensor:
+    """int4 codes ``[out, in]`` (int8, -8..7) packed two a byte along the output, as
+    TensorRT-LLM's W4A16_AWQ holds them: ``byte[j, k] = (q[2j, k] & 0xF) | (q[2j+1, k] << 4)``,
+    returned as int8 ``[out/2, in]``.
+
+    Example::
+
+        >>> pack_int4_rows(torch.tensor([[1], [-2]], dtype=torch.int8)).view(torch.uint8).tolist()
+        [[225]]
+    """
+    u = codes.to(torch.int16) & 0xF
+    return (u[0::2] | (u[1::2] << 4)).to(torch.uint8).view(torch.int8)
+
+
+def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_rows`: int8 codes ``[2 * rows, in]``.
+
+    Example::
+
+        >>> unpack_int4_rows(pack_int4_rows(torch.tensor([[7], [-8]], dtype=torch.int8))).flatten().tolist()
+        [7, -8]
+    """
+    u = packed.view(torch.uint8).to(torch.int16)
+    low, high = u & 0xF, u >> 4
+    signed = torch.stack([low, high], dim=1).reshape(-1, packed.shape[-1])
+    return torch.where(signed > 7, signed - 16, signed).to(torch.int8)
+
+
+def pack_e2m1_columns(codes: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes ``[out, in]`` packed two a byte along the input, low nibble first (NVFP4)."""
+    return numerics.pack(codes, 4, format="nvfp4")
+
+
+def _rows(t: torch.Tensor, part: Part) -> torch.Tensor:
+    return t if part.rows is None else t[part.rows[0]:part.rows[1]]
+
+
+def _same(values: list[torch.Tensor], what: str, where: str) -> torch.Tensor:
+    if any(not torch.equal(values[0], v) for v in values[1:]):
+        raise ExportError(f"{where}: the fused parts have different {what}, but TensorRT-LLM keeps one for the fused "
+                          "linear; they read the same input, so quantize them in one stage")
+    return values[0]
+
+
+def _shared_per_tensor(spec: LinearSpec, modules: list[QuantLinear], algo: str) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Codes and per-row scales of each part under the one per-tensor weight scale TensorRT-LLM
+    keeps for a fused linear (FP8's scale, NVFP4's global scale), and that scale. qframe's
+    fp8/nvfp4 quantizers give q/k/v one scale already; otherwise the parts are re-quantized
+    with the largest (as modelopt does), which changes their values slightly."""
+    per_tensor = [m.weight_scale if algo == "FP8" else m.weight_global_scale for m in modules]
+    joint = torch.stack([s.reshape(()) for s in per_tensor]).amax()
+    codes = [_rows(m.weight_codes, p) for m, p in zip(modules, spec.parts)]
+    scales = [_rows(m.weight_scale, p) for m, p in zip(modules, spec.parts)] if algo == "NVFP4" else []
+    if all(torch.equal(s.reshape(()), joint) for s in per_tensor):
+        return codes, scales, joint
+    warnings.warn(f"{spec.name}: the parts {', '.join(p.module for p in spec.parts)} have different per-tensor weight "
+                  f"scales; re-quantized with the largest for TensorRT-LLM's one fused scale, so this checkpoint "
+                  f"differs slightly from the quantized model (quantize with the fp8/nvfp4 quantizers to avoid it)",
+                  stacklevel=2)
+    codes, scales = [], []
+    for m, p in zip(modules, spec.parts):
+        w = _rows(numerics.dequantize_weight(m.weight_codes, m.weight_scale, None, m.weight_args,
+                                             global_scale=getattr(m, "weight_global_scale", None)), p)
+        if algo == "FP8":
+            codes.append(numerics.encode(numerics.quantize(w, joint, None, m.weight_args), m.weight_args))
+        else:
+            q = numerics.quantize_weight(w, m.weight_args, global_scale=joint)
+            codes.append(q.codes)
+            scales.append(q.scale)
+    return codes, scales, joint
+
+
+def linear_pieces(model: nn.Module, spec: LinearSpec, plan: Plan, stage: int) -> dict[str, Piece]:
+    """The checkpoint tensors of one TensorRT-LLM linear, keyed by full name."""
+    modules = [_module(model, p.module) for p in spec.parts]
+    algo = None if spec.name in plan.excluded else plan.quant_algo
+    md, heads = plan.dtype, [p.heads for p in spec.parts]
+    par = spec.parallel
+
+    def rows(make: Callable[[nn.Module, Part], torch.Tensor], encode=None, in_dim: int | None = 1) -> Piece:
+        return Piece([make(m, p) for m, p in zip(modules, spec.parts)], stage, par, 0, in_dim, heads, encode)
+
+    def single(value: torch.Tensor, in_dim: int | None = None) -> Piece:
+        return Piece([value], stage, par, None, in_dim)
+
+    out: dict[str, Piece] = {}
+    if algo in (None, "W8A16"):
+        out["weight"] = rows(lambda m, p: _rows(m.weight.detach(), p).to(md))
+    elif algo in ("FP8", "NVFP4"):
+        codes, block, joint = _shared_per_tensor(spec, modules, algo)
+        if algo == "FP8":
+            out["weight"] = Piece(codes, stage, par, 0, 1, heads)
+            out["weights_scaling_factor"] = single(joint.float().reshape(1))
+        else:
+            out["weight"] = Piece(codes, stage, par, 0, 1, heads, pack_e2m1_columns)
+            out["weights_scaling_factor"] = Piece(block, stage, par, 0, 1, heads)
+            out["weights_scaling_factor_2"] = single(joint.float().reshape(1))
+        out["activation_scaling_factor"] = single(torch.stack([m.input_scale.float().reshape(()) for m in modules]).amax().reshape(1))
+    elif algo in AWQ_ALGOS:
+        out["weight"] = rows(lambda m, p: _rows(m.weight_codes, p), pack_int4_rows)
+        out["weights_scaling_factor"] = rows(lambda m, p: _rows(m.weight_scale, p).float())
+        if algo == "W4A8_AWQ":
+            amax = torch.stack([_rows(m.weight.detach().float(), p).abs().amax() for m, p in zip(modules, spec.parts)]).amax()
+            out["weights_scaling_factor_2"] = single(numerics._div(amax, FP8_MAX).reshape(1))
+            out["activation_scaling_factor"] = single(_same([m.input_scale.float().reshape(1) for m in modules],
+                                                            "activation scales", spec.name))
+    elif algo == "W8A8_SQ_PER_CHANNEL":
+        out["weight"] = rows(lambda m, p: _rows(m.weight_codes, p))
+        out["weights_scaling_factor"] = rows(lambda m, p: _rows(m.weight_scale, p).float().reshape(-1), in_dim=None)
+        out["activation_scaling_factor"] = single(_same([m.input_scale.float().reshape(1) for m in modules],
+                                                        "activation scales", spec.name))
+    if algo is not None and algo != "W8A16" and plan.pre_quant_scale:
+        ones = torch.ones(modules[0].in_features)
+        prescale = _same([m.input_prescale.float() if m.has_prescale else ones for m in modules],
+                         "input prescales", spec.name)
+        out["prequant_scaling_factor"] = single(prescale.to(md), in_dim=0)
+    if modules[0].bias is not None:
+        out["bias"] = rows(lambda m, p: _rows(m.bias.detach(), p).to(md), in_dim=None)
+    return {f"{spec.name}.{suffix}": piece for suffix, piece in out.items()}
+
+
+def checkpoint_pieces(model: nn.Module, layout: Layout, plan: Plan) -> dict[str, Piece]:
+    """Every tensor of the checkpoint, before it is split across ranks."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(dict(model.named_buffers(remove_duplicate=False)))
+
+    def plain(entry, stage) -> Piece:
+        # A quantized lm_head's dequantized weight is a buffer: named_buffers finds it too.
+        if entry.source not in params:
+            raise ExportError(f"{entry.source}: the model has no such tensor, which TensorRT-LLM's layout needs")
+        return Piece([params[entry.source].detach().to(plan.dtype)], stage, entry.split, 0 if entry.split else None)
+
+    pieces: dict[str, Piece] = {}
+    for entry in layout.first_tensors():
+        pieces[entry.name] = plain(entry, "first")
+    for i in range(layout.num_layers):
+        for entry in layout.layer_tensors(i):
+            pieces[entry.name] = plain(entry, i)
+        for spec in layout.linears(i):
+            pieces.update(linear_pieces(model, spec, plan, i))
+        if plan.kv_cache_quant_algo is not None:
+            scales = [_module(model, name).output_scale.float().reshape(()) for name in layout.kv_projections(i)]
+            pieces[f"transformer.layers.{i}.attention.kv_cache_scaling_factor"] = Piece(
+                [torch.stack(scales).amax().reshape(1)], i)
+    for entry in layout.last_tensors():
+        pieces[entry.name] = plain(entry, "last")
+    return pieces
