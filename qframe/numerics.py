@@ -376,9 +376,31 @@ def quantize_weight(
     if global_scale is None:
         global_scale = weight_global_scale(w, args)
     scale, zero, global_scale = scale_parts(lo, hi, args, global_scale)
+    scale = served_scale(scale, args, w.dtype)
     effective = effective_scale(scale, global_scale, args).unsqueeze(-1)
     q = quantize(g, effective, None if zero is None else zero.unsqueeze(-1), args)
     return QuantizedWeight(ungrouped(encode(q, args), w.shape), scale, zero, args, global_scale)
+
+
+def served_scale(scale: torch.Tensor, args: QuantArgs, dtype: torch.dtype) -> torch.Tensor:
+    """Group-wise int weight scales as a 16-bit kernel uses them: rounded to ``dtype`` (and
+    kept positive and finite in it) when the weight is float16 or bfloat16; unchanged otherwise.
+
+    TensorRT-LLM's group-wise int4 kernels (W4A16_AWQ, W4A8_AWQ) take their scales in the
+    model's dtype, so a float32 scale would be rounded there and the served weights would
+    differ from the quantized model's; per-channel and per-tensor scales stay float32 there.
+
+    Example::
+
+        >>> args = QuantArgs(bits=4, granularity="group", group_size=2)
+        >>> served_scale(torch.tensor([[0.1]]), args, torch.bfloat16).item()
+        0.10009765625
+    """
+    if args.type != "int" or args.granularity != "group" or dtype not in (torch.float16, torch.bfloat16):
+        return scale
+    info = torch.finfo(dtype)
+    smallest = torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)).float()
+    return scale.clamp(smallest.item(), info.max).to(dtype).float()
 
 
 def weight_global_scale(w: torch.Tensor, args: QuantArgs) -> torch.Tensor | None:

@@ -127,14 +127,7 @@ class QuantLinear(nn.Module):
         if weights is None:
             module.weight.data.copy_(w)
         else:
-            q = numerics.quantize_weight(w, weights, weight_ranges, weight_global_scale)
-            module.weight_codes.copy_(q.codes)
-            module.weight_scale.copy_(q.scale)
-            if q.zero is not None:
-                module.weight_zero.copy_(q.zero)
-            if q.global_scale is not None:
-                module.weight_global_scale.copy_(q.global_scale.reshape(()))
-            module.refresh()
+            module.set_weight(w, weight_ranges, weight_global_scale)
         if input_range is not None and activations.format == "nvfp4":  # the static global scale
             lo, hi = input_range
             module.input_scale.copy_(numerics.nvfp4_global_scale(torch.maximum(-lo, hi)).reshape(()))
@@ -144,6 +137,35 @@ class QuantLinear(nn.Module):
             if zero is not None:
                 module.input_zero.copy_(zero.reshape(()))
         return module
+
+    def set_weight(
+        self,
+        w: torch.Tensor,
+        ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
+        global_scale: torch.Tensor | None = None,
+    ) -> None:
+        """Quantize the float weight ``w`` ``[out, in]`` into this module's codes and scales, with
+        ``ranges`` per tensor, channel or group (default: min/max) and, for NVFP4, the FP32
+        ``global_scale`` (default: the weight's); see :func:`qframe.numerics.quantize_weight`.
+        Algorithms that give several linears one scale (q/k/v, fused by TensorRT-LLM) call it
+        again with the joint range.
+
+        Example::
+
+            >>> from qframe.scheme import QuantArgs
+            >>> layer = QuantLinear.from_linear(torch.nn.Linear(4, 2), QuantArgs(type="float", bits=8, granularity="tensor"))
+            >>> layer.set_weight(torch.ones(2, 4), (torch.tensor([[-2.0]]), torch.tensor([[2.0]])))
+            >>> round(layer.weight_scale.item() * 448, 5), layer.weight[0, 0].item()
+            (2.0, 1.0)
+        """
+        q = numerics.quantize_weight(w, self.weight_args, ranges, global_scale)
+        self.weight_codes.copy_(q.codes)
+        self.weight_scale.copy_(q.scale)
+        if q.zero is not None:
+            self.weight_zero.copy_(q.zero)
+        if q.global_scale is not None:
+            self.weight_global_scale.copy_(q.global_scale.reshape(()))
+        self.refresh()
 
     def _add_output(self, args: QuantArgs) -> None:
         if args.dynamic or args.granularity != "tensor":
@@ -198,6 +220,13 @@ class QuantLinear(nn.Module):
             new = self._buffers[name]
             if new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
+        if self.weight_args is not None:
+            # Moved to a 16-bit dtype (GPTQ quantizes in float32, then casts): make group scales
+            # what a 16-bit kernel will use, as quantize_weight does for 16-bit weights.
+            served = numerics.served_scale(self.weight_scale, self.weight_args, self.weight.dtype)
+            if served is not self.weight_scale and not torch.equal(served, self.weight_scale):
+                self.weight_scale.copy_(served)
+                self.refresh()
         return self
 
     def extra_repr(self) -> str:

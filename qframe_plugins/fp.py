@@ -8,6 +8,11 @@ format's own constraints checked before any model loads.
   calibrator, as TensorRT-LLM serves it) or dynamic per token, or none (weight-only).
 - ``mxfp4``: E2M1 in blocks of 32 with E8M0 (power-of-two) scales, per the OCP MX spec.
 
+Linears that read one input (the adapter's smoothing groups: q/k/v, gate/up) share one
+per-tensor weight scale: FP8's per-tensor scale, NVFP4's FP32 global scale. Serving stacks
+fuse them (TensorRT-LLM's ``qkv``, vLLM's ``gate_up_proj``) and keep one such scale for the
+fused weight; sharing it here makes the checkpoint hold exactly the model that was evaluated.
+
 Recipe::
 
     [[stage]]
@@ -18,10 +23,13 @@ Recipe::
 
 from __future__ import annotations
 
-from qframe import QuantizerPlugin, hookimpl
-from qframe.errors import RecipeError
+import torch
 
-from .rtn import RTN
+from qframe import QuantizerPlugin, hookimpl, numerics
+from qframe.errors import RecipeError
+from qframe.pipeline import LayerWork, weight_error
+
+from .rtn import RTN, WEIGHT_RANGES
 from .rtn import check as check_rtn
 
 
@@ -64,11 +72,61 @@ def _check_fp4(name: str):
     return check
 
 
+def input_sharing_groups(work: LayerWork, names) -> list[list[str]]:
+    """The groups of two or more of ``names`` (full names) that read one input, per the
+    architecture adapter's smoothing groups.
+
+    Example::
+
+        >>> from qframe.model import SmoothingGroup
+        >>> class Arch: smoothing_groups = (SmoothingGroup("norm", ("q", "k")), SmoothingGroup("k", ("o",)))
+        >>> work = LayerWork(0, "layers.0", None, None, torch.device("cpu"), arch=Arch())
+        >>> input_sharing_groups(work, ["layers.0.q", "layers.0.k", "layers.0.o"])
+        [['layers.0.q', 'layers.0.k']]
+    """
+    wanted = set(names)
+    groups = []
+    for group in getattr(work.arch, "smoothing_groups", ()):
+        members = [f"{work.prefix}.{c}" for c in group.consumers]
+        if len(members) > 1 and all(m in wanted for m in members):
+            groups.append(members)
+    return groups
+
+
+class SharedScaleRTN(RTN):
+    """Round to nearest, with one per-tensor weight scale for the linears that read one input
+    (see the module docstring): each is quantized again with the group's joint range (FP8) or
+    the group's largest global scale (NVFP4)."""
+
+    def quantize_layer(self, work: LayerWork, targets, prescales: dict[str, torch.Tensor] | None = None) -> None:
+        originals = dict(targets)
+        super().quantize_layer(work, targets, prescales)
+        weights = self.scheme.weights
+        per_tensor = weights is not None and (weights.granularity == "tensor" or weights.format == "nvfp4")
+        if not per_tensor:
+            return
+        for group in input_sharing_groups(work, list(originals)):
+            ranges = {n: WEIGHT_RANGES[weights.calibrator](originals[n].weight.detach(), weights) for n in group}
+            joint_global = None
+            if weights.format == "nvfp4":
+                joint_global = torch.stack([numerics.weight_global_scale(originals[n].weight.detach(), weights)
+                                            for n in group]).amax()
+            else:
+                lo = torch.stack([ranges[n][0] for n in group]).amin(0)
+                hi = torch.stack([ranges[n][1] for n in group]).amax(0)
+                ranges = {n: (lo, hi) for n in group}
+            quantized = dict(work.named_linears())
+            for name in group:
+                module = quantized[name]
+                module.set_weight(originals[name].weight.detach(), ranges[name], joint_global)
+                work.record(name, weight_error=weight_error(originals[name], module))
+
+
 @hookimpl
 def qframe_quantizers():
     yield QuantizerPlugin(name="fp8", summary="FP8 E4M3/E5M2 weights, static or dynamic FP8 activations",
-                          factory=RTN, check=check_fp8)
+                          factory=SharedScaleRTN, check=check_fp8)
     yield QuantizerPlugin(name="nvfp4", summary="NVFP4: E2M1 in blocks of 16, E4M3 block scales, FP32 global scale",
-                          factory=RTN, check=_check_fp4("nvfp4"))
+                          factory=SharedScaleRTN, check=_check_fp4("nvfp4"))
     yield QuantizerPlugin(name="mxfp4", summary="MXFP4: E2M1 in blocks of 32, E8M0 power-of-two scales (OCP MX)",
                           factory=RTN, check=_check_fp4("mxfp4"))

@@ -1,7 +1,8 @@
 """``kv_cache``: quantize what the attention caches — the key and value projections' outputs —
 to INT8 or FP8 with one static scale per tensor, calibrated by any calibrator plugin.
 
-Evaluation runs with the cache values quantize-dequantized, so perplexity shows its cost. It
+The keys and values of a layer share one scale (from their joint range), as TensorRT-LLM
+stores one ``kv_cache_scaling_factor`` per layer. Evaluation runs with the cache values quantize-dequantized, so perplexity shows its cost. It
 composes with any weight quantizer: put it in a stage after (or before) the weights' stage.
 
 Recipe::
@@ -13,6 +14,7 @@ Recipe::
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from qframe import QuantizerPlugin, hookimpl
@@ -51,11 +53,15 @@ class KVCache(Quantizer):
         chosen = [(name, module) for name, module in targets if name in wanted]
         args = self.scheme.activations
         observed = work.observe_outputs([name for name, _ in chosen], lambda _name: self.calibrator(args))
+        # One range for the layer's keys and values: TensorRT-LLM keeps one cache scale per
+        # layer, so the quantized model computes with the cache it will be served with.
+        ranges = [observed[name].compute() for name, _ in chosen]
+        joint = (torch.stack([lo for lo, _ in ranges]).amin(0), torch.stack([hi for _, hi in ranges]).amax(0))
         for name, module in chosen:
             if isinstance(module, nn.Linear):
                 module = QuantLinear.from_linear(module, None)
                 work.replace(name, module)
-            module.quantize_output(args, observed[name].compute())
+            module.quantize_output(args, joint)
             work.record(name, kv_scale=float(module.output_scale))
 
 
