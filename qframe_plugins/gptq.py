@@ -136,13 +136,17 @@ def _per_column(t: torch.Tensor, args: QuantArgs, shape: torch.Size) -> torch.Te
     return t.expand(shape).contiguous()
 
 
-def _inverse_factor(h: torch.Tensor, dampening: float) -> tuple[torch.Tensor | None, float]:
-    """The upper Cholesky factor of ``(H + damp·mean(diag H)·I)⁻¹`` and the dampening used,
-    retrying with 10x the dampening when a factorization fails; ``None`` if all fail.
+def _inverse_factor(reversed_h: torch.Tensor, dampening: float) -> tuple[torch.Tensor | None, float]:
+    """The upper Cholesky factor ``U`` of ``(H + damp·mean(diag H)·I)⁻¹`` (``UᵀU`` is the
+    inverse) and the dampening used, retrying with 10x the dampening when a factorization
+    fails; ``None`` if all fail.
 
-    ``h`` is overwritten (damped, then replaced by the inverse) and must not be used
-    afterwards: no more than two ``[in, in]`` matrices exist at any moment (for a 14336-wide
-    down_proj each is 784 MiB)."""
+    It takes ``J·H·J``, ``H`` with rows and columns reversed, because then
+    ``U = J·L⁻¹·J`` for the lower Cholesky factor ``L`` of ``J·H·J``, and ``L⁻¹`` can be
+    solved for in place: no more than two ``[in, in]`` matrices exist at any moment (for a
+    14336-wide down_proj each is 784 MiB). ``reversed_h`` is overwritten.
+    """
+    h = reversed_h
     mean_diag = h.diagonal().mean()
     damp, added = dampening, 0.0
     for _ in range(DAMP_RETRIES + 1):
@@ -150,10 +154,11 @@ def _inverse_factor(h: torch.Tensor, dampening: float) -> tuple[torch.Tensor | N
         added = damp
         lower, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            torch.cholesky_inverse(lower, out=h)
+            h.zero_().diagonal().fill_(1.0)
+            torch.linalg.solve_triangular(lower, h, upper=False, out=h)  # h = L⁻¹
             del lower
-            upper, info = torch.linalg.cholesky_ex(h, upper=True)
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+            upper = h.flip((0, 1))
+            if bool(torch.isfinite(upper).all()):
                 return upper, damp
             return None, float("nan")  # H itself is gone: the caller rounds to nearest
         del lower
@@ -203,10 +208,14 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor | Hessian, args: QuantArgs, *
     if act_order:  # columns with the largest inputs first; each keeps its own group's scale
         order = torch.argsort(h.diagonal(), descending=True)
         weight, scales = weight[:, order], scales[:, order]
-        h = h[order]  # rows, then columns: never more than two [in, in] matrices at once
-        h = h[:, order]
         zeros = None if zeros is None else zeros[:, order]
+        backwards = order.flip(0)
+        h = h[backwards]  # rows, then columns: never more than two [in, in] matrices at once
+        h = h[:, backwards]
+    else:
+        h = h.flip((0, 1))
     upper, damp = _inverse_factor(h, dampening)
+    del h  # overwritten by the factorization
     dynamic = not act_order and args.granularity == "group" and upper is not None
     lo, hi = (ranges[0].clone(), ranges[1].clone()) if dynamic else ranges
     loss = torch.zeros((), device=weight.device)
