@@ -61,3 +61,28 @@ def run_peer(code: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         if proc.returncode:
             raise AssertionError(f"peer script failed:\n{proc.stderr[-4000:]}")
         return load_file(str(dst))
+
+
+def run_peer_script(code: str, directory: Path) -> None:
+    """Run ``code`` in the peer environment with ``directory`` (a :class:`pathlib.Path`, the
+    script's working folder) to read inputs from and write outputs into. The peer can also
+    import ``transformers`` and ``qframe`` from this environment: they come after its own
+    packages on ``sys.path``, so modelopt keeps its pinned versions.
+
+    Example::
+
+        run_peer_script('''
+            from transformers import AutoModelForCausalLM
+            model = AutoModelForCausalLM.from_pretrained(directory / "model")
+        ''', tmp_path)
+    """
+    import sysconfig
+
+    requires_peer()
+    prelude = (f"import sys\nfrom pathlib import Path\nsys.path.append({sysconfig.get_paths()['purelib']!r})\n"
+               f"sys.path.append({str(ROOT)!r})\ndirectory = Path({str(directory)!r})\n")
+    script = Path(directory, "peer_script.py")
+    script.write_text(prelude + textwrap.dedent(code))
+    proc = subprocess.run([str(peer_python()), str(script)], capture_output=True, text=True, cwd=str(directory))
+    if proc.returncode:
+        raise AssertionError(f"peer script failed:\n{proc.stderr[-4000:]}")

@@ -422,9 +422,11 @@ def checkpoint_pieces(model: nn.Module, layout: Layout, plan: Plan) -> dict[str,
         for spec in layout.linears(i):
             pieces.update(linear_pieces(model, spec, plan, i))
         if plan.kv_cache_quant_algo is not None:
-            scales = [_module(model, name).output_scale.float().reshape(()) for name in layout.kv_projections(i)]
-            pieces[f"transformer.layers.{i}.attention.kv_cache_scaling_factor"] = Piece(
-                [torch.stack(scales).amax().reshape(1)], i)
+            # TensorRT-LLM 0.17 reads one scale for both (the larger); newer versions, like
+            # modelopt, also write each. qframe's kv_cache gives K and V one scale already.
+            k, v = (_module(model, name).output_scale.float().reshape(1) for name in layout.kv_projections(i))
+            for what, scale in (("kv", torch.maximum(k, v)), ("k", k), ("v", v)):
+                pieces[f"transformer.layers.{i}.attention.{what}_cache_scaling_factor"] = Piece([scale], i)
     for entry in layout.last_tensors():
         pieces[entry.name] = plain(entry, "last")
     return pieces
