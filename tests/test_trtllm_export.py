@@ -4,6 +4,7 @@ shards, refusals before anything is written, and the command line."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -138,6 +139,15 @@ for name in json.loads((directory / "algorithms.json").read_text()):
         export_tensorrt_llm_checkpoint(model, DECODER, torch.float16, directory / name, inference_tensor_parallel=1)
 """
 DECODERS = {"llama": "llama", "qwen2": "qwen", "gpt2": "gpt"}
+
+
+def save_plain(model, folder: Path) -> None:
+    """A model folder the peer loads (a GGUF-loaded model refuses save_pretrained)."""
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True)
+    model.config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def modelopt_checkpoints(family: str, algorithms, folder: Path, model) -> Path:
@@ -347,6 +357,14 @@ def test_what_the_format_cannot_express_is_refused_before_calibration_and_before
     assert not (tmp_path / "trt").exists()
 
 
+def test_gpt2_conv1d_projections_are_checked_before_they_become_linears(tmp_path):
+    text = "[[stage]]\nquantizer = \"awq\"\nweights = { bits = 4, group_size = 128 }\nignore = [\"lm_head\", \"*c_fc\"]"
+    model = tiny("gpt2")
+    TensorRTLLMExporter().check(model, load_recipe(recipe_file(tmp_path, text)))
+    with pytest.raises(ExportError, match="hidden size 128 is not a multiple of 256"):
+        TensorRTLLMExporter(TensorRTLLMOptions(tp_size=2)).check(model, load_recipe(recipe_file(tmp_path, text)))
+
+
 def test_mixed_algorithms_across_layers_are_refused(tmp_path):
     text = AWQ.replace("GROUP", "128") + '[[stage]]\nquantizer = "rtn"\nweights = { bits = 8 }\ntargets = ["re:layers\\\\.1\\\\."]\n'
     text = text.replace('weights = { bits = 4, group_size = 128 }',
@@ -434,11 +452,11 @@ def test_smollm2_matches_modelopt_for_awq_group_64_and_fp8(smollm2_gguf, tmp_pat
         "    if isinstance(e, dict) and e.get('quantizer_name') == '*weight_quantizer':\n"
         "        e['cfg']['block_sizes'][-1] = 64\n"
         "configs = {").replace("(4, 16)", "(2, 32)").replace("0, 256", "0, 49152")
-    model.save_pretrained(tmp_path / "model")
+    save_plain(model, tmp_path / "model")
     (tmp_path / "algorithms.json").write_text(json.dumps(["W4A16_AWQ", "FP8"]))
     run_peer_script(peer_code.replace("DECODER", "'llama'"), tmp_path)
     for algo, text in (("W4A16_AWQ", group64), ("FP8", FP8)):
-        fresh = load_model(source, "float32").model if algo == "FP8" else model
+        fresh = copy.deepcopy(model)  # one load (~20 s); each algorithm quantizes its own copy
         ids = random_tokens(2, 32, vocab=49152, seed=1)
         qmodel = qframe.quantize(fresh, load_recipe(recipe_file(tmp_path, text)), calibration=ids, device="cpu")
         ours = write(qmodel, tmp_path / f"qframe-{algo}")

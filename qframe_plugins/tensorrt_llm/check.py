@@ -7,7 +7,11 @@ Example::
 
     >>> from qframe.testing import tiny_llama_model
     >>> from qframe.recipe import load_recipe
-    >>> check_recipe(tiny_llama_model(), load_recipe("recipes/fp8.toml"), TensorRTLLMOptions())  # doctest: +SKIP
+    >>> from qframe_plugins.tensorrt_llm import TensorRTLLMOptions
+    >>> check_recipe(tiny_llama_model(), load_recipe("recipes/fp8.toml"), TensorRTLLMOptions(tp_size=3))
+    Traceback (most recent call last):
+    ...
+    qframe.errors.ExportError: tp_size = 3 does not divide the model's 4 attention heads; choose a tp_size that divides 4
 """
 
 from __future__ import annotations
@@ -20,6 +24,14 @@ from qframe.errors import ExportError
 
 from .convert import Plan, algorithm, check_parallel, kv_algorithm
 from .layout import layout_for
+
+
+def _as_quantized(module: nn.Module) -> nn.Module:
+    # Before calibration GPT-2's projections are still transformers' Conv1D; the pipeline makes
+    # them nn.Linear first (Architecture.prepare), so a recipe's "Linear" targets reach them.
+    if type(module).__name__ == "Conv1D":
+        return nn.Linear(1, 1, device="meta")
+    return module
 
 
 def _quantizes_weights(stage) -> bool:
@@ -42,7 +54,7 @@ def check_recipe(model: nn.Module, recipe: Any, options: Any) -> None:
         algo = algorithm(weights, acts, where)
         for i in range(layout.num_layers):
             for spec in layout.linears(i):
-                hit = [stage.scheme.matches(p.module, model.get_submodule(p.module)) for p in spec.parts]
+                hit = [stage.scheme.matches(p.module, _as_quantized(model.get_submodule(p.module))) for p in spec.parts]
                 if any(hit) and not all(hit):
                     names = ", ".join(p.module for p, h in zip(spec.parts, hit) if not h)
                     raise ExportError(
