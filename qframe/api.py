@@ -172,6 +172,13 @@ def _build(exporter: Any, directory: Path) -> None:
         build(directory)
 
 
+def export_subdirectory(backend: str, registry: Registry | None = None) -> str:
+    """Where a backend's output goes inside a qframe output directory (``tensorrt_llm`` for
+    ``tensorrt-llm``): its exporter's ``subdirectory``, else the backend's name."""
+    record = (registry or default_registry()).get("backend", backend)
+    return getattr(record.factory, "subdirectory", None) or record.name
+
+
 def _export_checked(exporter: Any, qmodel: QuantizedModel, directory: Path) -> None:
     exporter.export(qmodel, directory)
     validate = getattr(exporter, "validate", None)
@@ -242,9 +249,9 @@ def apply(
         qmodel.manifest["timings"].update(load_s=round(load_s, 3), total_s=round(time.perf_counter() - started, 3))
         save_native(qmodel, tmp)
         if exporter is not None:
-            _export_checked(exporter, qmodel, tmp / getattr(exporter, "subdirectory", plan.backend.name))
+            _export_checked(exporter, qmodel, tmp / export_subdirectory(plan.backend.name, registry))
     if exporter is not None:
-        _build(exporter, target / getattr(exporter, "subdirectory", plan.backend.name))
+        _build(exporter, target / export_subdirectory(plan.backend.name, registry))
     return ApplyResult(target, qmodel, plan)
 
 

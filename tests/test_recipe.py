@@ -126,7 +126,7 @@ BAD = {
                        "stage[0].weights.symmetric", "False", "allowed: true"),
     "rtn with 4-bit activations": (W4 + "activations = { bits = 4 }\n",
                                    "stage[0].activations.bits", "4", "int activations are int8; allowed: 8"),
-    "unknown backend": (W4 + "[export]\nbackend = 'tensorrt-llm'\n", "export.backend", "'tensorrt-llm'",
+    "unknown backend": (W4 + "[export]\nbackend = 'no-such-runtime'\n", "export.backend", "'no-such-runtime'",
                         "unknown backend; installed: <backends>"),
     "unknown export key": (W4 + "[export]\nformat = 'x'\n", "export.format", "'x'", "backend qframe takes no options"),
     "unknown dataset source": ("[calibration]\ndataset = 's3:bucket/x'\n" + W4, "calibration.dataset", "'s3:bucket/x'",
