@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import tempfile
@@ -36,6 +37,7 @@ save_file({k: v.contiguous() for k, v in outputs.items()}, sys.argv[2])
 """
 
 
+@functools.cache  # the probe imports modelopt (seconds); once a session is enough
 def peer_python() -> Path | None:
     """The peer environment's interpreter, when it exists and has modelopt."""
     candidate = Path(os.environ.get("QFRAME_PEER_PYTHON", ROOT / ".peer" / "bin" / "python"))
