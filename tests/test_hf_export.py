@@ -19,7 +19,6 @@ from qframe import numerics
 from qframe.checkpoint import save_native
 from qframe.cli import main as cli_main
 from qframe.errors import ExportError
-from qframe.qlinear import QuantLinear
 from qframe.recipe import load_recipe
 from qframe.testing import random_tokens, tiny_llama_model, tiny_model
 from qframe_plugins.hf import HFExporter, HFOptions, unpack_int4_rows
@@ -70,6 +69,7 @@ awq = copy.deepcopy(mtq.INT4_AWQ_CFG)
 for entry in awq["quant_cfg"]:
     if isinstance(entry, dict) and entry.get("quantizer_name") == "*weight_quantizer":
         entry["cfg"]["block_sizes"][-1] = AWQ_GROUP
+awq["algorithm"] = {"method": "awq_lite", "alpha_step": 0.5}  # a short search: the layout is what is compared
 configs = {"FP8": fp8, "NVFP4": mtq.NVFP4_DEFAULT_CFG, "W4A16_AWQ": awq, "W4A8_AWQ": mtq.W4A8_AWQ_BETA_CFG}
 ids = torch.tensor(json.loads((directory / "ids.json").read_text()))
 for name in json.loads((directory / "algorithms.json").read_text()):
@@ -345,14 +345,16 @@ def test_qframe_export_writes_the_hf_folder_from_a_native_checkpoint_without_cal
 @pytest.mark.slow
 def test_smollm2_matches_modelopt_and_unpacks_bit_for_bit(smollm2_gguf, tmp_path):
     """SmolLM2-135M (hidden 576, tied embeddings) in bfloat16, quantized by qframe and by modelopt
-    on the same weights and two short windows: FP8 + FP8 KV cache, NVFP4 and W4A16_AWQ at group
+    on the same weights and one short window: FP8 + FP8 KV cache, NVFP4 and W4A16_AWQ at group
     64 (128 does not divide 576). W4A8_AWQ takes groups of 128 only, so the backend refuses it
     for this model before calibration."""
     from qframe.model import load_model, resolve_source
 
     model = load_model(resolve_source(str(smollm2_gguf)), "bfloat16").model
-    ids = random_tokens(2, 32, vocab=49152, seed=1)
-    algorithms = {"FP8": FP8, "NVFP4": NVFP4, "W4A16_AWQ": AWQ.replace("GROUP", "64")}
+    ids = random_tokens(1, 32, vocab=49152, seed=1)
+    # A short AWQ search: this test is about the checkpoint's layout and packing, not AWQ's quality.
+    awq = AWQ.replace("GROUP", "64") + "options = { n_grid = 4, clip = false }\n"
+    algorithms = {"FP8": FP8, "NVFP4": NVFP4, "W4A16_AWQ": awq}
     theirs = modelopt_exports(model, algorithms, tmp_path, ids, awq_group=64)
     for algo, text in algorithms.items():
         qmodel = quantized(copy.deepcopy(model), text, tmp_path, ids)
