@@ -223,7 +223,8 @@ def _validate_directory(directory, backend: str | None, registry) -> int:
     for problem in problems:
         print(f"{directory}: {problem}")
     if problems:
-        err.print(f"{directory}: NOT a valid {name} checkpoint ({len(problems)} problem{'s' if len(problems) != 1 else ''})")
+        print(f"{directory}: NOT a valid {name} checkpoint ({len(problems)} problem{'s' if len(problems) != 1 else ''})",
+              file=sys.stderr)
         return 2
     print(f"{directory}: valid {name} checkpoint")
     return 0
