@@ -429,8 +429,7 @@ def expected_tensors(spec: Spec, rank: int) -> tuple[dict[str, Expect], list[str
                 shape = (math.ceil(rows / tp), h) if spec.embedding_dim == 0 else (rows, h // tp)
             expect[f"{name}.weight"] = Expect(shape, (md,), "embedding")
     # Layers are numbered from 0 on every pipeline stage; TensorRT-LLM >= v1.0 splits like tensor_split.
-    base, extra = divmod(spec.layers, spec.pp)
-    count = base + (1 if pp_rank < extra else 0)
+    count = _stage_layers(spec, pp_rank)
     q_rows, kv_rows = spec.heads // tp * hd, math.ceil(spec.kv_heads / tp) * hd  # kv heads repeat when fewer than tp
     inter = spec.intermediate // tp
     linears = [("attention.qkv", q_rows + 2 * kv_rows, h, spec.attn_bias, "column", None),
@@ -466,6 +465,11 @@ def expected_tensors(spec: Spec, rank: int) -> tuple[dict[str, Expect], list[str
             head = {k: Expect(v.shape, v.dtypes, v.why, True, v.scale, v.per_block) for k, v in head.items()}
         expect.update(head)
     return expect, impossible
+
+
+def _stage_layers(spec: Spec, pp_rank: int) -> int:
+    base, extra = divmod(spec.layers, spec.pp)
+    return base + (1 if pp_rank < extra else 0)
 
 
 def _check_rank(path: Path, spec: Spec, rank: int) -> list[str]:
@@ -523,9 +527,10 @@ def _scale_problems(name: str, tensor, want: Expect) -> list[str]:
 def _unexpected_hint(spec: Spec, name: str, rank: int) -> str:
     layer = re.match(r"transformer\.layers\.(\d+)\.", name)
     if layer:
-        count = len([i for i in range(spec.layers) if i % 1 == 0]) // spec.pp
-        return (f"pipeline stage {rank // spec.tp} holds layers numbered 0 to {max(count - 1, 0)}"
-                if int(layer.group(1)) >= count else f"not part of {spec.quant_algo or 'an unquantized'} layout")
+        count = _stage_layers(spec, rank // spec.tp)
+        if int(layer.group(1)) >= count:
+            return f"pipeline stage {rank // spec.tp} holds {count} layers, numbered from 0"
+        return f"not part of the {spec.quant_algo or 'unquantized'} layout; TensorRT-LLM would ignore it"
     if name.startswith(("lm_head", "transformer.ln_f")) and rank // spec.tp != spec.pp - 1:
         return "only the last pipeline stage holds it"
     if name.startswith(("transformer.vocab_embedding", "transformer.position_embedding")) and rank >= spec.tp:
