@@ -159,7 +159,8 @@ def export(
         exporter = make_exporter(registry.get("backend", backend), options)
     except RecipeError as exc:
         raise exc.within("export") from None
-    with _atomic_directory(Path(output)) as tmp:
+    recognizes = getattr(exporter, "recognizes", None)  # its own earlier output may be replaced
+    with _atomic_directory(Path(output), recognizes) as tmp:
         _export_checked(exporter, qmodel, tmp)
     _build(exporter, Path(output))
     return Path(output)
@@ -188,11 +189,12 @@ def _export_checked(exporter: Any, qmodel: QuantizedModel, directory: Path) -> N
 
 
 @contextmanager
-def _atomic_directory(target: Path) -> Iterator[Path]:
+def _atomic_directory(target: Path, replaceable: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary sibling of ``target``; on success it replaces ``target``, on
-    failure it disappears, so no half-written directory ever looks finished."""
+    failure it disappears, so no half-written directory ever looks finished. A non-empty
+    ``target`` is replaced only when it is a qframe output or ``replaceable`` says so."""
     target = target.resolve()
-    if target.exists() and any(target.iterdir()) and not is_native(target):
+    if target.exists() and any(target.iterdir()) and not is_native(target) and not (replaceable and replaceable(target)):
         raise QFrameError(f"output {str(target)!r} exists and is not a qframe output; choose another --output")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}"

@@ -1,0 +1,152 @@
+"""Engine builds: the recipe's ``build`` option turned into a ``trtllm-build`` command line.
+
+``build`` is ``false`` (the default: no engine), ``"auto"`` (build where ``trtllm-build`` is on
+PATH, and say so where it is not), ``true`` (its absence is an error), or a table of
+``trtllm-build`` options::
+
+    [export.build]
+    enabled = "auto"            # or true (required); the default is "auto"
+    max_batch_size = 8
+    max_input_len = 1024
+    max_seq_len = 2048
+    gemm_plugin = "auto"
+    use_paged_context_fmha = true          # true/false become enable/disable
+    extra_args = ["--log_level", "info"]   # passed as they are
+
+The engine is built into a hidden sibling of ``CHECKPOINT/engine`` and renamed into place only
+when ``trtllm-build`` succeeds; its output streams to stderr as it runs.
+
+Example::
+
+    >>> spec = parse_build({"max_batch_size": 8, "use_paged_context_fmha": True})
+    >>> command_line(Path("ckpt"), Path("ckpt/engine"), spec, "trtllm-build")[3:]
+    ['--output_dir', 'ckpt/engine', '--max_batch_size', '8', '--use_paged_context_fmha', 'enable']
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qframe.errors import ExportError, QFrameError, RecipeError
+
+EXECUTABLE = "trtllm-build"
+INSTALL = ("install TensorRT-LLM on a machine with an NVIDIA GPU: pip install tensorrt-llm "
+           "--extra-index-url https://pypi.nvidia.com (see https://nvidia.github.io/TensorRT-LLM/installation/), "
+           "or build the engine later where it is installed: trtllm-build --checkpoint_dir CHECKPOINT --output_dir ENGINE")
+# trtllm-build's options this table takes, by the type of their value.
+INT_OPTIONS = ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "max_beam_width",
+               "max_prompt_embedding_table_size", "workers")
+STR_OPTIONS = ("gemm_plugin", "gpt_attention_plugin", "kv_cache_type", "log_level", "nccl_plugin",
+               "moe_plugin", "lora_plugin", "reduce_fusion")
+TOGGLES = ("paged_kv_cache", "use_paged_context_fmha", "remove_input_padding", "context_fmha",
+           "use_fp8_context_fmha", "multiple_profiles", "paged_state", "streamingllm")
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """An engine build: whether ``trtllm-build`` must exist (``required``) and its options,
+    in the order the recipe gave them."""
+
+    required: bool = False
+    options: tuple[tuple[str, Any], ...] = ()
+    extra_args: tuple[str, ...] = ()
+
+
+def parse_build(value: Any) -> BuildSpec | None:
+    """The ``build`` option: ``False``/``None`` -> no build; ``"auto"``, ``True`` or a table.
+
+    Example::
+
+        >>> parse_build("auto")
+        BuildSpec(required=False, options=(), extra_args=())
+        >>> parse_build({"max_batch_size": "8"})
+        Traceback (most recent call last):
+        qframe.errors.RecipeError: build.max_batch_size: '8' is not valid; expected an integer
+    """
+    if value is None or value is False:
+        return None
+    if value == "auto" or value is True:
+        return BuildSpec(required=value is True)
+    if not isinstance(value, dict):
+        raise RecipeError("build", value, 'expected false, "auto", true or a table of trtllm-build options')
+    table = dict(value)
+    enabled = table.pop("enabled", "auto")
+    if enabled not in ("auto", True, False):
+        raise RecipeError("build.enabled", enabled, 'expected "auto" or true (or false: no build)')
+    if enabled is False:
+        return None
+    extra = table.pop("extra_args", [])
+    if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
+        raise RecipeError("build.extra_args", extra, "expected a list of strings")
+    allowed = ", ".join(("enabled", *INT_OPTIONS, *STR_OPTIONS, *TOGGLES, "extra_args"))
+    for key, option in table.items():
+        if key in INT_OPTIONS:
+            ok, what = isinstance(option, int) and not isinstance(option, bool) and option > 0, "an integer"
+        elif key in STR_OPTIONS:
+            ok, what = isinstance(option, str) and option != "", "a string"
+        elif key in TOGGLES:
+            ok, what = isinstance(option, bool), "true or false"
+        else:
+            raise RecipeError(f"build.{key}", option, f"unknown trtllm-build option; allowed: {allowed} "
+                              "(anything else goes in extra_args)")
+        if not ok:
+            raise RecipeError(f"build.{key}", option, f"expected {what}")
+    return BuildSpec(required=enabled is True, options=tuple(table.items()), extra_args=tuple(extra))
+
+
+def command_line(checkpoint: Path, output: Path, spec: BuildSpec, executable: str) -> list[str]:
+    """``trtllm-build --checkpoint_dir CHECKPOINT --output_dir OUTPUT`` and the spec's options."""
+    args = [executable, "--checkpoint_dir", str(checkpoint), "--output_dir", str(output)]
+    for key, value in spec.options:
+        args += [f"--{key}", ("enable" if value else "disable") if isinstance(value, bool) else str(value)]
+    return args + list(spec.extra_args)
+
+
+def build_engine(checkpoint: Path, spec: BuildSpec) -> Path | None:
+    """Build ``CHECKPOINT/engine`` with ``trtllm-build``; ``None`` where it is absent and not
+    required. An engine of an earlier checkpoint is removed first: it no longer matches."""
+    checkpoint = Path(checkpoint)
+    engine = checkpoint / "engine"
+    shutil.rmtree(engine, ignore_errors=True)
+    executable = shutil.which(EXECUTABLE)
+    if executable is None:
+        if spec.required:
+            raise QFrameError(f"build = true, but {EXECUTABLE} is not on PATH. The checkpoint in {checkpoint} "
+                              f"is written and valid; to build its engine, {INSTALL.replace('CHECKPOINT', str(checkpoint))}")
+        print(f"qframe: {EXECUTABLE} is not on PATH, so no engine was built (build = \"auto\"); the checkpoint "
+              f"in {checkpoint} is ready for it", file=sys.stderr)
+        return None
+    partial = checkpoint / f".engine.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    args = command_line(checkpoint, partial, spec, executable)
+    print("qframe: " + " ".join(args), file=sys.stderr, flush=True)
+    try:
+        status, tail = _stream(args)
+        if status != 0:
+            lines = "".join(tail).strip()
+            retry = " ".join(command_line(checkpoint, engine, spec, EXECUTABLE))
+            raise ExportError(f"{EXECUTABLE} failed with exit status {status}; its last lines: {lines!r}. "
+                              f"The checkpoint in {checkpoint} is written and valid and no engine was kept; "
+                              f"fix the cause and build it again with: {retry}")
+        partial.rename(engine)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return engine
+
+
+def _stream(args: list[str]) -> tuple[int, deque]:
+    """Run ``args``, copying their output to stderr line by line; the exit status and the
+    last lines."""
+    tail: deque = deque(maxlen=15)
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            tail.append(line)
+        return proc.wait(), tail

@@ -1,0 +1,193 @@
+"""Engine builds. TensorRT-LLM cannot be installed here, so a fake ``trtllm-build`` on PATH
+(a real executable script) records its command line and fails on request; the tests that need
+the real tensorrt_llm are at the end and skip where it is absent."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import qframe
+from qframe.errors import ExportError, RecipeError
+from qframe_plugins.tensorrt_llm.build import parse_build
+from qframe_plugins.tensorrt_llm.validate import validate_checkpoint
+
+from test_trtllm_export import FP8, quantized, tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE = """#!{python}
+import json, os, sys
+args = sys.argv[1:]
+with open({log!r}, "a") as log:
+    log.write(json.dumps(args) + "\\n")
+print("[TRT-LLM] building the engine", flush=True)
+status = int(os.environ.get("FAKE_TRTLLM_STATUS", "0"))
+output = args[args.index("--output_dir") + 1]
+os.makedirs(output, exist_ok=True)
+open(os.path.join(output, "rank0.engine"), "w").write("half")  # what a crash leaves behind
+if status:
+    print("[TRT-LLM] [E] out of memory while building", flush=True)
+    sys.exit(status)
+open(os.path.join(output, "config.json"), "w").write("{{}}")
+"""
+
+
+@pytest.fixture
+def fake_trtllm_build(tmp_path, monkeypatch):
+    """A ``trtllm-build`` first on PATH; returns the file its command lines go to."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "trtllm-build.log"
+    bin_dir.mkdir()
+    script = bin_dir / "trtllm-build"
+    script.write_text(FAKE.format(python=sys.executable, log=str(log)))
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+@pytest.fixture(scope="module")
+def qmodel(tmp_path_factory):
+    return quantized(tiny("llama", torch.float16), FP8, tmp_path_factory.mktemp("fp8"))
+
+
+def calls(log: Path) -> list[list[str]]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+def test_the_build_table_becomes_the_exact_command_line(fake_trtllm_build, qmodel, tmp_path, capfd):
+    out = tmp_path / "trt"
+    build = {"max_batch_size": 8, "max_input_len": 1024, "max_seq_len": 2048, "gemm_plugin": "auto",
+             "use_paged_context_fmha": True, "remove_input_padding": False, "extra_args": ["--log_level", "info"]}
+    qframe.export(qmodel, "tensorrt-llm", out, options={"tp_size": 2, "build": build})
+    (args,) = calls(fake_trtllm_build)
+    partial = args[args.index("--output_dir") + 1]
+    assert args == ["--checkpoint_dir", str(out.resolve()), "--output_dir", partial, "--max_batch_size", "8",
+                    "--max_input_len", "1024", "--max_seq_len", "2048", "--gemm_plugin", "auto",
+                    "--use_paged_context_fmha", "enable", "--remove_input_padding", "disable", "--log_level", "info"]
+    assert Path(partial).parent == out.resolve() and Path(partial).name.startswith(".engine.partial-")
+    assert sorted(p.name for p in (out / "engine").iterdir()) == ["config.json", "rank0.engine"]
+    assert leftovers(out) == []
+    assert "[TRT-LLM] building the engine" in capfd.readouterr().err  # streamed to the user
+    assert validate_checkpoint(out) == []  # engine/ beside the ranks does not disturb the validator
+
+
+def test_a_failed_build_says_why_and_leaves_no_engine(fake_trtllm_build, qmodel, tmp_path, monkeypatch):
+    out = tmp_path / "trt"
+    qframe.export(qmodel, "tensorrt-llm", out, options={"build": "auto"})
+    assert (out / "engine" / "config.json").exists()
+    monkeypatch.setenv("FAKE_TRTLLM_STATUS", "3")
+    with pytest.raises(ExportError) as info:  # the rebuild of a new checkpoint fails
+        qframe.export(qmodel, "tensorrt-llm", out, options={"build": {"max_batch_size": 4}})
+    message = str(info.value)
+    assert "failed with exit status 3" in message
+    assert "out of memory while building" in message
+    assert "is written and valid" in message and "--max_batch_size 4" in message
+    assert not (out / "engine").exists()  # neither the half-built one nor the stale one
+    assert leftovers(out) == []
+    assert validate_checkpoint(out) == []  # the checkpoint itself is kept
+
+
+def native(qmodel, tmp_path: Path) -> Path:
+    return qframe.export(qmodel, "qframe", tmp_path / "native")
+
+
+def cli(*args, path: str):
+    env = {**os.environ, "PATH": path}
+    return subprocess.run([sys.executable, "-m", "qframe", *args], capture_output=True, text=True, cwd=ROOT, env=env)
+
+
+def test_build_true_without_trtllm_build_is_an_error_with_guidance(qmodel, tmp_path):
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    directory = native(qmodel, tmp_path)
+    proc = cli("export", str(directory), "--backend", "tensorrt-llm", "--set", "build=true", path=str(empty))
+    assert proc.returncode == 2, proc.stderr
+    assert "trtllm-build is not on PATH" in proc.stderr
+    assert "pip install tensorrt-llm" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert validate_checkpoint(directory / "tensorrt_llm") == []  # the checkpoint is not lost
+
+    auto = cli("export", str(directory), "--backend", "tensorrt-llm", "--set", 'build="auto"', path=str(empty))
+    assert auto.returncode == 0, auto.stderr
+    assert "no engine was built" in auto.stderr
+    assert not (directory / "tensorrt_llm" / "engine").exists()
+
+
+def test_the_cli_streams_a_build_and_surfaces_its_failure(fake_trtllm_build, qmodel, tmp_path):
+    directory = native(qmodel, tmp_path)
+    path = os.environ["PATH"]  # the fake first
+    ok = cli("export", str(directory), "--backend", "tensorrt-llm", "--set", "build.max_batch_size=2", path=path)
+    assert ok.returncode == 0, ok.stderr
+    assert "[TRT-LLM] building the engine" in ok.stderr
+    assert calls(fake_trtllm_build)[-1][-2:] == ["--max_batch_size", "2"]
+    failing = subprocess.run([sys.executable, "-m", "qframe", "export", str(directory), "--backend", "tensorrt-llm",
+                              "--set", "build=true"], capture_output=True, text=True, cwd=ROOT,
+                             env={**os.environ, "FAKE_TRTLLM_STATUS": "7"})
+    assert failing.returncode == 2
+    assert "exit status 7" in failing.stderr and "Traceback" not in failing.stderr
+    assert not (directory / "tensorrt_llm" / "engine").exists()
+
+
+BAD = {
+    "unknown option": ({"max_batchsize": 8}, "build.max_batchsize", "unknown trtllm-build option"),
+    "wrong type": ({"max_batch_size": "8"}, "build.max_batch_size", "expected an integer"),
+    "toggle": ({"context_fmha": "yes"}, "build.context_fmha", "expected true or false"),
+    "enabled": ({"enabled": "always"}, "build.enabled", 'expected "auto" or true'),
+    "scalar": ("sometimes", "build", 'expected false, "auto", true'),
+}
+
+
+@pytest.mark.parametrize("value, key, why", BAD.values(), ids=BAD.keys())
+def test_bad_build_options_name_the_key(value, key, why):
+    with pytest.raises(RecipeError) as info:
+        parse_build(value)
+    assert info.value.key == key and why in str(info.value)
+
+
+def test_a_bad_build_option_fails_the_recipe_before_anything_loads(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[stage]]\nquantizer = "rtn"\nweights = { bits = 4, group_size = 64 }\n'
+                      '[export]\nbackend = "tensorrt-llm"\n[export.build]\nmax_seq_len = "long"\n')
+    proc = cli("validate", str(recipe), path=os.environ["PATH"])
+    assert proc.returncode == 2
+    assert "export.build.max_seq_len: 'long' is not valid; expected an integer" in proc.stderr
+
+
+def test_build_false_and_enabled_false_build_nothing():
+    assert parse_build(False) is None and parse_build({"enabled": False, "max_batch_size": 8}) is None
+    assert parse_build(True).required and not parse_build({"max_batch_size": 8}).required
+
+
+# -- with the real TensorRT-LLM (not installable here: these skip) ---------------------------------
+
+needs_tensorrt_llm = pytest.mark.skipif(importlib.util.find_spec("tensorrt_llm") is None,
+                                        reason="tensorrt_llm is not installed (it cannot be, on these machines)")
+
+
+@needs_tensorrt_llm
+@pytest.mark.parametrize("tp", [1, 2])
+def test_tensorrt_llm_loads_the_checkpoint(qmodel, tmp_path, tp):
+    from tensorrt_llm.models import MODEL_MAP, PretrainedConfig
+
+    out = qframe.export(qmodel, "tensorrt-llm", tmp_path / "trt", options={"tp_size": tp})
+    config = PretrainedConfig.from_json_file(str(out / "config.json"))
+    for rank in range(config.mapping.world_size):
+        config.set_rank(rank)
+        MODEL_MAP[config.architecture].from_checkpoint(str(out), rank=rank, config=config)
+
+
+@needs_tensorrt_llm
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="building an engine needs a GPU")
+def test_the_real_trtllm_build_builds_an_engine(qmodel, tmp_path):
+    out = qframe.export(qmodel, "tensorrt-llm", tmp_path / "trt",
+                        options={"build": {"enabled": True, "max_batch_size": 1, "max_input_len": 16, "max_seq_len": 32}})
+    assert any((out / "engine").glob("rank0.engine"))
+
