@@ -23,6 +23,7 @@ from qframe.recipe import load_recipe
 from qframe.testing import random_tokens, tiny_llama_model, tiny_model
 from qframe_plugins.tensorrt_llm import TensorRTLLMExporter, TensorRTLLMOptions
 from qframe_plugins.tensorrt_llm.convert import unpack_int4_rows
+from qframe_plugins.tensorrt_llm.validate import validate_checkpoint
 
 from peer import run_peer_script
 
@@ -202,6 +203,9 @@ def test_tensors_and_quantization_config_equal_modelopts(both, algo):
     assert set(mine["exclude_modules"]) >= set(reference["exclude_modules"])
     assert config(ours)["architecture"] == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                                             "gpt2": "GPTForCausalLM"}[family]
+    # The validator, written from the format's description, accepts both tools' checkpoints.
+    assert validate_checkpoint(ours) == []
+    assert validate_checkpoint(theirs) == []
 
 
 # -- bit-exact unpacking ---------------------------------------------------------------------------

@@ -96,9 +96,11 @@ def validate_checkpoint(directory: Path) -> list[str]:
     if not isinstance(config, dict):
         return ["config.json: expected a JSON object"]
     spec = _read_config(config, problems)
+    tp, pp = _read_mapping(config, [])
+    if tp is not None:  # the rank files follow the mapping, whatever else is wrong
+        problems += _check_rank_files(directory, tp * pp)
     if spec is None:
         return problems
-    problems += _check_rank_files(directory, spec.world_size)
     if spec.unchecked:
         return problems + [f"config.json: {spec.unchecked}; its tensors were not checked"]
     for rank in range(spec.world_size):
@@ -306,7 +308,7 @@ def _read_quantization(config: dict, problems: list[str]):
     exclude = quant.get("exclude_modules")
     if algo not in (None, "NO_QUANT") or kv_algo is not None:
         # Absent or empty means "the defaults" before v1.0 and "nothing" after: only a list is the same everywhere.
-        if not isinstance(exclude, list):
+        if not isinstance(exclude, list) or not exclude:
             problems.append(f"config.json: quantization.exclude_modules: {exclude!r}, expected an explicit list of "
                             "patterns (e.g. [\"*lm_head\"]); TensorRT-LLM versions disagree on what a missing one means")
     if exclude is not None and not (isinstance(exclude, list) and all(isinstance(p, str) for p in exclude)):
