@@ -52,6 +52,13 @@ def test_rtn_w4a16_apply_eval_export(smollm2_gguf, prose, tmp_path):
     assert 1.15 * base < quant < 1.6 * base
     assert report["sha256"] == report["baseline"]["sha256"]
 
+    # TensorRT-LLM's W4A16_AWQ takes groups of 64 or 128 that divide every width: 128 does not
+    # divide this model's 576, so the export is refused, saying what to change, and writes nothing.
+    refused = qframe("export", str(out), "--backend", "tensorrt-llm", check=False)
+    assert refused.returncode == 2, refused.stderr
+    assert "576" in refused.stderr and "group" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (out / "tensorrt_llm").exists() and not list(out.glob(".tensorrt_llm*"))
+
     qframe("export", str(out), "--backend", "qframe", "--output", str(tmp_path / "again"))
     first, second = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
     assert first.keys() == second.keys()
