@@ -65,13 +65,16 @@ def leftovers(directory: Path) -> list[str]:
 def test_the_build_table_becomes_the_exact_command_line(fake_trtllm_build, qmodel, tmp_path, capfd):
     out = tmp_path / "trt"
     build = {"max_batch_size": 8, "max_input_len": 1024, "max_seq_len": 2048, "gemm_plugin": "auto",
-             "use_paged_context_fmha": True, "remove_input_padding": False, "extra_args": ["--log_level", "info"]}
+             "use_paged_context_fmha": True, "remove_input_padding": False, "reduce_fusion": True,
+             "kv_cache_type": "paged", "fast_build": True, "strip_plan": False, "workers": 2,
+             "extra_args": ["--log_level", "info"]}
     qframe.export(qmodel, "tensorrt-llm", out, options={"tp_size": 2, "build": build})
     (args,) = calls(fake_trtllm_build)
     partial = args[args.index("--output_dir") + 1]
     assert args == ["--checkpoint_dir", str(out.resolve()), "--output_dir", partial, "--max_batch_size", "8",
                     "--max_input_len", "1024", "--max_seq_len", "2048", "--gemm_plugin", "auto",
-                    "--use_paged_context_fmha", "enable", "--remove_input_padding", "disable", "--log_level", "info"]
+                    "--use_paged_context_fmha", "enable", "--remove_input_padding", "disable", "--reduce_fusion", "enable",
+                    "--kv_cache_type", "paged", "--fast_build", "--workers", "2", "--log_level", "info"]
     assert Path(partial).parent == out.resolve() and Path(partial).name.startswith(".engine.partial-")
     assert sorted(p.name for p in (out / "engine").iterdir()) == ["config.json", "rank0.engine"]
     assert leftovers(out) == []
@@ -87,8 +90,8 @@ def test_a_failed_build_says_why_and_leaves_no_engine(fake_trtllm_build, qmodel,
     with pytest.raises(ExportError) as info:  # the rebuild of a new checkpoint fails
         qframe.export(qmodel, "tensorrt-llm", out, options={"build": {"max_batch_size": 4}})
     message = str(info.value)
-    assert "failed with exit status 3" in message
-    assert "out of memory while building" in message
+    assert "failed with exit status 3" in message and "\n" not in message  # one paragraph
+    assert "its last lines: [TRT-LLM] building the engine | [TRT-LLM] [E] out of memory while building." in message
     assert "is written and valid" in message and "--max_batch_size 4" in message
     assert not (out / "engine").exists()  # neither the half-built one nor the stale one
     assert leftovers(out) == []
@@ -136,11 +139,24 @@ def test_the_cli_streams_a_build_and_surfaces_its_failure(fake_trtllm_build, qmo
     assert not (directory / "tensorrt_llm" / "engine").exists()
 
 
+def test_check_available_refuses_build_true_before_any_work(tmp_path, monkeypatch):
+    from qframe.errors import QFrameError
+    from qframe_plugins.tensorrt_llm.build import check_available
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    check_available(None)
+    check_available(parse_build("auto"))
+    with pytest.raises(QFrameError, match="build = true, but trtllm-build is not on PATH; install TensorRT-LLM"):
+        check_available(parse_build({"enabled": True, "max_batch_size": 8}))
+
+
 BAD = {
     "unknown option": ({"max_batchsize": 8}, "build.max_batchsize", "unknown trtllm-build option"),
     "wrong type": ({"max_batch_size": "8"}, "build.max_batch_size", "expected an integer"),
     "toggle": ({"context_fmha": "yes"}, "build.context_fmha", "expected true or false"),
     "enabled": ({"enabled": "always"}, "build.enabled", 'expected "auto" or true'),
+    "switch": ({"fast_build": "on"}, "build.fast_build", "expected true or false"),
+    "kv cache type": ({"kv_cache_type": "pagged"}, "build.kv_cache_type", "expected one of paged, continuous"),
     "scalar": ("sometimes", "build", 'expected false, "auto", true'),
 }
 
@@ -172,12 +188,24 @@ needs_tensorrt_llm = pytest.mark.skipif(importlib.util.find_spec("tensorrt_llm")
                                         reason="tensorrt_llm is not installed (it cannot be, on these machines)")
 
 
+LOADS = [*(("llama", algo, 1, 1) for algo in ("FP8", "W4A16_AWQ", "W8A8_SQ_PER_CHANNEL", "W4A8_AWQ", "NVFP4")),
+         ("llama", "FP8", 2, 2), ("qwen2", "W4A16_AWQ", 2, 1), ("qwen2", "W8A8_SQ_PER_CHANNEL", 1, 2),
+         ("gpt2", "FP8", 2, 1)]
+
+
 @needs_tensorrt_llm
-@pytest.mark.parametrize("tp", [1, 2])
-def test_tensorrt_llm_loads_the_checkpoint(qmodel, tmp_path, tp):
+@pytest.mark.parametrize("family,algo,tp,pp", LOADS)
+def test_tensorrt_llm_loads_the_checkpoint(family, algo, tp, pp, tmp_path):
+    """TensorRT-LLM's own loader (preprocessing, names, shapes) takes every rank qframe writes."""
     from tensorrt_llm.models import MODEL_MAP, PretrainedConfig
 
-    out = qframe.export(qmodel, "tensorrt-llm", tmp_path / "trt", options={"tp_size": tp})
+    from test_trtllm_export import AWQ, NVFP4, RECIPES
+
+    text = {**RECIPES, "W4A16_AWQ": AWQ.replace("GROUP", "64"), "NVFP4": NVFP4}[algo]
+    if family == "gpt2":  # no key/value projections in GPT-2's adapter: no KV cache stage
+        text = text.split('[[stage]]\nquantizer = "kv_cache"')[0]
+    qmodel = quantized(tiny(family, torch.float16), text, tmp_path)
+    out = qframe.export(qmodel, "tensorrt-llm", tmp_path / "trt", options={"tp_size": tp, "pp_size": pp})
     config = PretrainedConfig.from_json_file(str(out / "config.json"))
     for rank in range(config.mapping.world_size):
         config.set_rank(rank)

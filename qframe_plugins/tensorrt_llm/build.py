@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -40,13 +41,21 @@ EXECUTABLE = "trtllm-build"
 INSTALL = ("install TensorRT-LLM on a machine with an NVIDIA GPU: pip install tensorrt-llm "
            "--extra-index-url https://pypi.nvidia.com (see https://nvidia.github.io/TensorRT-LLM/installation/), "
            "or build the engine later where it is installed: trtllm-build --checkpoint_dir CHECKPOINT --output_dir ENGINE")
-# trtllm-build's options this table takes, by the type of their value.
-INT_OPTIONS = ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "max_beam_width",
-               "max_prompt_embedding_table_size", "workers")
-STR_OPTIONS = ("gemm_plugin", "gpt_attention_plugin", "kv_cache_type", "log_level", "nccl_plugin",
-               "moe_plugin", "lora_plugin", "reduce_fusion")
-TOGGLES = ("paged_kv_cache", "use_paged_context_fmha", "remove_input_padding", "context_fmha",
-           "use_fp8_context_fmha", "multiple_profiles", "paged_state", "streamingllm")
+# trtllm-build's options this table takes, by how its parser reads them (commands/build.py and
+# plugin.add_plugin_argument in TensorRT-LLM): integers; strings (plugin dtypes such as "auto",
+# "float16" or "disable", kv_cache_type "paged"/"continuous"/"disabled", log_level); plugin
+# features that take enable/disable (a TOML boolean here); and switches that take no value.
+INT_OPTIONS = ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "opt_num_tokens", "max_beam_width",
+               "max_prompt_embedding_table_size", "max_draft_len", "tokens_per_block", "workers")
+STR_OPTIONS = ("gemm_plugin", "gpt_attention_plugin", "kv_cache_type", "log_level", "logits_dtype", "nccl_plugin",
+               "moe_plugin", "lora_plugin", "gemm_swiglu_plugin", "low_latency_gemm_plugin",
+               "speculative_decoding_mode", "profiling_verbosity")
+TOGGLES = ("paged_kv_cache", "use_paged_context_fmha", "remove_input_padding", "context_fmha", "use_fp8_context_fmha",
+           "multiple_profiles", "paged_state", "streamingllm", "reduce_fusion", "use_fused_mlp", "norm_quant_fusion",
+           "user_buffer")
+SWITCHES = ("fast_build", "strip_plan", "weight_streaming", "weight_sparsity", "gather_context_logits",
+            "gather_generation_logits", "gather_all_token_logits", "monitor_memory", "enable_debug_output")
+KV_CACHE_TYPES = ("paged", "continuous", "disabled")
 
 
 @dataclass(frozen=True)
@@ -85,19 +94,21 @@ def parse_build(value: Any) -> BuildSpec | None:
     extra = table.pop("extra_args", [])
     if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
         raise RecipeError("build.extra_args", extra, "expected a list of strings")
-    allowed = ", ".join(("enabled", *INT_OPTIONS, *STR_OPTIONS, *TOGGLES, "extra_args"))
+    allowed = ", ".join(("enabled", *INT_OPTIONS, *STR_OPTIONS, *TOGGLES, *SWITCHES, "extra_args"))
     for key, option in table.items():
         if key in INT_OPTIONS:
             ok, what = isinstance(option, int) and not isinstance(option, bool) and option > 0, "an integer"
         elif key in STR_OPTIONS:
             ok, what = isinstance(option, str) and option != "", "a string"
-        elif key in TOGGLES:
+        elif key in TOGGLES or key in SWITCHES:
             ok, what = isinstance(option, bool), "true or false"
         else:
             raise RecipeError(f"build.{key}", option, f"unknown trtllm-build option; allowed: {allowed} "
                               "(anything else goes in extra_args)")
         if not ok:
             raise RecipeError(f"build.{key}", option, f"expected {what}")
+        if key == "kv_cache_type" and option not in KV_CACHE_TYPES:
+            raise RecipeError(f"build.{key}", option, f"expected one of {', '.join(KV_CACHE_TYPES)}")
     return BuildSpec(required=enabled is True, options=tuple(table.items()), extra_args=tuple(extra))
 
 
@@ -105,8 +116,23 @@ def command_line(checkpoint: Path, output: Path, spec: BuildSpec, executable: st
     """``trtllm-build --checkpoint_dir CHECKPOINT --output_dir OUTPUT`` and the spec's options."""
     args = [executable, "--checkpoint_dir", str(checkpoint), "--output_dir", str(output)]
     for key, value in spec.options:
-        args += [f"--{key}", ("enable" if value else "disable") if isinstance(value, bool) else str(value)]
+        if key in SWITCHES:  # store_true flags: present or not
+            args += [f"--{key}"] if value else []
+        else:
+            args += [f"--{key}", ("enable" if value else "disable") if isinstance(value, bool) else str(value)]
     return args + list(spec.extra_args)
+
+
+def check_available(spec: BuildSpec | None) -> None:
+    """Raise :class:`qframe.QFrameError` when ``spec`` requires ``trtllm-build`` and it is not on
+    PATH: call it before calibrating, so that ``build = true`` fails in seconds, not after.
+
+    Example::
+
+        >>> check_available(parse_build("auto"))  # "auto" never fails
+    """
+    if spec is not None and spec.required and shutil.which(EXECUTABLE) is None:
+        raise QFrameError(f"build = true, but {EXECUTABLE} is not on PATH; {INSTALL}")
 
 
 def build_engine(checkpoint: Path, spec: BuildSpec) -> Path | None:
@@ -119,20 +145,23 @@ def build_engine(checkpoint: Path, spec: BuildSpec) -> Path | None:
     if executable is None:
         if spec.required:
             raise QFrameError(f"build = true, but {EXECUTABLE} is not on PATH. The checkpoint in {checkpoint} "
-                              f"is written and valid; to build its engine, {INSTALL.replace('CHECKPOINT', str(checkpoint))}")
+                              f"is written and valid; to build its engine, "
+                              f"{INSTALL.replace('CHECKPOINT', shlex.quote(str(checkpoint))).replace('ENGINE', shlex.quote(str(engine)))}")
         print(f"qframe: {EXECUTABLE} is not on PATH, so no engine was built (build = \"auto\"); the checkpoint "
               f"in {checkpoint} is ready for it", file=sys.stderr)
         return None
     partial = checkpoint / f".engine.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     args = command_line(checkpoint, partial, spec, executable)
-    print("qframe: " + " ".join(args), file=sys.stderr, flush=True)
+    print("qframe: " + shlex.join(args), file=sys.stderr, flush=True)
     try:
         status, tail = _stream(args)
         if status != 0:
-            lines = "".join(tail).strip()
-            retry = " ".join(command_line(checkpoint, engine, spec, EXECUTABLE))
-            raise ExportError(f"{EXECUTABLE} failed with exit status {status}; its last lines: {lines!r}. "
+            # one paragraph: the output's last lines joined, the status said plainly (negative: a signal)
+            lines = " | ".join(line.strip() for line in tail if line.strip()) or "(no output)"
+            how = f"was killed by signal {-status}" if status < 0 else f"failed with exit status {status}"
+            retry = shlex.join(command_line(checkpoint, engine, spec, EXECUTABLE))
+            raise ExportError(f"{EXECUTABLE} {how}; its last lines: {lines}. "
                               f"The checkpoint in {checkpoint} is written and valid and no engine was kept; "
                               f"fix the cause and build it again with: {retry}")
         partial.rename(engine)
