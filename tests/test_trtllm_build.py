@@ -118,25 +118,26 @@ def test_build_true_without_trtllm_build_is_an_error_with_guidance(qmodel, tmp_p
     assert "Traceback" not in proc.stderr
     assert validate_checkpoint(directory / "tensorrt_llm") == []  # the checkpoint is not lost
 
-    auto = cli("export", str(directory), "--backend", "tensorrt-llm", "--set", 'build="auto"', path=str(empty))
-    assert auto.returncode == 0, auto.stderr
-    assert "no engine was built" in auto.stderr
-    assert not (directory / "tensorrt_llm" / "engine").exists()
+
+def test_build_auto_without_trtllm_build_says_so_and_succeeds(qmodel, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no trtllm-build anywhere
+    out = qframe.export(qmodel, "tensorrt-llm", tmp_path / "trt", options={"build": "auto"})
+    err = capfd.readouterr().err
+    assert "trtllm-build is not on PATH, so no engine was built" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "engine").exists() and validate_checkpoint(out) == []
 
 
-def test_the_cli_streams_a_build_and_surfaces_its_failure(fake_trtllm_build, qmodel, tmp_path):
+def test_the_cli_surfaces_a_failed_build(fake_trtllm_build, qmodel, tmp_path):
     directory = native(qmodel, tmp_path)
-    path = os.environ["PATH"]  # the fake first
-    ok = cli("export", str(directory), "--backend", "tensorrt-llm", "--set", "build.max_batch_size=2", path=path)
-    assert ok.returncode == 0, ok.stderr
-    assert "[TRT-LLM] building the engine" in ok.stderr
-    assert calls(fake_trtllm_build)[-1][-2:] == ["--max_batch_size", "2"]
     failing = subprocess.run([sys.executable, "-m", "qframe", "export", str(directory), "--backend", "tensorrt-llm",
-                              "--set", "build=true"], capture_output=True, text=True, cwd=ROOT,
-                             env={**os.environ, "FAKE_TRTLLM_STATUS": "7"})
+                              "--set", "build.enabled=true", "--set", "build.max_batch_size=2"], capture_output=True, text=True,
+                             cwd=ROOT, env={**os.environ, "FAKE_TRTLLM_STATUS": "7"})
     assert failing.returncode == 2
+    assert "[TRT-LLM] building the engine" in failing.stderr  # streamed as it ran
     assert "exit status 7" in failing.stderr and "Traceback" not in failing.stderr
+    assert calls(fake_trtllm_build)[-1][-2:] == ["--max_batch_size", "2"]
     assert not (directory / "tensorrt_llm" / "engine").exists()
+    assert validate_checkpoint(directory / "tensorrt_llm") == []
 
 
 def test_check_available_refuses_build_true_before_any_work(tmp_path, monkeypatch):

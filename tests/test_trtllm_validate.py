@@ -16,14 +16,16 @@ from safetensors.torch import load_file, save_file
 from qframe_plugins.tensorrt_llm.validate import recognizes, validate_checkpoint
 
 from peer import run_peer_script
-from test_trtllm_export import AWQ, FP8, NVFP4, SMOOTHQUANT, W4A8, quantized, tiny, write
+from test_trtllm_export import AWQ, FP8, NVFP4, SMOOTHQUANT, W8A16, quantized, tiny, write
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # modelopt's checkpoints of one tiny Llama (vocab 250: lm_head rows are padded at tp 4; 2 kv heads:
-# repeated at tp 4), written by one peer process: (algorithm, tp, pp).
-MODELOPT_CASES = [("NONE", 1, 1), ("FP8", 1, 1), ("FP8", 4, 1), ("FP8", 2, 2), ("W4A16_AWQ", 1, 1),
-                  ("W4A8_AWQ", 1, 1), ("W8A8_SQ_PER_CHANNEL", 2, 1), ("W4A16_AWQ", 2, 1)]
+# repeated at tp 4), written by one peer process: (algorithm, tp, pp). test_trtllm_export.py
+# validates modelopt's single-rank Llama/Qwen2/GPT-2 checkpoints of every algorithm; these add
+# its tensor and pipeline splits.
+MODELOPT_CASES = [("NONE", 2, 1), ("FP8", 4, 1), ("FP8", 2, 2), ("W4A16_AWQ", 1, 1), ("W8A8_SQ_PER_CHANNEL", 2, 1),
+                  ("W4A16_AWQ", 2, 1)]
 MODELOPT = """
 import copy, json, warnings, contextlib, io
 import torch
@@ -87,14 +89,14 @@ def checkpoints(tmp_path_factory):
         "llama-fp8-kv-tp2": ("llama", FP8, {"tp_size": 2}),
         "llama-awq64-pp2": ("llama", AWQ.replace("GROUP", "64"), {"pp_size": 2}),
         "qwen2-sq-int8kv-tp4": ("qwen2", SMOOTHQUANT, {"tp_size": 4}),
-        "qwen2-w4a8-tp1": ("qwen2", W4A8, {}),
+        "qwen2-w8a16-tp1": ("qwen2", W8A16, {}),
         "gpt2-nvfp4-tp2-pp2": ("gpt2", NVFP4, {"tp_size": 2, "pp_size": 2}),
     }
     return {name: write(quantized(tiny(family, torch.float16), text, folder), folder / name, **options)
             for name, (family, text, options) in cases.items()}
 
 
-@pytest.mark.parametrize("name", ["llama-fp8-kv-tp2", "llama-awq64-pp2", "qwen2-sq-int8kv-tp4", "qwen2-w4a8-tp1",
+@pytest.mark.parametrize("name", ["llama-fp8-kv-tp2", "llama-awq64-pp2", "qwen2-sq-int8kv-tp4", "qwen2-w8a16-tp1",
                                   "gpt2-nvfp4-tp2-pp2"])
 def test_qframes_checkpoints_are_valid(checkpoints, name):
     assert recognizes(checkpoints[name])
@@ -222,13 +224,13 @@ def test_awq_group_size_must_be_one_tensorrt_llm_has(checkpoints, tmp_path):
 
 
 def test_awq_prequant_scales_follow_pre_quant_scale(checkpoints, tmp_path):
-    """W4A8 under GQA keeps input prescales (v_proj cannot take o_proj's scale): pre_quant_scale
+    """AWQ under GQA keeps input prescales (v_proj cannot take o_proj's scale): pre_quant_scale
     is true and every linear has prequant_scaling_factor; saying false makes them unexpected."""
-    source = checkpoints["qwen2-w4a8-tp1"]
+    source = checkpoints["llama-awq64-pp2"]
     assert json.loads((source / "config.json").read_text())["quantization"]["pre_quant_scale"] is True
     broken = corrupt(source, tmp_path / "nopre", edit_config(lambda c: c["quantization"].update(pre_quant_scale=False)))
-    assert ("rank0.safetensors: transformer.layers.0.attention.dense.prequant_scaling_factor: unexpected tensor "
-            "(not part of the W4A8_AWQ layout; TensorRT-LLM would ignore it)") in validate_checkpoint(broken)
+    assert ("rank1.safetensors: transformer.layers.0.attention.dense.prequant_scaling_factor: unexpected tensor "
+            "(not part of the W4A16_AWQ layout; TensorRT-LLM would ignore it)") in validate_checkpoint(broken)
 
 
 def test_pipeline_stages_hold_embedding_first_and_head_last(checkpoints, tmp_path):
@@ -254,7 +256,7 @@ def test_a_scalar_scale_is_taken_for_a_one_element_one(checkpoints, tmp_path):
 def test_recognizes_only_checkpoints(checkpoints, tmp_path):
     assert not recognizes(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))  # a Hugging Face one
-    shutil.copy(checkpoints["qwen2-w4a8-tp1"] / "rank0.safetensors", tmp_path)
+    shutil.copy(checkpoints["qwen2-w8a16-tp1"] / "rank0.safetensors", tmp_path)
     assert not recognizes(tmp_path)
 
 
