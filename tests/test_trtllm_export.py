@@ -348,6 +348,8 @@ def test_pipeline_stages_hold_their_own_layers_renumbered(tmp_path):
     (FP8, {"tp_size": 3}, "tp_size = 3"),
     (AWQ.replace("GROUP", "128"), {"tp_size": 2}, "not a multiple of 256"),
     (FP8, {"pp_size": 3}, "pp_size = 3"),
+    (FP8.replace('quantizer = "fp8"', 'quantizer = "fp8"\nignore = ["lm_head", "model.layers.1.mlp.down_proj"]', 1),
+     {"pp_size": 2}, "transformer.layers.1.mlp.proj is left unquantized"),
 ])
 def test_what_the_format_cannot_express_is_refused_before_calibration_and_before_writing(text, options, needle, tmp_path):
     model = tiny("llama")

@@ -93,9 +93,11 @@ class TensorRTLLMExporter:
     def check(self, model: torch.nn.Module, recipe: Any) -> None:
         """Refuse, from the recipe and the model's shapes, what the checkpoint could not hold
         (before any calibration); raises :class:`qframe.ExportError`."""
+        from .build import check_available
         from .check import check_recipe
 
         check_recipe(model, recipe, self.options)
+        check_available(self.options.build_spec)  # build = true without trtllm-build: fail now, not after
 
     def export(self, qmodel: Any, directory: str | Path) -> Path:
         """Write ``config.json`` and ``rank{N}.safetensors`` into ``directory``. Everything is

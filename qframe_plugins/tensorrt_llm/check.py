@@ -68,5 +68,7 @@ def check_recipe(model: nn.Module, recipe: Any, options: Any) -> None:
         raise ExportError(f"the recipe quantizes decoder linears with different algorithms ({'; '.join(described)}), but "
                           "a TensorRT-LLM checkpoint holds one; quantize every decoder linear alike")
     algo, group = found.pop() if found else (None, None)
+    excluded = [spec.name for i in range(layout.num_layers) for spec in layout.linears(i)
+                if algo is not None and spec.name not in chosen]
     # dtype does not matter to the shape checks
-    check_parallel(layout, Plan(algo, group, False, None, None), options.tp_size, options.pp_size)
+    check_parallel(layout, Plan(algo, group, False, None, None, excluded), options.tp_size, options.pp_size)

@@ -240,6 +240,13 @@ def check_parallel(layout: Layout, plan: Plan, tp_size: int, pp_size: int) -> No
     if layout.num_layers % pp_size:
         raise ExportError(f"pp_size = {pp_size} does not divide the model's {layout.num_layers} decoder layers; "
                           f"choose a pp_size that divides {layout.num_layers}")
+    layered = [name for name in plan.excluded if name.startswith("transformer.layers.")]
+    if pp_size > 1 and layered:
+        # TensorRT-LLM matches exclude_modules against each pipeline stage's own layer numbers
+        # (from 0), so one config cannot exclude a linear of one stage only.
+        raise ExportError(f"pp_size = {pp_size}: {layered[0]} is left unquantized, and TensorRT-LLM matches "
+                          "exclude_modules against each pipeline stage's own layer numbers, so that cannot be "
+                          "expressed; quantize it too (remove it from the stage's ignore) or export with pp_size = 1")
     if plan.quant_algo == "NVFP4":
         for what, size in {"attention width": layout.heads * layout.head_size, "MLP width": layout.intermediate}.items():
             if size % (16 * tp_size):
