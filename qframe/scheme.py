@@ -249,6 +249,22 @@ def _pattern_matches(pattern: str, name: str, module: object) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
 
 
+def describe(args: QuantArgs | None) -> str:
+    """A short human description of ``args``, for error messages.
+
+    Example::
+
+        >>> describe(QuantArgs(bits=4, granularity="group", group_size=64, symmetric=False))
+        'int4 asymmetric group 64'
+        >>> describe(None)
+        'none'
+    """
+    if args is None:
+        return "none"
+    kind = args.format if args.type == "float" else f"int{args.bits}{'' if args.symmetric else ' asymmetric'}"
+    grain = f"group {args.group_size}" if args.granularity == "group" else f"per {args.granularity}"
+    return f"{kind} {grain}{' dynamic' if args.dynamic else ''}"
+
 @dataclass(frozen=True)
 class QuantScheme:
     """Which modules a stage quantizes, and how.

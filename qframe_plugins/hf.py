@@ -49,7 +49,7 @@ from torch import nn
 
 from qframe import BackendPlugin, hookimpl
 from qframe.errors import ExportError, ModelError, RecipeError
-from qframe.scheme import QuantArgs
+from qframe.scheme import QuantArgs, describe
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 WEIGHTS = "model.safetensors"
@@ -106,14 +106,6 @@ class HFOptions:
 
 # -- which algorithm a linear is, or why it cannot be written ----------------------------------------
 
-def _describe(args: QuantArgs | None) -> str:
-    if args is None:
-        return "none"
-    kind = args.format if args.type == "float" else f"int{args.bits}{'' if args.symmetric else ' asymmetric'}"
-    grain = f"group {args.group_size}" if args.granularity == "group" else f"per {args.granularity}"
-    return f"{kind} {grain}{' dynamic' if args.dynamic else ''}"
-
-
 def _is_static_fp8(args: QuantArgs | None) -> bool:
     return (args is not None and args.type == "float" and args.format == "e4m3" and args.granularity == "tensor"
             and not args.dynamic)
@@ -133,7 +125,7 @@ def quant_algo(weights: QuantArgs | None, acts: QuantArgs | None, where: str) ->
         qframe.errors.ExportError: q_proj: weights int4 asymmetric group 64, activations none: the unified HF checkpoint's int4 (W4A16_AWQ, W4A8_AWQ) has no zero points (has_zero_point is false); set weights.symmetric = true
     """
     def refuse(why: str) -> ExportError:
-        return ExportError(f"{where}: weights {_describe(weights)}, activations {_describe(acts)}: {why}")
+        return ExportError(f"{where}: weights {describe(weights)}, activations {describe(acts)}: {why}")
 
     if weights is None:
         if acts is not None:
@@ -189,7 +181,7 @@ def kv_cache_algo(outputs: QuantArgs, where: str) -> str:
     """
     if _is_static_fp8(outputs):
         return "FP8"
-    raise ExportError(f"{where}: a {_describe(outputs)} KV cache cannot be written in the unified HF checkpoint, "
+    raise ExportError(f"{where}: a {describe(outputs)} KV cache cannot be written in the unified HF checkpoint, "
                       "whose k_scale/v_scale are FP8 E4M3 cache scales (amax/448); use "
                       "activations = { type = \"float\", bits = 8 } in the kv_cache stage (or export INT8 caches "
                       "with --backend tensorrt-llm)")

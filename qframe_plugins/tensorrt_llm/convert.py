@@ -39,7 +39,7 @@ from torch import nn
 from qframe import numerics
 from qframe.errors import ExportError
 from qframe.qlinear import QuantLinear
-from qframe.scheme import QuantArgs
+from qframe.scheme import QuantArgs, describe
 
 from .layout import Layout, LinearSpec, Part
 
@@ -48,14 +48,6 @@ AWQ_ALGOS = ("W4A16_AWQ", "W4A8_AWQ")
 AWQ_GROUP_SIZES = {"W4A16_AWQ": (64, 128), "W4A8_AWQ": (128,)}
 FP8_MAX = 448.0
 CHECKPOINT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def _describe(args: QuantArgs | None) -> str:
-    if args is None:
-        return "none"
-    kind = args.format if args.type == "float" else f"int{args.bits}{'' if args.symmetric else ' asymmetric'}"
-    grain = f"group {args.group_size}" if args.granularity == "group" else f"per {args.granularity}"
-    return f"{kind} {grain}{' dynamic' if args.dynamic else ''}"
 
 
 def algorithm(weights: QuantArgs | None, acts: QuantArgs | None, where: str) -> str | None:
@@ -69,7 +61,7 @@ def algorithm(weights: QuantArgs | None, acts: QuantArgs | None, where: str) -> 
         'FP8'
     """
     def refuse(why: str) -> ExportError:
-        return ExportError(f"{where}: weights {_describe(weights)}, activations {_describe(acts)}: {why}")
+        return ExportError(f"{where}: weights {describe(weights)}, activations {describe(acts)}: {why}")
 
     if weights is None:
         if acts is not None:
@@ -131,7 +123,7 @@ def kv_algorithm(outputs: QuantArgs, where: str) -> str:
         return "INT8"
     if outputs.type == "float" and outputs.format == "e4m3":
         return "FP8"
-    raise ExportError(f"{where}: a {_describe(outputs)} KV cache cannot be written for TensorRT-LLM, which "
+    raise ExportError(f"{where}: a {describe(outputs)} KV cache cannot be written for TensorRT-LLM, which "
                       "stores FP8 E4M3 or symmetric INT8 caches; use activations = { type = \"float\", bits = 8 } "
                       "or { bits = 8 } in the kv_cache stage")
 
