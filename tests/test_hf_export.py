@@ -24,33 +24,8 @@ from qframe.testing import random_tokens, tiny_llama_model, tiny_model
 from qframe_plugins.hf import HFExporter, HFOptions, unpack_int4_rows
 
 from peer import run_peer_script
+from test_trtllm_export import AWQ, FP8, NVFP4, W4A8  # the same stages for both backends
 
-FP8 = """
-[[stage]]
-quantizer = "fp8"
-weights = { type = "float", bits = 8, granularity = "tensor" }
-activations = { type = "float", bits = 8 }
-[[stage]]
-quantizer = "kv_cache"
-activations = { type = "float", bits = 8 }
-"""
-NVFP4 = """
-[[stage]]
-quantizer = "nvfp4"
-weights = { type = "float", bits = 4 }
-activations = { type = "float", bits = 4 }
-"""
-AWQ = """
-[[stage]]
-quantizer = "awq"
-weights = { bits = 4, group_size = GROUP }
-"""
-W4A8 = """
-[[stage]]
-quantizer = "awq"
-weights = { bits = 4, group_size = 128 }
-activations = { type = "float", bits = 8 }
-"""
 RECIPES = {"FP8": FP8, "NVFP4": NVFP4, "W4A16_AWQ": AWQ.replace("GROUP", "128"), "W4A8_AWQ": W4A8}
 QUANT_KEYS = ("quant_algo", "kv_cache_quant_algo", "group_size", "has_zero_point", "pre_quant_scale")
 
