@@ -186,36 +186,40 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor | Hessian, args: QuantArgs, *
         (torch.Size([4, 16]), False)
     """
     columns = w.shape[1]
-    weight = w.detach().float().clone()
+    device = w.device
     if isinstance(h, Hessian):
-        h, h_owner = h.matrix.to(weight.device, torch.float32), h
+        h, h_owner = h.matrix.to(device, torch.float32), h
         h_owner.matrix = None
     else:
-        h = h.to(weight.device, torch.float32).clone()
+        h = h.to(device, torch.float32).clone()
+    # An input channel that is always zero carries no information: its weights can be dropped.
+    dead = h.diagonal() == 0
+    h.diagonal()[dead] = 1.0
+    alive = w.detach().float().masked_fill(dead, 0.0)
+    energy = float((alive @ h * alive).sum().clamp_min(1e-30))
+    del alive
+    order = torch.argsort(h.diagonal(), descending=True) if act_order else None
+    if act_order:  # columns with the largest inputs first; each keeps its own group's scale
+        backwards = order.flip(0)
+        h = h[backwards]  # rows, then columns: never more than two [in, in] matrices at once
+        h = h[:, backwards]
+    else:
+        h = h.flip((0, 1))
+    # Factorize first: float32 copies of the weight wait until H has become its factor.
+    upper, damp = _inverse_factor(h, dampening)
+    del h  # overwritten by the factorization
+
+    weight = w.detach().float().clone()
     # Static scales from the original weight: rounding the result again gives the same codes.
     ranges = numerics.minmax_ranges(weight, args)
     global_scale = numerics.weight_global_scale(weight, args)
     scale, zero, global_scale = numerics.scale_parts(*ranges, args, global_scale)
     scales = _per_column(numerics.effective_scale(scale, global_scale, args), args, weight.shape)
     zeros = None if zero is None else _per_column(zero, args, weight.shape)
-
-    # An input channel that is always zero carries no information: its weights can be dropped.
-    dead = h.diagonal() == 0
-    h.diagonal()[dead] = 1.0
     weight[:, dead] = 0.0
-    energy = float((weight @ h * weight).sum().clamp_min(1e-30))
-
-    if act_order:  # columns with the largest inputs first; each keeps its own group's scale
-        order = torch.argsort(h.diagonal(), descending=True)
+    if act_order:
         weight, scales = weight[:, order], scales[:, order]
         zeros = None if zeros is None else zeros[:, order]
-        backwards = order.flip(0)
-        h = h[backwards]  # rows, then columns: never more than two [in, in] matrices at once
-        h = h[:, backwards]
-    else:
-        h = h.flip((0, 1))
-    upper, damp = _inverse_factor(h, dampening)
-    del h  # overwritten by the factorization
     dynamic = not act_order and args.granularity == "group" and upper is not None
     lo, hi = (ranges[0].clone(), ranges[1].clone()) if dynamic else ranges
     loss = torch.zeros((), device=weight.device)
