@@ -587,3 +587,31 @@ def unpack(packed: torch.Tensor, bits: int, symmetric: bool, length: int, format
     if symmetric:
         return (u - (1 << (bits - 1))).to(torch.int8)
     return u.to(torch.uint8)
+
+
+def pack_int4_rows(codes: torch.Tensor) -> torch.Tensor:
+    """Signed int4 codes ``[out, in]`` (int8, -8..7) packed two a byte along the *output*
+    rows, as TensorRT-LLM's and the unified HF checkpoint's AWQ weights hold them:
+    ``byte[j, k] = (q[2j, k] & 0xF) | (q[2j+1, k] << 4)``, uint8 ``[out/2, in]``.
+
+    Example::
+
+        >>> pack_int4_rows(torch.tensor([[1], [-2]], dtype=torch.int8)).tolist()
+        [[225]]
+    """
+    u = codes.to(torch.int16) & 0xF
+    return (u[0::2] | (u[1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_rows` (uint8, or the same bytes viewed as int8): int8
+    codes ``[2 * rows, in]``.
+
+    Example::
+
+        >>> unpack_int4_rows(pack_int4_rows(torch.tensor([[7], [-8]], dtype=torch.int8))).flatten().tolist()
+        [7, -8]
+    """
+    u = packed.view(torch.uint8).to(torch.int16)
+    rows = torch.stack([u & 0xF, u >> 4], dim=1).reshape(-1, packed.shape[-1])
+    return torch.where(rows > 7, rows - 16, rows).to(torch.int8)

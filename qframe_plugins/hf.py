@@ -47,7 +47,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from qframe import BackendPlugin, hookimpl
+from qframe import BackendPlugin, hookimpl, numerics
 from qframe.errors import ExportError, ModelError, RecipeError
 from qframe.scheme import QuantArgs, describe
 
@@ -361,33 +361,6 @@ def _group(size: int | None) -> str:
 
 # -- tensors -------------------------------------------------------------------------------------------
 
-def pack_int4_rows(codes: torch.Tensor) -> torch.Tensor:
-    """int4 codes ``[out, in]`` (int8, -8..7) packed two a byte along the output, as the unified
-    checkpoint's W4A16_AWQ/W4A8_AWQ hold them: ``byte[j, k] = (q[2j, k] & 0xF) | (q[2j+1, k] << 4)``,
-    uint8 ``[out/2, in]``.
-
-    Example::
-
-        >>> pack_int4_rows(torch.tensor([[1], [-2]], dtype=torch.int8)).tolist()
-        [[225]]
-    """
-    u = codes.to(torch.int16) & 0xF
-    return (u[0::2] | (u[1::2] << 4)).to(torch.uint8)
-
-
-def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_int4_rows`: int8 codes ``[2 * rows, in]``.
-
-    Example::
-
-        >>> unpack_int4_rows(pack_int4_rows(torch.tensor([[7], [-8]], dtype=torch.int8))).flatten().tolist()
-        [7, -8]
-    """
-    u = packed.to(torch.int16)
-    rows = torch.stack([u & 0xF, u >> 4], dim=1).reshape(-1, packed.shape[-1])
-    return torch.where(rows > 7, rows - 16, rows).to(torch.int8)
-
-
 def _scalar(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float().reshape(()).cpu()
 
@@ -406,8 +379,6 @@ def _weight_scale_2(plan: Plan) -> dict[str, torch.Tensor]:
 def linear_tensors(name: str, module: nn.Module, plan: Plan, dtype: torch.dtype,
                    scale_2: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of one quantized linear, keyed by full name."""
-    from qframe import numerics
-
     algo, out = plan.quant_algo, {}
     if algo == "FP8":
         out["weight"] = module.weight_codes.to(torch.float8_e4m3fn)
@@ -419,7 +390,7 @@ def linear_tensors(name: str, module: nn.Module, plan: Plan, dtype: torch.dtype,
         out["weight_scale_2"] = _scalar(module.weight_global_scale)
         out["input_scale"] = _scalar(module.input_scale)
     else:
-        out["weight"] = pack_int4_rows(module.weight_codes)
+        out["weight"] = numerics.pack_int4_rows(module.weight_codes)
         out["weight_scale"] = module.weight_scale.float()
         if algo == "W4A8_AWQ":
             out["weight_scale_2"] = scale_2[name]

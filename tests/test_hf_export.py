@@ -21,7 +21,7 @@ from qframe.cli import main as cli_main
 from qframe.errors import ExportError
 from qframe.recipe import load_recipe
 from qframe.testing import random_tokens, tiny_llama_model, tiny_model
-from qframe_plugins.hf import HFExporter, HFOptions, unpack_int4_rows
+from qframe_plugins.hf import HFExporter, HFOptions
 
 from peer import run_peer_script
 from test_trtllm_export import AWQ, FP8, NVFP4, W4A8  # the same stages for both backends
@@ -153,7 +153,7 @@ def dequantized(tensors: dict, prefix: str, algo: str, dtype: torch.dtype) -> to
     """A linear's weight as a serving engine computes it from the checkpoint, in ``dtype``."""
     w, scale = tensors[f"{prefix}.weight"], tensors[f"{prefix}.weight_scale"]
     if algo in ("W4A16_AWQ", "W4A8_AWQ"):
-        codes = unpack_int4_rows(w).float()
+        codes = numerics.unpack_int4_rows(w).float()
         group = codes.shape[1] // scale.shape[1]
         return (codes * scale.float().repeat_interleave(group, dim=1)).to(dtype)
     if algo == "FP8":

@@ -16,13 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 import qframe
+from qframe import numerics
 from qframe.checkpoint import save_native
 from qframe.errors import ExportError
-from qframe.qlinear import QuantLinear
 from qframe.recipe import load_recipe
 from qframe.testing import random_tokens, tiny_llama_model, tiny_model
 from qframe_plugins.tensorrt_llm import TensorRTLLMExporter, TensorRTLLMOptions
-from qframe_plugins.tensorrt_llm.convert import unpack_int4_rows
 from qframe_plugins.tensorrt_llm.validate import validate_checkpoint
 
 from peer import run_peer_script
@@ -215,7 +214,7 @@ def dequantized(tensors: dict, prefix: str, algo: str, dtype: torch.dtype) -> to
     w = tensors[f"{prefix}.weight"]
     scale = tensors.get(f"{prefix}.weights_scaling_factor")
     if algo in ("W4A16_AWQ", "W4A8_AWQ"):
-        codes = unpack_int4_rows(w).float()
+        codes = numerics.unpack_int4_rows(w).float()
         group = codes.shape[1] // scale.shape[1]
         # The group-wise kernels take their scales in the model's dtype.
         return (codes * scale.to(dtype).float().repeat_interleave(group, dim=1)).to(dtype)
@@ -224,7 +223,6 @@ def dequantized(tensors: dict, prefix: str, algo: str, dtype: torch.dtype) -> to
     if algo == "W8A8_SQ_PER_CHANNEL":
         return (w.float() * scale.float()[:, None]).to(dtype)
     if algo == "NVFP4":
-        from qframe import numerics
 
         codes = numerics.unpack(w, 4, False, w.shape[1] * 2, "nvfp4")
         block = scale.float() * tensors[f"{prefix}.weights_scaling_factor_2"].float()

@@ -280,32 +280,9 @@ class Piece:
     encode: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-def pack_int4_rows(codes: torch.Tensor) -> torch.Tensor:
-    """int4 codes ``[out, in]`` (int8, -8..7) packed two a byte along the output, as
-    TensorRT-LLM's W4A16_AWQ holds them: ``byte[j, k] = (q[2j, k] & 0xF) | (q[2j+1, k] << 4)``,
-    returned as int8 ``[out/2, in]``.
-
-    Example::
-
-        >>> pack_int4_rows(torch.tensor([[1], [-2]], dtype=torch.int8)).view(torch.uint8).tolist()
-        [[225]]
-    """
-    u = codes.to(torch.int16) & 0xF
-    return (u[0::2] | (u[1::2] << 4)).to(torch.uint8).view(torch.int8)
-
-
-def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_int4_rows`: int8 codes ``[2 * rows, in]``.
-
-    Example::
-
-        >>> unpack_int4_rows(pack_int4_rows(torch.tensor([[7], [-8]], dtype=torch.int8))).flatten().tolist()
-        [7, -8]
-    """
-    u = packed.view(torch.uint8).to(torch.int16)
-    low, high = u & 0xF, u >> 4
-    signed = torch.stack([low, high], dim=1).reshape(-1, packed.shape[-1])
-    return torch.where(signed > 7, signed - 16, signed).to(torch.int8)
+def _pack_int4_rows_int8(codes: torch.Tensor) -> torch.Tensor:
+    # TensorRT-LLM's W4A16_AWQ/W4A8_AWQ weight is typed int8 (the same bytes).
+    return numerics.pack_int4_rows(codes).view(torch.int8)
 
 
 def pack_e2m1_columns(codes: torch.Tensor) -> torch.Tensor:
@@ -379,7 +356,7 @@ def linear_pieces(model: nn.Module, spec: LinearSpec, plan: Plan, stage: int) ->
             out["weights_scaling_factor_2"] = single(joint.float().reshape(1))
         out["activation_scaling_factor"] = single(torch.stack([m.input_scale.float().reshape(()) for m in modules]).amax().reshape(1))
     elif algo in AWQ_ALGOS:
-        out["weight"] = rows(lambda m, p: _rows(m.weight_codes, p), pack_int4_rows)
+        out["weight"] = rows(lambda m, p: _rows(m.weight_codes, p), _pack_int4_rows_int8)
         out["weights_scaling_factor"] = rows(lambda m, p: _rows(m.weight_scale, p).float())
         if algo == "W4A8_AWQ":
             amax = torch.stack([_rows(m.weight.detach().float(), p).abs().amax() for m, p in zip(modules, spec.parts)]).amax()

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,8 +64,9 @@ class Plain:
     split: str | None = None
 
 
-class Layout:
-    """The names of one model family in a TensorRT-LLM checkpoint."""
+class Layout(ABC):
+    """The names of one model family in a TensorRT-LLM checkpoint; each family's subclass
+    says where its tensors go (the abstract methods)."""
 
     architecture: str
 
@@ -101,31 +103,33 @@ class Layout:
     def vocab(self) -> int:
         return int(self.hf.vocab_size)
 
+    @abstractmethod
     def layer(self, i: int) -> str:
         """The Hugging Face name of decoder layer ``i``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def linears(self, i: int) -> list[LinearSpec]:
-        raise NotImplementedError
+        """The linears TensorRT-LLM runs in decoder layer ``i`` (fused where it fuses them)."""
 
+    @abstractmethod
     def layer_tensors(self, i: int) -> list[Plain]:
-        raise NotImplementedError
+        """The plain tensors (norms) of decoder layer ``i``."""
 
+    @abstractmethod
     def first_tensors(self) -> list[Plain]:
         """Tensors of the first pipeline stage (embeddings)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def last_tensors(self) -> list[Plain]:
         """Tensors of the last pipeline stage (final norm, lm_head)."""
-        raise NotImplementedError
 
     def kv_projections(self, i: int) -> tuple[str, ...]:
         """The modules whose outputs the KV cache stores (their output scales)."""
         return ()
 
+    @abstractmethod
     def config(self) -> dict[str, Any]:
         """``config.json`` keys that describe the model (not dtype, mapping or quantization)."""
-        raise NotImplementedError
 
 
 class LlamaLayout(Layout):

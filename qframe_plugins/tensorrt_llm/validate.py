@@ -415,7 +415,7 @@ def _shape_problems(spec: Spec, name: str, out: int, inp: int) -> list[str]:
 
 def expected_tensors(spec: Spec, rank: int) -> tuple[dict[str, Expect], list[str]]:
     """Every tensor ``rank{rank}.safetensors`` must hold, and widths its layout cannot take."""
-    tp_rank, pp_rank, tp = rank % spec.tp, rank // spec.tp, spec.tp
+    pp_rank, tp = rank // spec.tp, spec.tp
     md, h, hd = DTYPES[spec.dtype], spec.hidden, spec.head_size
     expect: dict[str, Expect] = {}
     impossible: list[str] = []
