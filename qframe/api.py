@@ -13,22 +13,22 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-from .checkpoint import is_native, load_native, save_native
+from . import faults
+from .checkpoint import load_native, save_native
 from .data import DataContext, TokenWindows, calibration_windows, evaluation_windows
 from .errors import ExportError, QFrameError, RecipeError
 from .evaluate import EvalResult, perplexity
 from .model import load_model, resolve_source
+from .output import seal, writing
 from .pipeline import run_pipeline
 from .plugins import Registry, default_registry
 from .quantized import QuantizedModel
@@ -159,8 +159,8 @@ def export(
         exporter = make_exporter(registry.get("backend", backend), options)
     except RecipeError as exc:
         raise exc.within("export") from None
-    recognizes = getattr(exporter, "recognizes", None)  # its own earlier output may be replaced
-    with _atomic_directory(Path(output), recognizes) as tmp:
+    protect = [qmodel.directory] if qmodel.directory is not None else []
+    with writing(Path(output), protect=protect) as tmp:
         _export_checked(exporter, qmodel, tmp)
     _build(exporter, Path(output))
     return Path(output)
@@ -169,8 +169,9 @@ def export(
 def _build(exporter: Any, directory: Path) -> None:
     # After the checkpoint is in place: a failed engine build never costs the checkpoint.
     build = getattr(exporter, "build", None)
-    if build is not None:
-        build(directory)
+    built = build(directory) if build is not None else None
+    if built is not None and Path(built).is_dir():
+        seal(built)  # the engine is qframe's output too: a later run may replace it
 
 
 def export_subdirectory(backend: str, registry: Registry | None = None) -> str:
@@ -181,35 +182,26 @@ def export_subdirectory(backend: str, registry: Registry | None = None) -> str:
 
 
 def _export_checked(exporter: Any, qmodel: QuantizedModel, directory: Path) -> None:
+    """Export into ``directory``, validate what was written, and seal it as qframe's."""
     exporter.export(qmodel, directory)
     validate = getattr(exporter, "validate", None)
     problems = validate(directory) if validate else []
     if problems:
-        raise ExportError(f"the checkpoint written to {directory} fails validation: " + "; ".join(problems))
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ExportError(f"the checkpoint written to {directory} fails validation: {shown}")
+    seal(directory)
 
 
-@contextmanager
-def _atomic_directory(target: Path, replaceable: Callable[[Path], bool] | None = None) -> Iterator[Path]:
-    """Yield a temporary sibling of ``target``; on success it replaces ``target``, on
-    failure it disappears, so no half-written directory ever looks finished. A non-empty
-    ``target`` is replaced only when it is a qframe output or ``replaceable`` says so."""
-    target = target.resolve()
-    if target.exists() and any(target.iterdir()) and not is_native(target) and not (replaceable and replaceable(target)):
-        raise QFrameError(f"output {str(target)!r} exists and is not a qframe output; choose another --output")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+def _reporting(progress: Callable[[int, int, str], None] | None) -> Callable[[int, int, str], None]:
+    """``progress``, and the fault-test moment ``calibrate`` once the first layer is done."""
+
+    def report(done: int, total: int, name: str) -> None:
+        if progress is not None:
+            progress(done, total, name)
+        if done == 1:
+            faults.reach("calibrate")
+
+    return report
 
 
 @dataclass
@@ -241,12 +233,15 @@ def apply(
         return ApplyResult(None, None, plan)
     started = time.perf_counter()
     exporter = make_exporter(plan.backend, parsed.export.options) if plan.backend.name != "qframe" else None
-    with _atomic_directory(target) as tmp:
+    reads = [source.location] if source.kind != "hub" else []
+    with writing(target, protect=reads) as tmp:
         loaded = load_model(source, parsed.model.dtype)
         load_s = time.perf_counter() - started
+        faults.reach("load")
         if hasattr(exporter, "check"):  # refuse what the format cannot express before calibrating
             exporter.check(loaded.model, parsed)
-        qmodel = quantize(loaded.model, parsed, tokenizer=loaded.tokenizer, device=chosen, registry=registry, progress=progress)
+        qmodel = quantize(loaded.model, parsed, tokenizer=loaded.tokenizer, device=chosen, registry=registry,
+                          progress=_reporting(progress))
         qmodel.manifest["model"] = {"spec": source.spec, "kind": source.kind, "location": source.location}
         qmodel.manifest["timings"].update(load_s=round(load_s, 3), total_s=round(time.perf_counter() - started, 3))
         save_native(qmodel, tmp)

@@ -32,11 +32,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import numerics
-from .errors import ModelError
+from . import faults, numerics
+from .errors import ModelError, QFrameError
 from .model import find_architecture
 from .plugins import default_registry
 from .qlinear import QuantLinear
+from .output import strict_dumps
 from .quantized import QuantizedModel
 from .scheme import QuantArgs
 
@@ -87,6 +88,7 @@ def save_native(qmodel: QuantizedModel, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tensors, tied = native_state(qmodel)
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": FORMAT})
+    faults.reach("write")
     qmodel.model.config.save_pretrained(directory)
     if qmodel.tokenizer is not None:
         qmodel.tokenizer.save_pretrained(directory)
@@ -98,70 +100,181 @@ def save_native(qmodel: QuantizedModel, directory: str | Path) -> Path:
         tied=tied,
         modules={n: _module_entry(m) for n, m in qmodel.quantized_modules().items()},
     )
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    (directory / MANIFEST).write_text(strict_dumps(manifest, f"the manifest of {directory}", indent=2, default=str) + "\n")
     qmodel.manifest = manifest
     return directory
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The manifest of a native checkpoint, checked for shape: strict JSON (no NaN), the
+    native format, and every key :func:`load_native` reads with the type it needs."""
     path = Path(directory) / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"), parse_constant=_not_json)
     except FileNotFoundError:
         raise ModelError(f"{directory} is not a qframe output directory (no {MANIFEST})") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path}: unreadable manifest ({exc})") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelError(f"{path}: unreadable manifest ({_short(exc)})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
+            or manifest.get("format_version") != FORMAT_VERSION:
         raise ModelError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
+    _module_args(manifest, path)
     return manifest
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _module_args(manifest: dict[str, Any], path: Path) -> dict[str, dict[str, QuantArgs | None]]:
+    """Check the manifest's keys and types; each quantized module's QuantArgs by role."""
+    def bad(key: str, why: str) -> ModelError:
+        return ModelError(f"{path}: {key}: {why}; the manifest is damaged (write the output again with qframe apply)")
+
+    if manifest.get("dtype") not in ("float32", "float16", "bfloat16"):
+        raise bad("dtype", "expected float32, float16 or bfloat16")
+    tied = manifest.get("tied", {})
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+        raise bad("tied", "expected a table of tensor names")
+    modules = manifest.get("modules")
+    if not isinstance(modules, dict):
+        raise bad("modules", "expected a table of quantized modules")
+    parsed: dict[str, dict[str, QuantArgs | None]] = {}
+    for name, entry in modules.items():
+        key = f"modules[{name!r}]"
+        if not isinstance(entry, dict):
+            raise bad(key, "expected a table")
+        for field in ("in_features", "out_features"):
+            value = entry.get(field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(f"{key}.{field}", "expected a positive integer")
+        for field in ("bias", "input_prescale"):
+            if not isinstance(entry.get(field, False), bool):
+                raise bad(f"{key}.{field}", "expected true or false")
+        parsed[name] = {}
+        for role in ("weights", "activations", "outputs"):
+            args = entry.get(role)
+            if args is not None and not isinstance(args, dict):
+                raise bad(f"{key}.{role}", "expected a table of QuantArgs")
+            try:
+                parsed[name][role] = QuantArgs(**args) if args else None
+            except (QFrameError, TypeError, ValueError) as exc:
+                raise bad(f"{key}.{role}", _short(exc)) from None
+    return parsed
+
+
 def is_native(directory: str | Path) -> bool:
+    """Whether ``directory`` claims to be a native checkpoint (:func:`read_manifest` checks it)."""
     return (Path(directory) / MANIFEST).is_file()
 
 
 def load_native(directory: str | Path) -> QuantizedModel:
-    """Rebuild the quantized model exactly as it was saved."""
+    """Rebuild the quantized model exactly as it was saved. Anything damaged — the manifest,
+    the config, the tensors, a size that disagrees with another — is a :class:`ModelError`
+    naming it; nothing is allocated for sizes the checkpoint does not hold."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(directory)
     manifest = read_manifest(directory)
+    module_args = _module_args(manifest, directory / MANIFEST)
+    weights_file = directory / WEIGHTS
     try:
-        tensors = load_file(str(directory / WEIGHTS))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"{directory / WEIGHTS}: not a readable safetensors file ({exc})") from None
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{weights_file}: not a readable safetensors file ({_short(exc)})") from None
     dtype = getattr(torch, manifest["dtype"])
-    config = AutoConfig.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    # The saved state is that of the prepared model (e.g. GPT-2's Conv1D turned into nn.Linear).
-    find_architecture(model, default_registry()).prepare(model)
+    try:
+        config = AutoConfig.from_pretrained(directory)
+        with torch.device("meta"):  # sizes first, so a damaged config cannot allocate a huge model
+            skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as exc:  # transformers raises many types for a bad config
+        raise ModelError(f"{directory / 'config.json'}: not a usable model config ({_short(exc)})") from None
+    wanted = sum(p.numel() for p in skeleton.parameters())
+    # Packed codes hold at most four weights a byte; anything larger is not this checkpoint's model.
+    held = sum(t.numel() * (4 if n.endswith(".weight_packed") else 1) for n, t in tensors.items())
+    if wanted > held + sum(skeleton.get_parameter(k).numel() for k in manifest["tied"] if _has_parameter(skeleton, k)):
+        raise ModelError(f"{directory / 'config.json'} describes a model of {wanted} parameters, but {weights_file} "
+                         f"holds at most {held}; the output is damaged (write it again with qframe apply)")
+    del skeleton
+    try:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        # The saved state is that of the prepared model (e.g. GPT-2's Conv1D turned into nn.Linear).
+        find_architecture(model, default_registry()).prepare(model)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"{directory / 'config.json'}: cannot build the model ({_short(exc)})") from None
     for name, entry in manifest["modules"].items():
-        weights = QuantArgs(**entry["weights"]) if entry["weights"] else None
-        acts = QuantArgs(**entry["activations"]) if entry["activations"] else None
-        outputs = QuantArgs(**entry["outputs"]) if entry.get("outputs") else None
-        module = QuantLinear(entry["in_features"], entry["out_features"], entry["bias"], weights, acts, dtype, outputs,
-                             prescale=entry.get("input_prescale", False))
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, module)
-        packed = tensors.pop(f"{name}.weight_packed", None)
-        if weights is not None:
-            if packed is None:
-                raise ModelError(f"{directory / WEIGHTS}: missing {name}.weight_packed")
-            codes = numerics.unpack(packed, weights.bits, weights.symmetric, entry["in_features"], weights.format)
-            tensors[f"{name}.weight_codes"] = codes
-    result = model.load_state_dict(tensors, strict=False)
-    missing = set(result.missing_keys) - set(manifest.get("tied", {}))
+        _install(model, name, entry, module_args[name], tensors, dtype, weights_file)
+    try:
+        result = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # a tensor whose shape disagrees with the config
+        raise ModelError(f"{weights_file} does not match {directory / 'config.json'}: {_short(exc, 300)}") from None
+    missing = set(result.missing_keys) - set(manifest["tied"])
     if missing or result.unexpected_keys:
         raise ModelError(
-            f"{directory / WEIGHTS} does not match its manifest: "
+            f"{weights_file} does not match its manifest: "
             f"missing {sorted(missing)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}"
         )
     model.tie_weights()
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.refresh()
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ModelError(f"{weights_file}: {len(bad)} tensor(s) hold NaN or infinity ({', '.join(bad[:5])}); "
+                         "the output is damaged (write it again with qframe apply)")
     model.eval()
     model.config.use_cache = False
     has_tokenizer = (directory / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(directory) if has_tokenizer else None
-    return QuantizedModel(model, tokenizer, manifest)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory) if has_tokenizer else None
+    except Exception as exc:
+        raise ModelError(f"{directory}: cannot load its tokenizer ({_short(exc)})") from None
+    return QuantizedModel(model, tokenizer, manifest, directory=directory)
+
+
+def _has_parameter(model: torch.nn.Module, name: str) -> bool:
+    try:
+        model.get_parameter(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _install(model: torch.nn.Module, name: str, entry: dict[str, Any], args: dict[str, QuantArgs | None],
+             tensors: dict[str, torch.Tensor], dtype: torch.dtype, weights_file: Path) -> None:
+    """Put the QuantLinear a manifest entry describes where the model has a linear of that shape,
+    its codes unpacked into ``tensors``."""
+    try:
+        linear = model.get_submodule(name)
+    except AttributeError:
+        linear = None
+    shape = (entry["in_features"], entry["out_features"])
+    if not isinstance(linear, torch.nn.Linear) or (linear.in_features, linear.out_features) != shape:
+        raise ModelError(f"{weights_file.parent / MANIFEST}: modules[{name!r}] is a {shape[0]}x{shape[1]} linear, "
+                         "but the model's config has no such linear there; the output is damaged")
+    weights, acts, outputs = args["weights"], args["activations"], args["outputs"]
+    module = QuantLinear(shape[0], shape[1], entry["bias"], weights, acts, dtype, outputs,
+                         prescale=entry.get("input_prescale", False))
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+    packed = tensors.pop(f"{name}.weight_packed", None)
+    if weights is None:
+        return
+    if packed is None:
+        raise ModelError(f"{weights_file}: missing {name}.weight_packed")
+    try:
+        codes = numerics.unpack(packed, weights.bits, weights.symmetric, shape[0], weights.format)
+    except (ValueError, RuntimeError) as exc:
+        raise ModelError(f"{weights_file}: {name}.weight_packed cannot be unpacked as {weights.name} "
+                         f"[{shape[1]}, {shape[0]}] ({_short(exc)})") from None
+    if tuple(codes.shape) != (shape[1], shape[0]):
+        raise ModelError(f"{weights_file}: {name}.weight_packed holds {list(codes.shape)} codes, expected "
+                         f"[{shape[1]}, {shape[0]}]")
+    tensors[f"{name}.weight_codes"] = codes

@@ -6,7 +6,7 @@ Exit status: 0 success, 2 bad input (one paragraph on stderr, no traceback), 1 a
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 from contextlib import contextmanager
 from typing import Iterator
@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from .output import Terminated, raise_on_sigterm, strict_dumps
 
 err = Console(stderr=True)
 
@@ -93,7 +95,7 @@ def cmd_apply(args) -> int:
         summary = {"output": str(result.output), "modules": len(manifest["modules"]),
                    "timings": manifest["timings"], "dataset": manifest["dataset"]}
     if args.json:
-        print(json.dumps(summary))
+        print(strict_dumps(summary, "the summary"))
     elif args.dry_run:
         err.print(f"recipe {args.recipe} is valid; stages: "
                   + ", ".join(s.quantizer for s in recipe.stages)
@@ -143,8 +145,12 @@ def cmd_eval(args) -> int:
     else:
         report.update(api.evaluate(base.model, windows, **common).to_dict())
     report["dataset"] = args.dataset
+    if not math.isfinite(report["perplexity"]) or not math.isfinite(report.get("baseline", {}).get("perplexity", 0.0)):
+        which = "the quantized model's" if qmodel is not None and not math.isfinite(report["perplexity"]) else "the model's"
+        raise QFrameError(f"{which} perplexity on {args.dataset} is not finite: its logits overflow or hold NaN on "
+                          "these windows (an fp16 model often does; evaluate it in bfloat16 or float32)")
     if args.json:
-        print(json.dumps(report))
+        print(strict_dumps(report, "the report"))
     else:
         line = f"perplexity {report['perplexity']:.4f} on {report['tokens']} tokens"
         if "baseline" in report:
@@ -179,7 +185,7 @@ def cmd_plugins(args) -> int:
     rows = [{"kind": e.kind, "name": e.record.name, "summary": e.record.summary,
              "provider": e.provider, "distribution": e.distribution} for e in registry.entries()]
     if args.json:
-        print(json.dumps({"plugins": rows, "failures": [f.__dict__ for f in registry.failures]}))
+        print(strict_dumps({"plugins": rows, "failures": [f.__dict__ for f in registry.failures]}, "the plugin list"))
         return 0
     table = Table("kind", "name", "summary", "provider")
     for row in rows:
@@ -237,14 +243,20 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import QFrameError
 
     args = _parser().parse_args(argv)
+    if argv is None:  # the console script, not a call from Python: SIGTERM cleans up like Ctrl-C
+        raise_on_sigterm()
     try:
         return COMMANDS[args.command](args)
     except QFrameError as exc:
-        print(f"qframe {args.command}: error: {exc}", file=sys.stderr)
+        paragraph = " ".join(str(exc).split("\n"))  # one paragraph, whatever a message quotes
+        print(f"qframe {args.command}: error: {paragraph}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("qframe: interrupted", file=sys.stderr)
+        print("qframe: interrupted; any unfinished output was discarded", file=sys.stderr)
         return 130
+    except Terminated:
+        print("qframe: terminated; any unfinished output was discarded", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -23,6 +24,8 @@ class QuantizedModel:
     model: nn.Module
     tokenizer: Any = None
     manifest: dict[str, Any] = field(default_factory=dict)
+    # The native checkpoint it was loaded from, if any: an export never replaces its own source.
+    directory: Path | None = None
 
     def fake_quantized(self) -> nn.Module:
         """The model itself: it computes with dequantized weights and quantized inputs."""

@@ -53,6 +53,6 @@ def test_export_refuses_a_foreign_directory(model, tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(qframe.QFrameError, match="is not a qframe output"):
+    with pytest.raises(qframe.QFrameError, match="holds what qframe did not write"):
         qframe.export(qmodel, backend="qframe", output=foreign)
     assert (foreign / "notes.txt").read_text() == "keep me"

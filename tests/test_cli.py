@@ -189,7 +189,7 @@ def test_apply_bad_input_exits_2_and_writes_nothing(case, tiny_model_dir, tmp_pa
     else:
         output.mkdir()
         (output / "notes.txt").write_text("mine")
-        expected = "exists and is not a qframe output"
+        expected = "holds what qframe did not write"
     argv = ["apply", recipe, "--model", model, "--output", str(output), "--device", "cpu"]
     assert main(argv + [a for o in overrides for a in ("--set", o)]) == 2
     assert expected in error_paragraph(capsys.readouterr().err, "apply")

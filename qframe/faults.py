@@ -1,0 +1,33 @@
+"""Named moments where a test can stop a real qframe process, to prove what survives a kill.
+
+Setting ``QFRAME_PAUSE_AT=NAME`` makes a qframe process that reaches the moment ``NAME`` print
+``qframe: paused at NAME`` on stderr and wait there (for at most ten minutes), so that a test
+can send it SIGKILL or SIGTERM at exactly that point. Unset, :func:`reach` costs one
+dictionary look-up. The moments: ``load`` (the model is loaded), ``calibrate`` (the first
+decoder layer is quantized), ``write`` (the checkpoint is half written), ``rename`` (the output
+is complete, just before it is put in place), ``between-renames`` (only where the file system
+cannot exchange two directories atomically), ``after-rename`` (in place, the old output not
+yet removed).
+
+Example::
+
+    >>> reach("write")  # nothing happens unless QFRAME_PAUSE_AT=write
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+VARIABLE = "QFRAME_PAUSE_AT"
+
+
+def reach(moment: str) -> None:
+    """Pause here when ``QFRAME_PAUSE_AT`` names ``moment`` (see the module's docstring)."""
+    if os.environ.get(VARIABLE) != moment:
+        return
+    print(f"qframe: paused at {moment}", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
