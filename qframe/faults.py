@@ -1,8 +1,8 @@
 """Named moments where a test can stop a real qframe process, to prove what survives a kill.
 
 Setting ``QFRAME_PAUSE_AT=NAME`` makes a qframe process that reaches the moment ``NAME`` print
-``qframe: paused at NAME`` on stderr and wait there (for at most ten minutes), so that a test
-can send it SIGKILL or SIGTERM at exactly that point. Unset, :func:`reach` costs one
+``qframe: paused at NAME`` on stderr and wait there until it gets SIGUSR1 (or ten minutes
+pass), so that a test can send it SIGKILL or SIGTERM at exactly that point, or let it go on. Unset, :func:`reach` costs one
 dictionary look-up. The moments: ``load`` (the model is loaded), ``calibrate`` (the first
 decoder layer is quantized), ``write`` (the checkpoint is half written), ``rename`` (the output
 is complete, just before it is put in place), ``between-renames`` (only where the file system
@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -27,7 +28,12 @@ def reach(moment: str) -> None:
     """Pause here when ``QFRAME_PAUSE_AT`` names ``moment`` (see the module's docstring)."""
     if os.environ.get(VARIABLE) != moment:
         return
-    print(f"qframe: paused at {moment}", file=sys.stderr, flush=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
+    resumed: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, _frame: resumed.append(signum))
+    try:
+        print(f"qframe: paused at {moment}", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + 600
+        while not resumed and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

@@ -27,3 +27,15 @@ def tokenizer(smollm2_gguf):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer, tmp_path_factory) -> Path:
+    """A two-layer random Llama over SmolLM2's 49152-token vocabulary, saved with its
+    tokenizer like a hub model. Shared by the whole session: nothing may write into it."""
+    from qframe.testing import tiny_llama_model
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama_model(vocab_size=len(tokenizer), tie_word_embeddings=True).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

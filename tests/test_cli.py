@@ -56,17 +56,7 @@ def builtins_only(qframe_registry, monkeypatch):
         monkeypatch.setattr(f"{module}.default_registry", lambda: registry)
 
 
-# -- a tiny model on disk with a real tokenizer -------------------------------------------------
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tokenizer, tmp_path_factory) -> Path:
-    """A two-layer random Llama over SmolLM2's 49152-token vocabulary, saved with its
-    tokenizer like a hub model. Shared by the whole session: nothing may write into it."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama_model(vocab_size=len(tokenizer), tie_word_embeddings=True).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
+# -- a tiny model on disk with a real tokenizer (tiny_model_dir comes from conftest.py) -----------
 
 @pytest.fixture(params=["truncated", "garbage"])
 def corrupt_model_dir(request, tiny_model_dir, tmp_path) -> Path:
