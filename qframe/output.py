@@ -13,8 +13,9 @@ qframe rewrites checkpoints, so what it writes follows five rules:
 - **The path is never empty.** The new directory and the old one trade places in one atomic
   exchange (Linux ``renameat2(RENAME_EXCHANGE)``); where the system has none, two renames,
   and a run killed between them is repaired by the next run into the same path.
-- **Leftovers are cleaned.** Partial directories carry a marker file; the next run into the
-  same path (holding its lock, so no live run owns them) removes those of dead runs.
+- **Leftovers are cleaned.** A partial directory carries a marker file, and an old output moved
+  aside carries its record; the next run into the same path (holding its lock, so no live run
+  owns them) removes those a dead run left.
 
 Example::
 
@@ -297,23 +298,18 @@ def _signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _mark(directory: Path) -> None:
-    (directory / MARKER).write_text(f"{SIGNATURE}\n{os.getpid()}\n")
-
-
 def _replace(tmp: Path, target: Path) -> None:
-    """Put the complete ``tmp`` at ``target``; what was there goes, and ``target`` is never empty."""
+    """Put the complete ``tmp`` at ``target``; what was there goes, and ``target`` is never empty.
+    The old output ends up under a partial name; sealed, it proves itself removable wherever a
+    kill leaves it (:func:`_clean_leftovers`)."""
     from . import faults
 
-    if not target.exists():
-        faults.reach("rename")
-        os.rename(tmp, target)
-        _discard_marker(target)
-        return
-    _mark(target)  # from here on the old directory is a removable leftover wherever it ends up
     faults.reach("rename")
     with _signals_held():
-        if _exchange(tmp, target):
+        if not target.exists():
+            os.rename(tmp, target)
+            old = None
+        elif _exchange(tmp, target):
             old = tmp
         else:
             old = target.parent / f".{target.name}.old-{os.getpid()}"
@@ -322,7 +318,8 @@ def _replace(tmp: Path, target: Path) -> None:
             os.rename(tmp, target)
         _discard_marker(target)
     faults.reach("after-rename")
-    shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _discard_marker(directory: Path) -> None:
@@ -336,17 +333,24 @@ def _clean_leftovers(target: Path) -> list[Path]:
     """Remove qframe's partial directories of ``target`` left by dead runs (the caller holds the
     lock, so no live run owns them); restore an old output a run died without replacing."""
     parent = target.parent
-    leftovers = sorted(p for p in parent.glob(f".{glob_escape(target.name)}.*") if _is_partial(p))
+    leftovers = sorted(p for p in parent.glob(f".{glob_escape(target.name)}.*") if _is_leftover(p))
     if not target.exists():
         olds = [p for p in leftovers if p.name.startswith(f".{target.name}.old-")]
         if olds:  # killed between two renames: the old output was already out of place
             newest = max(olds, key=lambda p: p.stat().st_mtime)
             os.rename(newest, target)
-            _discard_marker(target)
             leftovers.remove(newest)
     for path in leftovers:
         shutil.rmtree(path, ignore_errors=True)
     return leftovers
+
+
+def _is_leftover(path: Path) -> bool:
+    """A partial directory of a run into this target (marked), or an old output a run moved aside
+    (sealed, and unchanged since)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return _is_partial(path) or ((path / RECORD).is_file() and not unproven(path, limit=1))
 
 
 def glob_escape(name: str) -> str:
@@ -412,7 +416,7 @@ def writing(target: str | os.PathLike, *, protect: Iterable[str | os.PathLike] =
         tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
         try:
             tmp.mkdir()
-            _mark(tmp)
+            (tmp / MARKER).write_text(f"{SIGNATURE}\n{os.getpid()}\n")
         except OSError as exc:
             raise QFrameError(f"cannot write beside {str(target)!r}: {exc.strerror or exc}; "
                               "choose another --output") from None
@@ -421,7 +425,7 @@ def writing(target: str | os.PathLike, *, protect: Iterable[str | os.PathLike] =
             seal(tmp)
             _replace(tmp, target)
         except BaseException:
-            if tmp.exists() and _is_partial(tmp):
+            if _is_leftover(tmp):  # the new output, or the old one once the exchange was made
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
 
