@@ -225,7 +225,7 @@ def load_native(directory: str | Path) -> QuantizedModel:
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.refresh()
-    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not _finite(t)]
     if bad:
         raise ModelError(f"{weights_file}: {len(bad)} tensor(s) hold NaN or infinity ({', '.join(bad[:5])}); "
                          "the output is damaged (write it again with qframe apply)")
@@ -237,6 +237,11 @@ def load_native(directory: str | Path) -> QuantizedModel:
     except Exception as exc:
         raise ModelError(f"{directory}: cannot load its tokenizer ({_short(exc)})") from None
     return QuantizedModel(model, tokenizer, manifest, directory=directory)
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    # isfinite has no float8 kernels; those tensors are small (scales) or a byte per weight
+    return bool(torch.isfinite(tensor if tensor.element_size() > 1 else tensor.float()).all())
 
 
 def _has_parameter(model: torch.nn.Module, name: str) -> bool:
