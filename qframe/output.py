@@ -5,7 +5,8 @@ qframe rewrites checkpoints, so what it writes follows five rules:
 - **Nothing partial looks finished.** A run writes into a hidden sibling,
   ``.NAME.partial-PID``, and puts it in place only when everything succeeded.
 - **Only qframe's own output is replaced.** Every finished directory carries a record,
-  ``.qframe-files.json``, of each file qframe wrote with its size and SHA-256. An existing
+  ``.qframe-files.json``, of each file qframe wrote with its size, time and SHA-256 (a file
+  whose time changed must still hash the same). An existing
   directory is replaced only when that record proves qframe wrote all of it, unchanged
   (a sub-directory with a record of its own, such as ``DIR/hf`` written later by
   ``qframe export``, proves itself); anything else in it is named and nothing is touched.
@@ -99,7 +100,7 @@ def _is_partial(path: Path) -> bool:
 
 def seal(directory: str | os.PathLike) -> Path:
     """Write ``directory``'s record: every file in it (sub-directories that hold a record of
-    their own excepted) with its size and SHA-256. Run it when a directory is complete.
+    their own excepted) with its size, time and SHA-256. Run it when a directory is complete.
 
     Example::
 
@@ -113,7 +114,9 @@ def seal(directory: str | os.PathLike) -> Path:
     for path in _walk(directory):
         if path.name == MARKER and path.parent == directory:
             continue
-        files[path.relative_to(directory).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        stat = path.stat()
+        files[path.relative_to(directory).as_posix()] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                                                         "sha256": _sha256(path)}
     record = directory / RECORD
     record.write_text(json.dumps({"format": RECORD_FORMAT, "files": files}, indent=1, sort_keys=True) + "\n")
     return record
@@ -208,7 +211,10 @@ def _check_file(path: Path, top: Path, listed: dict, seen: set, root: Path, foun
         return
     seen.add(key)
     try:
-        same = path.stat().st_size == entry.get("size") and _sha256(path) == entry.get("sha256")
+        stat = path.stat()
+        # Same size and time: untouched since (a copy that keeps times is too). Else the hash decides.
+        same = stat.st_size == entry.get("size") and (stat.st_mtime_ns == entry.get("mtime_ns")
+                                                      or _sha256(path) == entry.get("sha256"))
     except OSError:
         same = False
     if not same:

@@ -97,7 +97,9 @@ def test_a_changed_qframe_output_is_kept(change, finished, tiny_model_dir, tmp_p
         (out / "eval-notes.md").write_text("perplexity 12.3")
         expected = "eval-notes.md (not written by qframe)"
     elif change == "edited config":
-        (out / "config.json").write_text((out / "config.json").read_text().replace("{", "{ ", 1))
+        text = (out / "config.json").read_text()  # the same size: the hash tells
+        (out / "config.json").write_text(text.replace('"hidden_size": 64', '"hidden_size": 65'))
+        assert len(text) == len((out / "config.json").read_text()) and "65" in (out / "config.json").read_text()
         expected = "config.json (changed since qframe wrote it)"
     elif change == "removed tokenizer":
         (out / "tokenizer.json").unlink()
