@@ -29,7 +29,7 @@ from .errors import ExportError, QFrameError, RecipeError
 from .evaluate import EvalResult, perplexity
 from .model import load_model, resolve_source
 from .output import seal, writing
-from .pipeline import run_pipeline
+from .pipeline import check_plan, run_pipeline
 from .plugins import Registry, default_registry
 from .quantized import QuantizedModel
 from .recipe import Plan, Recipe, load_recipe, make_exporter, resolve
@@ -81,6 +81,7 @@ def quantize(
     recipe = _as_recipe(recipe)
     plan = resolve(recipe, registry)
     device = pick_device(device)
+    check_plan(model, plan, registry)  # a stage that would take nothing fails now, before data is made
     windows = calibration
     if plan.needs_calibration_data and windows is None:
         if tokenizer is None:
@@ -235,7 +236,7 @@ def apply(
     exporter = make_exporter(plan.backend, parsed.export.options) if plan.backend.name != "qframe" else None
     reads = [source.location] if source.kind != "hub" else []
     with writing(target, protect=reads) as tmp:
-        loaded = load_model(source, parsed.model.dtype)
+        loaded = load_model(source, parsed.model.dtype, nonfinite=parsed.model.nonfinite)
         load_s = time.perf_counter() - started
         faults.reach("load")
         if hasattr(exporter, "check"):  # refuse what the format cannot express before calibrating

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -239,8 +240,14 @@ def _validate_directory(directory, backend: str | None, registry) -> int:
 COMMANDS = {"apply": cmd_apply, "eval": cmd_eval, "export": cmd_export, "plugins": cmd_plugins, "validate": cmd_validate}
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"qframe: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import QFrameError
+
+    warnings.formatwarning = _warning_line  # qframe's warnings read as one line, like its errors
 
     args = _parser().parse_args(argv)
     if argv is None:  # the console script, not a call from Python: SIGTERM cleans up like Ctrl-C

@@ -9,6 +9,13 @@ recomputed through earlier layers.
 Calibration activations stay on the accelerator, or spill to CPU memory when they would not fit
 (``calibration.offload``); then each batch visits the device only while a layer runs on it.
 
+Nothing non-finite passes silently. Before any data is read, every stage is checked to take
+some module of the decoder layers (:func:`check_stages`). Then each layer's weights are checked
+when they reach the device, the first layer's inputs and every layer's outputs (float and
+quantized) as they stream, and each stage's quantized modules after it ran: NaN or inf is a
+:class:`~qframe.errors.QFrameError` naming the layer and what to change, so per-layer error
+figures are always finite. The checks are reduced on the device and read once per layer.
+
 Example (what ``qframe.quantize`` does)::
 
     layers = run_pipeline(model, plan, registry, calibration=windows.ids, device=torch.device("cuda"))
@@ -17,8 +24,9 @@ Example (what ``qframe.quantize`` does)::
 from __future__ import annotations
 
 import copy
-from abc import ABC, abstractmethod
+import dataclasses
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -26,8 +34,8 @@ import torch
 from torch import nn
 
 from .calibrate import Calibrator, build_calibrator
-from .errors import QFrameError
-from .model import Architecture, find_architecture
+from .errors import ModelError, QFrameError, RecipeError
+from .model import Architecture, all_finite, check_finite_weights, find_architecture, listed, nonfinite_names
 from .qlinear import QuantLinear
 from .recipe import Plan, StageSpec
 from .scheme import QuantArgs
@@ -58,6 +66,21 @@ class Quantizer(ABC):
     def accepts(self, module: nn.Module) -> bool:
         """Whether this stage may take ``module``: by default, linears no earlier stage quantized."""
         return isinstance(module, nn.Linear)
+
+    def takes(self, work: "LayerWork", targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+        """Which of ``targets`` (the layer's modules this stage accepts and its scheme selects)
+        the stage changes: all of them by default. A stage that uses only some narrows them
+        (``kv_cache``: the key/value projections). The pipeline asks before calibrating, with
+        no inputs in ``work``, to refuse a stage that would change nothing (:func:`check_stages`).
+        """
+        return targets
+
+    def replaces_targets(self) -> bool:
+        """Whether the modules this stage takes come out as :class:`QuantLinear`, out of reach of
+        later stages that accept only float linears. True by default; a stage that only
+        transforms them and leaves them float (smoothing with ``quantize = false``) says False.
+        """
+        return True
 
     def calibrator(self, args: QuantArgs) -> Calibrator:
         """A fresh calibrator for ``args``: its plugin, with the recipe's ``calibrator_options``."""
@@ -206,12 +229,14 @@ class _Captured(Exception):
 def capture_inputs(model: nn.Module, arch: Architecture, ids: torch.Tensor, batch_size: int, device: torch.device,
                    spill: bool = False) -> LayerInputs:
     """Run the embeddings once per batch and keep what the first decoder layer receives
-    (hidden states in CPU memory when ``spill``)."""
+    (hidden states in CPU memory when ``spill``); NaN or inf there is a :class:`ModelError`."""
     layers = arch.decoder_layers(model)
     captured = LayerInputs([], [], spilled=spill)
+    finite: list[torch.Tensor] = []  # one flag per batch, on the device: read once at the end
 
     def hook(_module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
+        finite.append(all_finite(hidden))
         captured.hidden.append(_spill(hidden) if spill else hidden)
         captured.kwargs.append(kwargs)
         raise _Captured
@@ -232,50 +257,263 @@ def capture_inputs(model: nn.Module, arch: Architecture, ids: torch.Tensor, batc
         handle.remove()
         for module, home in zip(pre, homes):
             module.to(home)
+    if finite and not bool(torch.stack(finite).all()):
+        raise ModelError(
+            f"the inputs of the first decoder layer ({arch.layers_path}.0), computed by "
+            f"{', '.join(arch.pre_layer_paths) or 'the embeddings'}, hold NaN or inf on the calibration data "
+            f"although the model's weights are finite. " + _float_model_fault(_dtype_of(model))
+        )
     return captured
 
 
 def advance(layer: nn.Module, reference: nn.Module, inputs: LayerInputs, propagate: str = "quantized",
-            device: torch.device | None = None) -> float:
+            device: torch.device | None = None, *, name: str = "the layer", stage: str = "quantization") -> float:
     """Replace each batch of ``inputs`` by the next layer's inputs, in place: the quantized
     layer's output (``propagate="quantized"``) or the unquantized ``reference``'s
     (``"float"``). Return the relative squared error of the quantized output against the
     reference's on the same inputs.
 
     Streaming batch by batch holds one extra copy of the layer's weights instead of a
-    second copy of every calibration activation.
+    second copy of every calibration activation. Non-finite outputs raise (see
+    :func:`output_error`); ``name`` and ``stage`` say where, in messages.
     """
-    return _compare(layer, reference, inputs, device or _device_of(layer), propagate)
+    return _compare(layer, reference, inputs, device or _device_of(layer), propagate, name, stage)
 
 
-def output_error(layer: nn.Module, reference: nn.Module, inputs: LayerInputs, device: torch.device) -> float:
-    """The relative squared error of ``layer``'s outputs against ``reference``'s, inputs unchanged."""
-    return _compare(layer, reference, inputs, device, None)
+def output_error(layer: nn.Module, reference: nn.Module, inputs: LayerInputs, device: torch.device, *,
+                 name: str = "the layer", stage: str = "quantization") -> float:
+    """The relative squared error of ``layer``'s outputs against ``reference``'s, inputs unchanged.
+
+    NaN or inf in the reference's outputs is a :class:`ModelError` (the float model overflows);
+    in ``layer``'s alone, a :class:`QFrameError` naming the quantized modules whose outputs
+    are not finite. ``name`` (the layer) and ``stage`` (what quantized it) are for messages.
+    """
+    return _compare(layer, reference, inputs, device, None, name, stage)
 
 
-def _compare(layer, reference, inputs: LayerInputs, device: torch.device, propagate: str | None) -> float:
-    num = den = 0.0
+def _compare(layer, reference, inputs: LayerInputs, device: torch.device, propagate: str | None,
+             name: str, stage: str) -> float:
     home = _device_of(reference)
     reference.to(device)  # on the accelerator only while it is compared with
+    # Which quantized modules' outputs stay finite, kept on the device: when the layer's are not,
+    # the streamed inputs may already be overwritten, so the culprits are watched as it runs.
+    watched: dict[str, torch.Tensor] = {}
+
+    def watch(module_name: str):
+        def hook(_module, _args, out):
+            ok = all_finite(_first(out))
+            watched[module_name] = watched[module_name] & ok if module_name in watched else ok
+        return hook
+
+    hooks = [m.register_forward_hook(watch(n)) for n, m in layer.named_modules() if isinstance(m, QuantLinear)]
     try:
         with torch.inference_mode():
+            # Sums and flags stay on the device: one host sync per layer, not per batch.
+            num = torch.zeros((), device=device)
+            den = torch.zeros((), device=device)
+            out_ok = torch.ones((), dtype=torch.bool, device=device)
+            ref_ok = torch.ones((), dtype=torch.bool, device=device)
             for i, kwargs in enumerate(inputs.kwargs):
                 hidden = inputs.batch(i, device)
                 out = _first(layer(hidden, **kwargs))
                 ref = _first(reference(hidden, **kwargs))
-                num += float((out.float() - ref.float()).pow(2).sum())
-                den += float(ref.float().pow(2).sum())
+                out_ok &= all_finite(out)
+                ref_ok &= all_finite(ref)
+                num += (out.float() - ref.float()).pow(2).sum()
+                den += ref.float().pow(2).sum()
                 if propagate is not None:
                     inputs.store(i, out if propagate == "quantized" else ref.to(out.dtype))
+            num_value, den_value, out_fine, ref_fine = torch.stack([num, den, out_ok.float(), ref_ok.float()]).tolist()
     finally:
+        for hook in hooks:
+            hook.remove()
         reference.to(home)
-    return num / max(den, 1e-30)
+    if not ref_fine:
+        raise ModelError(
+            f"{name}: the unquantized layer's outputs hold NaN or inf on the calibration data although its "
+            f"weights and inputs are finite. " + _float_model_fault(_dtype_of(reference))
+        )
+    if not out_fine:
+        # In the order the modules first ran: the first is where the overflow starts.
+        fine = torch.stack(list(watched.values())).tolist() if watched else []
+        culprits = [f"{name}.{n}" for n, ok in zip(watched, fine) if not ok]
+        where = f" first in {listed(culprits, 3)}" if culprits else ""
+        raise QFrameError(
+            f"{name}: after {stage}, the quantized layer's outputs hold NaN or inf on the calibration data{where}, "
+            f"while the unquantized layer's are finite. "
+            + ("The quantized values overflow float16 (largest 65504): load the model in a wider type, "
+               "[model] dtype = \"bfloat16\" or \"float32\" (--set model.dtype=bfloat16)."
+               if _dtype_of(reference) == torch.float16 else
+               "Quantize these modules more finely (more bits, a smaller group_size) or leave them out with the "
+               "stage's ignore.")
+        )
+    return num_value / max(den_value, 1e-30)
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype | None:
+    tensor = next(module.parameters(), None)
+    return tensor.dtype if tensor is not None else None
+
+
+def _float_model_fault(dtype: torch.dtype | None) -> str:
+    """Why the unquantized model computes NaN or inf from finite weights, and what to do."""
+    if dtype == torch.float16:
+        return ("The float model itself overflows float16 (largest 65504): load it in a wider type, "
+                "[model] dtype = \"bfloat16\" or \"float32\" (--set model.dtype=bfloat16).")
+    return ("The float model itself computes them on this data: check it on a few prompts, and load it in "
+            "float32 ([model] dtype = \"float32\") to rule out rounding in a narrower type.")
 
 
 def weight_error(linear: nn.Linear, quantized: QuantLinear) -> float:
     """Relative squared error of the dequantized weight, ||W - Q(W)||^2 / ||W||^2."""
     w = linear.weight.detach().float()
     return float((w - quantized.weight.float()).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30))
+
+
+def _require_finite_state(work: LayerWork, stage: str) -> None:
+    """After a stage: every quantized module's codes, scales and dequantized weight are finite
+    (the inputs were, so a failure is the stage's arithmetic)."""
+    named = [(f"{name}.{key}", t) for name, module in work.named_linears() if isinstance(module, QuantLinear)
+             for key, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]]
+    bad = nonfinite_names(named)
+    if bad:
+        raise QFrameError(
+            f"{work.prefix}: {stage} produced NaN or inf in {listed(bad)} although the layer's weights and inputs "
+            "were finite: its arithmetic overflowed. Load the model in float32 ([model] dtype = \"float32\"), or "
+            "leave these modules out with the stage's ignore."
+        )
+
+
+@dataclass
+class _StageTally:
+    """What one stage would take over all decoder layers (see :func:`check_stages`)."""
+
+    targeted: list[str] = field(default_factory=list)  # matched by its targets, before ignore
+    selected: list[str] = field(default_factory=list)  # ... and not ignored
+    blocked: list[str] = field(default_factory=list)  # selected, but an earlier stage quantized them first
+    blocked_by: set[int] = field(default_factory=set)  # ... those stages
+    refused: list[str] = field(default_factory=list)  # selected, not accepted for another reason
+    taken: int = 0
+
+
+_STAND_IN: QuantLinear | None = None
+
+
+def _quantized_stand_in() -> QuantLinear:
+    """A quantized linear on the meta device: what a replaced module looks like to later stages."""
+    global _STAND_IN
+    if _STAND_IN is None:
+        with torch.device("meta"):
+            _STAND_IN = QuantLinear(1, 1, False, None)
+    return _STAND_IN
+
+
+def check_stages(model: nn.Module, arch: Architecture, plan: Plan, quantizers: list[tuple[StageSpec, Quantizer]]
+                 ) -> None:
+    """Refuse, before any calibration, a stage that would take no module of the decoder layers:
+    its targets match none, its ignore excludes all it targets, or earlier stages quantized them
+    all first. It walks the layers as :func:`run_pipeline` will, with each quantizer's
+    :meth:`~Quantizer.accepts`, :meth:`~Quantizer.takes` and :meth:`~Quantizer.replaces_targets`,
+    and changes nothing.
+
+    Example::
+
+        >>> from qframe.recipe import parse_recipe, resolve
+        >>> from qframe.testing import make_registry, tiny_llama_model
+        >>> registry, model = make_registry(), tiny_llama_model()
+        >>> plan = resolve(parse_recipe({"stage": [{"quantizer": "rtn", "weights": {"bits": 4}, "targets": ["*.mlp.*"]},
+        ...                                       {"quantizer": "rtn", "weights": {"bits": 8}, "targets": ["down_proj"]}]}), registry)
+        >>> quantizers = [(s.spec, s.record.factory(s.spec, s.options, registry)) for s in plan.stages]
+        >>> check_stages(model, find_architecture(model, registry), plan, quantizers)
+        Traceback (most recent call last):
+        ...
+        qframe.errors.RecipeError: stage[1].targets: ['down_proj'] is not valid; stage[1] (rtn) would quantize nothing: stage[0] (rtn) quantizes all 2 modules it targets first (model.layers.0.mlp.down_proj, model.layers.1.mlp.down_proj). Remove the stage, or leave it these modules with stage[0]'s ignore.
+    """
+    tallies = [_StageTally() for _ in quantizers]
+    unignored = [dataclasses.replace(spec.scheme, ignore=()) for spec, _ in quantizers]
+    for index, layer in enumerate(arch.decoder_layers(model)):
+        work = LayerWork(index, f"{arch.layers_path}.{index}", layer, None, torch.device("cpu"), arch=arch)
+        current = work.named_linears()
+        replaced_by: dict[str, int] = {}
+        for number, (spec, quantizer) in enumerate(quantizers):
+            tally = tallies[number]
+            tally.targeted += [n for n, _ in unignored[number].select(current)]
+            selected = spec.scheme.select(current)
+            tally.selected += [n for n, _ in selected]
+            accepted = []
+            for n, m in selected:
+                if quantizer.accepts(m):
+                    accepted.append((n, m))
+                elif n in replaced_by:
+                    tally.blocked.append(n)
+                    tally.blocked_by.add(replaced_by[n])
+                else:
+                    tally.refused.append(n)
+            taken = quantizer.takes(work, accepted) if accepted else []
+            tally.taken += len(taken)
+            if quantizer.replaces_targets():
+                names = {n for n, _ in taken}
+                replaced_by.update((n, number) for n in names if n not in replaced_by)
+                current = [(n, _quantized_stand_in() if n in names else m) for n, m in current]
+    for number, ((spec, _), tally) in enumerate(zip(quantizers, tallies)):
+        if tally.taken == 0:
+            key, value, why = _why_nothing(model, arch, number, spec, tally, quantizers)
+            raise RecipeError(f"stage[{number}].{key}", value, f"stage[{number}] ({spec.quantizer}) would quantize "
+                              f"nothing: {why}", source=plan.recipe.source)
+
+
+def _why_nothing(model: nn.Module, arch: Architecture, number: int, spec: StageSpec, tally: _StageTally,
+                 quantizers: list[tuple[StageSpec, Quantizer]]) -> tuple[str, list[str], str]:
+    targets, ignore = list(spec.scheme.targets), list(spec.scheme.ignore)
+    if not tally.targeted:
+        unignored = dataclasses.replace(spec.scheme, ignore=())
+        others = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if n and unignored.matches(n, m)]
+        found = f", only {listed(others, 3)}: qframe quantizes the linears of the decoder layers" if others else ""
+        return "targets", targets, (f"its targets match no linear of the decoder layers ({arch.layers_path}.N){found}. "
+                                    "Targets are module types (Linear), globs on names (*.mlp.*, q_proj) or re:REGEX.")
+    if not tally.selected:
+        return "ignore", ignore, (f"its ignore excludes all {len(tally.targeted)} modules its targets {targets} match "
+                                  f"({listed(tally.targeted, 3)}). Narrow ignore, or remove the stage.")
+    refused = (f"{spec.quantizer} accepts none of the {len(tally.refused)} modules it targets "
+               f"({listed(tally.refused, 3)})")
+    if tally.blocked:
+        earlier = ", ".join(f"stage[{k}] ({quantizers[k][0].quantizer})" for k in sorted(tally.blocked_by))
+        which = f"all {len(tally.blocked)}" if not tally.refused else f"the other {len(tally.blocked)}"
+        return "targets", targets, ((f"{refused}, and " if tally.refused else "")
+                                    + f"{earlier} quantize{'s' if len(tally.blocked_by) == 1 else ''} {which} modules "
+                                    f"it targets first ({listed(tally.blocked, 3)}). Remove the stage, or leave it "
+                                    f"these modules with stage[{min(tally.blocked_by)}]'s ignore.")
+    if tally.refused:
+        return "targets", targets, refused + "."
+    return "targets", targets, (f"{spec.quantizer} uses none of the {len(tally.selected)} modules it targets "
+                                f"({listed(tally.selected, 3)}).")
+
+
+def check_plan(model: nn.Module, plan: Plan, registry) -> tuple[Architecture, list[tuple[StageSpec, Quantizer]]]:
+    """Everything :func:`run_pipeline` settles before it reads data, in seconds: the model's
+    architecture adapter (and its exact :meth:`~Architecture.prepare`), one quantizer per stage,
+    no stage that would take nothing (:func:`check_stages`), and no NaN or inf in the weights
+    outside the decoder layers (each layer's own are checked when it reaches the device).
+    Callers that make calibration data first may call it before that; it is idempotent.
+
+    Example::
+
+        >>> from qframe.recipe import parse_recipe, resolve
+        >>> from qframe.testing import make_registry, tiny_llama_model
+        >>> registry = make_registry()
+        >>> plan = resolve(parse_recipe({"stage": [{"quantizer": "rtn", "weights": {"bits": 4}}]}), registry)
+        >>> arch, quantizers = check_plan(tiny_llama_model(), plan, registry)
+        >>> type(arch).__name__, [type(q).__name__ for _, q in quantizers]
+        ('LlamaFamily', ['RTN'])
+    """
+    arch = find_architecture(model, registry)
+    arch.prepare(model)  # e.g. GPT-2's Conv1D projections become equivalent nn.Linear
+    quantizers = [(s.spec, s.record.factory(s.spec, s.options, registry)) for s in plan.stages]
+    check_stages(model, arch, plan, quantizers)
+    layers = arch.decoder_layers(model)
+    in_layers = {id(t) for t in [*layers.parameters(), *layers.buffers()]}
+    check_finite_weights([(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if id(t) not in in_layers])
+    return arch, quantizers
 
 
 def run_pipeline(
@@ -286,11 +524,13 @@ def run_pipeline(
     device: torch.device,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Quantize ``model`` in place; return per-layer figures (errors, seconds)."""
-    arch = find_architecture(model, registry)
-    arch.prepare(model)  # e.g. GPT-2's Conv1D projections become equivalent nn.Linear
+    """Quantize ``model`` in place; return per-layer figures (errors, seconds).
+
+    First :func:`check_plan` (nothing read yet); each layer's weights are checked for NaN and
+    inf when they reach the device, its inputs and outputs as they stream.
+    """
+    arch, quantizers = check_plan(model, plan, registry)
     layers = arch.decoder_layers(model)
-    quantizers = [(s.spec, s.record.factory(s.spec, s.options, registry)) for s in plan.stages]
     inputs = None
     if progress:
         progress(0, len(layers), "")
@@ -311,20 +551,25 @@ def run_pipeline(
         reference = copy.deepcopy(layer) if inputs is not None else None
         layer.to(device)
         work = LayerWork(index, f"{prefix}.{index}", layer, inputs, device, arch=arch)
+        check_finite_weights([*layer.named_parameters(work.prefix), *layer.named_buffers(work.prefix)])
         entry: dict[str, Any] = {"layer": work.prefix, "modules": {}, "stages": []}
         for number, (spec, quantizer) in enumerate(quantizers):
             work.figures = {}
             candidates = [(n, m) for n, m in work.named_linears() if quantizer.accepts(m)]
             targets = spec.scheme.select(candidates)
             quantizer.quantize_layer(work, targets)
+            named = f"stage[{number}] ({spec.quantizer})"
+            _require_finite_state(work, named)
             stage = {"stage": number, "quantizer": spec.quantizer, "modules": work.figures}
             if inputs is not None and number < len(quantizers) - 1:  # the last one's comes with advance
-                stage["output_error"] = output_error(layer, reference, inputs, device)
+                stage["output_error"] = output_error(layer, reference, inputs, device, name=work.prefix, stage=named)
             entry["stages"].append(stage)
             for name, values in work.figures.items():
                 entry["modules"].setdefault(name, {}).update(values)
         if inputs is not None:
-            entry["output_error"] = advance(layer, reference, inputs, plan.recipe.calibration.propagate, device)
+            last = f"stage[{len(quantizers) - 1}] ({quantizers[-1][0].quantizer})"
+            entry["output_error"] = advance(layer, reference, inputs, plan.recipe.calibration.propagate, device,
+                                            name=work.prefix, stage=last)
             entry["stages"][-1]["output_error"] = entry["output_error"]
             del reference
         layer.to(home)

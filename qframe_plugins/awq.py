@@ -151,6 +151,9 @@ class AWQ(Quantizer):
     def needs_calibration(cls, stage) -> bool:
         return True
 
+    def replaces_targets(self) -> bool:
+        return self.options.quantize  # false: smoothed linears stay float for a later stage
+
     def quantize_layer(self, work: LayerWork, targets) -> None:
         opts, weights = self.options, self.scheme.weights
         groups = active_groups(work, targets)

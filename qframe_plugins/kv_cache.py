@@ -46,11 +46,15 @@ class KVCache(Quantizer):
     def accepts(self, module: nn.Module) -> bool:
         return isinstance(module, (nn.Linear, QuantLinear))
 
-    def quantize_layer(self, work: LayerWork, targets) -> None:
+    def takes(self, work: LayerWork, targets):
+        """Only the key and value projections of ``targets`` (the adapter's ``kv_projections``)."""
         wanted = {f"{work.prefix}.{name}" for name in work.arch.kv_projections}
         if not wanted:
             raise QFrameError(f"{work.prefix}: the architecture adapter names no key/value projections")
-        chosen = [(name, module) for name, module in targets if name in wanted]
+        return [(name, module) for name, module in targets if name in wanted]
+
+    def quantize_layer(self, work: LayerWork, targets) -> None:
+        chosen = self.takes(work, targets)
         args = self.scheme.activations
         observed = work.observe_outputs([name for name, _ in chosen], lambda _name: self.calibrator(args))
         # One range for the layer's keys and values: TensorRT-LLM keeps one cache scale per

@@ -98,6 +98,9 @@ class SmoothQuant(RTN):
     def needs_calibration(cls, stage) -> bool:
         return True
 
+    def replaces_targets(self) -> bool:
+        return self.options.quantize  # false: smoothed linears stay float for a later stage
+
     def quantize_layer(self, work: LayerWork, targets) -> None:
         # A group that cannot be folded (GQA's v_proj -> o_proj) is smoothed only with the
         # prescale option, keeping its scale as the consumers' input prescale (TensorRT-LLM's

@@ -103,20 +103,23 @@ def test_dynamic_per_token_activations():
     assert not hasattr(qmodel.model.model.layers[0].self_attn.q_proj, "input_scale")
 
 
-def test_nan_activations_and_dead_channels_stay_finite():
+def test_dead_channels_stay_finite_and_nan_weights_are_refused():
     model, ids = outlier_model(), tokens()
     with torch.no_grad():
-        model.model.embed_tokens.weight[3] = float("nan")  # token 3 poisons its sequences
         for layer in model.model.layers:
             layer.input_layernorm.weight[7] = 0.0  # q, k, v see an all-zero channel
-    ids[0, 5] = 3
-    clean = torch.where(ids == 3, torch.full_like(ids, 4), ids)
     qframe.quantize(model, recipe(), calibration=ids, device="cpu")
     for module in model.modules():
         if isinstance(module, QuantLinear):
             assert torch.isfinite(module.weight).all() and torch.isfinite(module.input_scale).all()
     assert torch.isfinite(model.model.layers[0].input_layernorm.weight).all()
-    assert torch.isfinite(logits(model, clean)).all()
+    assert torch.isfinite(logits(model, ids)).all()
+
+    poisoned = outlier_model()
+    with torch.no_grad():
+        poisoned.model.embed_tokens.weight[3] = float("nan")  # token 3 would poison its sequences
+    with pytest.raises(qframe.ModelError, match=r"model\.embed_tokens\.weight \(64 of"):
+        qframe.quantize(poisoned, recipe(), calibration=ids, device="cpu")
 
     stats = ChannelStats()
     stats.observe(torch.tensor([[1.0, float("nan"), 0.0], [-4.0, 2.0, float("inf")]]))
