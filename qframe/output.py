@@ -153,9 +153,7 @@ def unproven(directory: str | os.PathLike, limit: int | None = None) -> list[str
 
 
 def _unproven(directory: Path, root: Path, found: list[str], limit: int | None) -> None:
-    def name(path: Path) -> str:
-        return path.relative_to(root).as_posix()
-
+    """Check ``directory`` against its own record (what is missing from it, what it does not list)."""
     try:
         record = json.loads((directory / RECORD).read_text(encoding="utf-8"))
         listed = record["files"] if record.get("format") == RECORD_FORMAT else None
@@ -166,38 +164,28 @@ def _unproven(directory: Path, root: Path, found: list[str], limit: int | None) 
     if listed is None:
         listed = {}
         if (directory / RECORD).exists():
-            found.append(f"{name(directory / RECORD)} (not a qframe record)")
-    seen = set()
-    for entry in sorted(directory.iterdir()):
-        if limit is not None and len(found) >= limit:
-            return
-        if entry.name == RECORD or _is_own_transient(entry) or _is_partial(entry):
-            continue
-        if entry.is_symlink():
-            found.append(f"{name(entry)} (a link qframe did not make)")
-        elif entry.is_dir():
-            if (entry / RECORD).is_file():
-                _unproven(entry, root, found, limit)
-            else:
-                _unproven_listed(entry, directory, listed, seen, root, found, limit)
-        else:
-            _check_file(entry, directory, listed, seen, root, found)
+            found.append(f"{(directory / RECORD).relative_to(root).as_posix()} (not a qframe record)")
+    seen: set[str] = set()
+    _scan(directory, directory, listed, seen, root, found, limit)
     for missing in sorted(set(listed) - seen):
         if limit is None or len(found) < limit:
-            found.append(f"{name(directory / missing)} (listed by qframe but missing)")
+            found.append(f"{(directory / missing).relative_to(root).as_posix()} (listed by qframe but missing)")
 
 
-def _unproven_listed(folder: Path, top: Path, listed: dict, seen: set, root: Path, found: list, limit: int | None) -> None:
+def _scan(folder: Path, top: Path, listed: dict, seen: set, root: Path, found: list, limit: int | None) -> None:
+    """Check every entry of ``folder`` (inside ``top``, whose record is ``listed``)."""
     for entry in sorted(folder.iterdir()):
         if limit is not None and len(found) >= limit:
             return
+        if (entry.name == RECORD and folder == top) or _is_own_transient(entry) or _is_partial(entry):
+            continue
         if entry.is_symlink():
             found.append(f"{entry.relative_to(root).as_posix()} (a link qframe did not make)")
         elif entry.is_dir():
             if (entry / RECORD).is_file():
-                _unproven(entry, root, found, limit)
-            elif not _is_partial(entry):
-                _unproven_listed(entry, top, listed, seen, root, found, limit)
+                _unproven(entry, root, found, limit)  # sealed on its own, e.g. DIR/hf
+            else:
+                _scan(entry, top, listed, seen, root, found, limit)
         else:
             _check_file(entry, top, listed, seen, root, found)
 
