@@ -29,6 +29,9 @@ from .scheme import QuantArgs
 # A first span a hair above the largest magnitude: every value lies strictly inside it,
 # even after float32 rounding of value / width (2**-20 is far above float32's 2**-24).
 HEADROOM = 1 + 2.0**-20
+# The most bins a histogram takes: its state is columns x sides x bins int64 (per channel, times
+# the channels), and entropy scores every bin as a threshold; modelopt and TensorRT use 2048.
+MAX_BINS = 1 << 16
 
 
 class Calibrator(ABC):
@@ -93,8 +96,8 @@ class Histogram:
     """
 
     def __init__(self, bins: int = 2048, *, signed: bool = False):
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
-            raise RecipeError("bins", bins, "expected an integer of at least 2")
+        if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= MAX_BINS:
+            raise RecipeError("bins", bins, f"expected an integer from 2 to {MAX_BINS}")
         self.bins, self.sides = bins, 2 if signed else 1
         self.counts: torch.Tensor | None = None
         self.span = self.lo = self.hi = None

@@ -19,7 +19,34 @@ from urllib.parse import parse_qsl
 
 import torch
 
-from .errors import DataError, RecipeError
+from .errors import PATH_LIMIT, DataError, RecipeError, shorten
+
+# Sane bounds on how much text is windowed: each count alone, and the tokens of all windows
+# (2**28 int64 ids are 2 GiB before a single activation is captured).
+MAX_SAMPLES = 1 << 20
+MAX_SEQ_LEN = 1 << 20
+MAX_TOKENS = 1 << 28
+
+
+def check_window_sizes(samples: int | None, seq_len: int, samples_key: str = "samples",
+                       seq_len_key: str = "seq_len") -> None:
+    """Refuse window counts beyond ``MAX_SAMPLES``, ``MAX_SEQ_LEN`` and ``MAX_TOKENS`` (their
+    product), with a :class:`RecipeError` naming the key (``samples=None``: as many as the
+    text holds, bounded by the text).
+
+    Example::
+
+        >>> check_window_sizes(10**6, 1024, "calibration.samples", "calibration.seq_len")
+        Traceback (most recent call last):
+        ...
+        qframe.errors.RecipeError: calibration.samples: 1000000 is not valid; calibration.samples × calibration.seq_len = 1024000000 tokens, more than 268435456 (2**28); take fewer or shorter windows
+    """
+    for key, value, most in ((samples_key, samples, MAX_SAMPLES), (seq_len_key, seq_len, MAX_SEQ_LEN)):
+        if value is not None and value > most:
+            raise RecipeError(key, value, f"expected at most {most} (2**{most.bit_length() - 1})")
+    if samples is not None and samples * seq_len > MAX_TOKENS:
+        raise RecipeError(samples_key, samples, f"{samples_key} × {seq_len_key} = {samples * seq_len} tokens, "
+                          f"more than {MAX_TOKENS} (2**{MAX_TOKENS.bit_length() - 1}); take fewer or shorter windows")
 
 
 @dataclass(frozen=True)
@@ -78,17 +105,20 @@ def parse_spec(spec: str, registry) -> DatasetSpec:
 
 
 def _tokens(spec: str, context: DataContext, registry) -> torch.Tensor:
+    check_window_sizes(context.samples, context.seq_len)  # a DataContext built by hand is bounded too
     parsed = parse_spec(spec, registry)
     documents = registry.get("dataset", parsed.source).factory(parsed.location, dict(parsed.params), context)
     tokenizer = context.tokenizer
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
-    for text in documents:
+    for number, text in enumerate(documents, 1):
+        if not isinstance(text, str):  # a plugin's mistake, or an hf: column of numbers
+            raise DataError(f"dataset {shorten(spec, PATH_LIMIT)}: document {number} is {shorten(text)}, not text")
         if text and text.strip():
             ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
             ids.extend(separator)
     if not ids:
-        raise DataError(f"dataset {spec!r} holds no text")
+        raise DataError(f"dataset {shorten(spec, PATH_LIMIT)} holds no text")
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -103,8 +133,8 @@ def calibration_windows(spec: str, context: DataContext, registry) -> TokenWindo
     n, length = context.samples, context.seq_len
     if stream.numel() < length:
         raise DataError(
-            f"dataset {spec!r} has {stream.numel()} tokens, fewer than one window of seq_len={length}; "
-            "give more text or a smaller seq_len"
+            f"dataset {shorten(spec, PATH_LIMIT)} has {stream.numel()} tokens, fewer than one window of "
+            f"seq_len={length}; give more text or a smaller seq_len"
         )
     generator = torch.Generator().manual_seed(context.seed)
     starts = torch.randint(0, stream.numel() - length + 1, (n,), generator=generator)
@@ -120,5 +150,6 @@ def evaluation_windows(spec: str, context: DataContext, registry, samples: int |
     if samples is not None:
         count = min(count, samples)
     if count == 0:
-        raise DataError(f"dataset {spec!r} has {stream.numel()} tokens, fewer than one window of {length}")
+        raise DataError(f"dataset {shorten(spec, PATH_LIMIT)} has {stream.numel()} tokens, fewer than one window "
+                        f"of {length}")
     return _hashed(stream[: count * length].reshape(count, length), spec)

@@ -94,7 +94,8 @@ def _is_own_transient(path: Path) -> bool:
         return False
 
 
-def _is_partial(path: Path) -> bool:
+def is_partial(path: Path) -> bool:
+    """Whether ``path`` is a directory qframe marked as unfinished work (:func:`make_partial`)."""
     return path.is_dir() and not path.is_symlink() and _is_own_transient(path / MARKER)
 
 
@@ -127,7 +128,7 @@ def _walk(directory: Path) -> Iterator[Path]:
     (they are sealed on their own) or qframe's partial directories; the record is left out."""
     for entry in sorted(directory.iterdir()):
         if entry.is_dir() and not entry.is_symlink():
-            if not ((entry / RECORD).is_file() or _is_partial(entry)):
+            if not ((entry / RECORD).is_file() or is_partial(entry)):
                 yield from _walk(entry)
         elif entry.name != RECORD:
             yield entry
@@ -177,7 +178,7 @@ def _scan(folder: Path, top: Path, listed: dict, seen: set, root: Path, found: l
     for entry in sorted(folder.iterdir()):
         if limit is not None and len(found) >= limit:
             return
-        if (entry.name == RECORD and folder == top) or _is_own_transient(entry) or _is_partial(entry):
+        if (entry.name == RECORD and folder == top) or _is_own_transient(entry) or is_partial(entry):
             continue
         if entry.is_symlink():
             found.append(f"{entry.relative_to(root).as_posix()} (a link qframe did not make)")
@@ -316,6 +317,28 @@ def _replace(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def make_partial(directory: Path) -> Path:
+    """Create ``directory`` for unfinished work, marked so that whatever a kill leaves of it is
+    known as qframe's and removed by the next run (:func:`finish_partial` takes the mark off).
+
+    Example::
+
+        >>> import tempfile
+        >>> work = make_partial(Path(tempfile.mkdtemp()) / ".engine.partial-1")
+        >>> is_partial(work), is_partial(finish_partial(work))
+        (True, False)
+    """
+    directory.mkdir()
+    (directory / MARKER).write_text(f"{SIGNATURE}\n{os.getpid()}\n")
+    return directory
+
+
+def finish_partial(directory: Path) -> Path:
+    """Take the unfinished-work mark off ``directory`` (see :func:`make_partial`)."""
+    _discard_marker(directory)
+    return directory
+
+
 def _discard_marker(directory: Path) -> None:
     try:
         (directory / MARKER).unlink()
@@ -344,7 +367,7 @@ def _is_leftover(path: Path) -> bool:
     (sealed, and unchanged since)."""
     if path.is_symlink() or not path.is_dir():
         return False
-    return _is_partial(path) or ((path / RECORD).is_file() and not unproven(path, limit=1))
+    return is_partial(path) or ((path / RECORD).is_file() and not unproven(path, limit=1))
 
 
 def glob_escape(name: str) -> str:
@@ -409,8 +432,7 @@ def writing(target: str | os.PathLike, *, protect: Iterable[str | os.PathLike] =
                                   "output; choose another --output, or move those files away first")
         tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
         try:
-            tmp.mkdir()
-            (tmp / MARKER).write_text(f"{SIGNATURE}\n{os.getpid()}\n")
+            make_partial(tmp)
         except OSError as exc:
             raise QFrameError(f"cannot write beside {str(target)!r}: {exc.strerror or exc}; "
                               "choose another --output") from None

@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -23,19 +24,52 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .errors import QFrameError, RecipeError
-from .model import DTYPES
-from .scheme import QuantArgs, QuantScheme
+from .data import MAX_SAMPLES, check_window_sizes
+from .errors import PATH_LIMIT, ExportError, QFrameError, RecipeError, shorten
+from .model import DTYPES, NONFINITE
+from .scheme import QuantArgs, QuantScheme, check_plain, probe_names
 
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """The ``[model]`` table.
+
+    ``id``: a hub id, a local directory, a ``.gguf`` file or ``pkg:MODULE/FILE`` (``--model``
+    overrides it). ``dtype``: ``auto`` or one of :data:`qframe.model.DTYPES`. ``nonfinite``:
+    what loading does with NaN or infinite weights: ``"error"`` (the default) refuses the
+    model naming them; ``"zero"`` sets them to 0 and says how many it changed.
+
+    Example::
+
+        >>> ModelSpec(nonfinite="zero").nonfinite
+        'zero'
+        >>> ModelSpec(nonfinite="skip")
+        Traceback (most recent call last):
+        ...
+        qframe.errors.RecipeError: nonfinite: 'skip' is not valid; allowed: error, zero
+    """
+
     id: str | None = None
     dtype: str = "auto"
+    nonfinite: str = "error"
+
+    def __post_init__(self) -> None:
+        if self.nonfinite not in NONFINITE:
+            raise RecipeError("nonfinite", self.nonfinite, f"allowed: {', '.join(NONFINITE)}")
 
 
 PROPAGATE = ("quantized", "float")
 OFFLOAD = ("auto", "device", "cpu")
+SEEDS = 1 << 63  # torch.Generator.manual_seed takes less than 2**64; the manifest, a JSON int64
+MAX_STAGES = 256
+# read_toml's guards: tomllib's memory grows with the square of a dotted key's length (a
+# 200 KB run of "a.a.a..." takes tens of GB), and no recipe key is more than a few deep.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_KEY_PARTS = 32
+# Possessive quantifiers and a start only where a key can start keep the search linear in the
+# text's length (a 40 KB string otherwise costs seconds of backtracking).
+_KEY_RUN = re.compile(r"""(?<![A-Za-z0-9_"'-])(?:(?:[A-Za-z0-9_-]++|"[^"\n]*+"|'[^'\n]*+')[ \t]*+\.[ \t]*+){%d}"""
+                      % MAX_KEY_PARTS)
 
 
 @dataclass(frozen=True)
@@ -48,6 +82,10 @@ class CalibrationSpec:
     activations, as modelopt calibrates (the whole float model at once). Static
     activation ranges come out tighter on the float stream, since upstream rounding noise
     widens the extremes. Either way no second copy of the activations is kept.
+
+    Bounds: ``samples`` and ``seq_len`` at most 2**20 each and 2**28 tokens together
+    (:func:`qframe.data.check_window_sizes`), ``batch_size`` at most ``MAX_SAMPLES``, and
+    ``0 <= seed < 2**63``.
     """
 
     dataset: str = "generated"
@@ -136,11 +174,14 @@ def build_dataclass(cls: type, table: Any, key: str) -> Any:
     """
     if not isinstance(table, Mapping):
         raise RecipeError(key, table, "expected a table")
-    known = {f.name: f for f in fields(cls)}
+    known = {f.name: f for f in fields(cls) if f.init}
     for name, value in table.items():
         if name not in known:
             raise RecipeError(_join(key, name), value, f"unknown key; allowed: {', '.join(known)}")
+        check_plain(_join(key, name), value)
         default = known[name].default
+        if default is dataclasses.MISSING and known[name].default_factory is not dataclasses.MISSING:
+            default = known[name].default_factory()  # a list or table: check the value's kind too
         if default is not dataclasses.MISSING and default is not None and value is not None:
             expected = type(default)
             ok = isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool)
@@ -201,6 +242,7 @@ def _parse_stage(table: Any, key: str) -> StageSpec:
     options = table.get("options", {})
     if not isinstance(options, Mapping):
         raise RecipeError(f"{key}.options", options, "expected a table")
+    check_plain(f"{key}.options", options)
     return StageSpec(quantizer, scheme, dict(options))
 
 
@@ -211,7 +253,7 @@ def parse_recipe(data: Mapping[str, Any], source: str | None = None) -> Recipe:
         for name, value in data.items():
             if name not in allowed:
                 raise RecipeError(name, value, f"unknown table; allowed: {', '.join(allowed)}")
-        model = build_dataclass(ModelSpec, data.get("model", {}), "model")
+        model = build_dataclass(ModelSpec, data.get("model", {}), "model")  # nonfinite: its __post_init__
         if model.id is not None and not isinstance(model.id, str):
             raise RecipeError("model.id", model.id, "expected a string: a hub id, a local directory or a .gguf file")
         if model.dtype != "auto" and model.dtype not in DTYPES:
@@ -219,6 +261,11 @@ def parse_recipe(data: Mapping[str, Any], source: str | None = None) -> Recipe:
         calibration = build_dataclass(CalibrationSpec, data.get("calibration", {}), "calibration")
         for name in ("samples", "seq_len", "batch_size"):
             _positive(f"calibration.{name}", getattr(calibration, name))
+        check_window_sizes(calibration.samples, calibration.seq_len, "calibration.samples", "calibration.seq_len")
+        if calibration.batch_size > MAX_SAMPLES:  # more windows a batch than any calibration takes
+            raise RecipeError("calibration.batch_size", calibration.batch_size, f"expected at most {MAX_SAMPLES}")
+        if not 0 <= calibration.seed < SEEDS:
+            raise RecipeError("calibration.seed", calibration.seed, "expected an integer from 0 to 2**63 - 1")
         if calibration.propagate not in PROPAGATE:
             raise RecipeError("calibration.propagate", calibration.propagate, f"allowed: {', '.join(PROPAGATE)}")
         if calibration.offload not in OFFLOAD:
@@ -226,6 +273,8 @@ def parse_recipe(data: Mapping[str, Any], source: str | None = None) -> Recipe:
         stages = data.get("stage")
         if not isinstance(stages, list) or not stages:
             raise RecipeError("stage", stages, "a recipe needs at least one [[stage]] table")
+        if len(stages) > MAX_STAGES:
+            raise RecipeError("stage", stages, f"a recipe has at most {MAX_STAGES} [[stage]] tables")
         parsed = tuple(_parse_stage(t, f"stage[{i}]") for i, t in enumerate(stages))
         export = ExportSpec.from_table(data.get("export", {}))
     except RecipeError as exc:
@@ -233,11 +282,20 @@ def parse_recipe(data: Mapping[str, Any], source: str | None = None) -> Recipe:
     return Recipe(model, calibration, parsed, export, source)
 
 
-def _parse_value(text: str) -> Any:
-    """A --set value: any TOML value (64, true, "x", [1, 2]), else the bare string."""
+def _parse_value(text: str, key: str = "") -> Any:
+    """A --set value: any TOML value (64, true, "x", [1, 2]), else the bare string.
+
+    Example::
+
+        >>> _parse_value("[1, 2]"), _parse_value("text:book.txt")
+        ([1, 2], 'text:book.txt')
+    """
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except RecursionError:  # arrays or tables nested thousands deep
+        raise RecipeError(key, text, "nested too deeply to parse; expected a TOML value such as 64, "
+                          "\"text\" or [1, 2]", source="--set") from None
+    except ValueError:  # TOMLDecodeError, and integers of more digits than Python converts
         return text
 
 
@@ -257,7 +315,8 @@ def apply_override(data: dict[str, Any], key: str, value: Any) -> None:
     for depth, part in enumerate(parts[:-1]):
         where = ".".join(parts[: depth + 1])
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
+            # isdigit() alone also takes "²", which int() refuses, and 5000 digits, which it cannot convert
+            if not (part.isascii() and part.isdigit() and len(part) < 10) or int(part) >= len(node):
                 raise RecipeError(where, part, f"no such stage; the recipe has {len(node)}")
             node = node[int(part)]
         else:
@@ -270,16 +329,43 @@ def apply_override(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a recipe file, refusing (with a :class:`QFrameError` naming it) what is not a
+    TOML recipe: a missing, unreadable, non-UTF-8 or non-regular file (a FIFO, a device),
+    one over ``MAX_RECIPE_BYTES``, malformed TOML, values nested thousands deep, and dotted
+    keys of more than ``MAX_KEY_PARTS`` parts.
+
+    Example::
+
+        >>> read_toml("/dev/null")
+        Traceback (most recent call last):
+        ...
+        qframe.errors.QFrameError: cannot read recipe '/dev/null': it is not a regular file (a device, FIFO or socket)
+    """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.exists() and not path.is_file():  # reading /dev/zero or a FIFO never ends
+            what = "a folder" if path.is_dir() else "not a regular file (a device, FIFO or socket)"
+            raise QFrameError(f"cannot read recipe {shorten(str(path), PATH_LIMIT)}: it is {what}")
+        with path.open("rb") as handle:
+            data = handle.read(MAX_RECIPE_BYTES + 1)
+        text = data.decode("utf-8")
     except FileNotFoundError:
-        raise QFrameError(f"recipe {str(path)!r} does not exist") from None
+        raise QFrameError(f"recipe {shorten(str(path), PATH_LIMIT)} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise QFrameError(f"cannot read recipe {str(path)!r}: {exc}") from None
+        raise QFrameError(f"cannot read recipe {shorten(str(path), PATH_LIMIT)}: {exc}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise QFrameError(f"recipe {shorten(str(path), PATH_LIMIT)} is larger than {MAX_RECIPE_BYTES >> 20} MiB; "
+                          "a recipe is a few dozen lines")
+    run = _KEY_RUN.search(text)
+    if run is not None:
+        line = text.count("\n", 0, run.start()) + 1
+        raise QFrameError(f"{path}: line {line}: a dotted key of more than {MAX_KEY_PARTS} parts "
+                          f"({shorten(run.group(0), 40)}); recipe keys are a few parts deep, e.g. stage.weights.bits")
     try:
         return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except RecursionError:
+        raise QFrameError(f"{path}: malformed TOML: arrays or tables nested too deeply to parse") from None
+    except ValueError as exc:  # TOMLDecodeError, or an integer of more digits than Python converts
         raise QFrameError(f"{path}: malformed TOML: {exc}") from None
 
 
@@ -297,8 +383,8 @@ def parse_overrides(overrides: Mapping[str, Any] | Iterable[str] | None) -> dict
     for text in overrides or ():
         key, sep, value = text.partition("=")
         if not sep:
-            raise QFrameError(f"--set {text!r}: expected KEY=VALUE, e.g. stage.0.weights.group_size=64")
-        items[key.strip()] = _parse_value(value.strip())
+            raise QFrameError(f"--set {shorten(text)}: expected KEY=VALUE, e.g. stage.0.weights.group_size=64")
+        items[key.strip()] = _parse_value(value.strip(), key.strip())
     return items
 
 
@@ -312,7 +398,11 @@ def load_recipe(
     ``--set`` takes them (values parsed as TOML).
     """
     data = read_toml(path)
-    for key, value in parse_overrides(overrides).items():
+    try:
+        overrides = parse_overrides(overrides)
+    except RecipeError as exc:
+        raise exc.within(source=f"{path} (--set)") from None
+    for key, value in overrides.items():
         try:
             apply_override(data, key, value)
         except RecipeError as exc:
@@ -345,7 +435,20 @@ class Plan:
 
 
 def resolve(recipe: Recipe, registry) -> Plan:
-    """Check every plugin a recipe names exists and accepts what the recipe asks of it."""
+    """Check every plugin a recipe names exists and accepts what the recipe asks of it, and
+    everything else decidable without a model: stages that would quantize nothing (an
+    ``ignore`` that excludes all the targets select, a second stage quantizing the same KV
+    caches) and formats the export backend cannot write (its exporter's ``check_recipe``).
+
+    Example::
+
+        >>> from qframe.plugins import default_registry
+        >>> resolve(parse_recipe({"stage": [{"quantizer": "rtn", "weights": {"bits": 4}, "ignore": ["*"]}]}),
+        ...         default_registry())
+        Traceback (most recent call last):
+        ...
+        qframe.errors.RecipeError: stage[0].ignore: ['*'] is not valid; it excludes every module the targets ['Linear'] select, so the stage would quantize nothing; ignore only what the stage must leave alone (e.g. ["lm_head"])
+    """
     from .calibrate import build_calibrator
     from .data import parse_spec
 
@@ -381,6 +484,10 @@ def resolve(recipe: Recipe, registry) -> Plan:
         except RecipeError as exc:
             raise fail(exc, key) from None
         stages.append(PlannedStage(spec, record, options))
+    try:
+        _check_stages_do_something(recipe.stages)
+    except RecipeError as exc:
+        raise fail(exc) from None
     backends = registry.names("backend")
     if recipe.export.backend not in backends:
         raise fail(RecipeError("export.backend", recipe.export.backend, f"unknown backend; installed: {', '.join(backends)}"))
@@ -390,10 +497,47 @@ def resolve(recipe: Recipe, registry) -> Plan:
         raise fail(exc, "calibration") from None
     backend = registry.get("backend", recipe.export.backend)
     try:
-        export_options(backend, recipe.export.options)
+        exporter = make_exporter(backend, recipe.export.options)
     except RecipeError as exc:
         raise fail(exc, "export") from None
+    check = getattr(exporter, "check_recipe", None)
+    if check is not None:  # what the backend cannot write, decided from the recipe alone
+        try:
+            check(recipe)
+        except RecipeError as exc:
+            raise fail(exc) from None
+        except ExportError as exc:
+            where = f"{recipe.source}: " if recipe.source else ""
+            raise ExportError(f"{where}export.backend {backend.name!r} cannot write what this recipe makes: "
+                              f"{exc}") from None
     return Plan(recipe, tuple(stages), backend)
+
+
+def _check_stages_do_something(stages: tuple[StageSpec, ...]) -> None:
+    """Refuse stages that, on any model, would quantize nothing: an ``ignore`` excluding all
+    that the targets select, and a KV-cache stage after another one for the same caches
+    (the later one would silently replace the earlier's scales). Probed on module names of
+    every family (:meth:`QuantScheme.probe`); the pipeline checks against the real model."""
+    kv_stages: list[tuple[int, StageSpec]] = []
+    for i, spec in enumerate(stages):
+        scheme = spec.scheme
+        if scheme.ignores_everything():
+            raise RecipeError(f"stage[{i}].ignore", list(scheme.ignore),
+                              f"it excludes every module the targets {list(scheme.targets)} select, so the stage "
+                              "would quantize nothing; ignore only what the stage must leave alone (e.g. [\"lm_head\"])")
+        if spec.quantizer != "kv_cache":
+            continue
+        for j, earlier in kv_stages:
+            # the key/value projections (of the families that cache them apart) both would quantize
+            names = [n for n in probe_names(patterns=earlier.scheme.targets + scheme.targets)
+                     if n.endswith(("k_proj", "v_proj"))]
+            both = [n for n in earlier.scheme.probe(names) if n in scheme.probe(names)]
+            if both:
+                raise RecipeError(f"stage[{i}].quantizer", spec.quantizer,
+                                  f"stage[{j}] quantizes the KV cache already (e.g. {both[0]}), and a second "
+                                  f"kv_cache stage would replace its scales; keep one kv_cache stage (or give the two "
+                                  "disjoint targets)")
+        kv_stages.append((i, spec))
 
 
 def export_options(record, options: Mapping[str, Any]) -> Any:

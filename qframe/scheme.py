@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable, Literal, Mapping
@@ -34,6 +35,39 @@ FORMAT_BITS = {name: bits for bits, names in FLOAT_FORMATS.items() for name in n
 FORMAT_MAX = {"e4m3": 448.0, "e5m2": 57344.0, "nvfp4": 6.0, "mxfp4": 6.0}
 # FP4 formats scale fixed blocks of input channels.
 BLOCK_SIZES = {"nvfp4": 16, "mxfp4": 32}
+# The widest group: a weight narrower than its group is zero-padded to it (memory and time
+# grow with the group, and 2**20 already takes seconds on a 64-wide toy model), while a
+# group as wide as a layer's input is just one scale per output channel.
+MAX_GROUP_SIZE = 1 << 14
+# Bounds on any number a recipe passes to a plugin: what torch takes as an int64, and a
+# nesting depth no option needs (deeper values are mistakes, and walking them recurses).
+INT64 = (-(1 << 63), (1 << 63) - 1)
+MAX_DEPTH = 8
+
+
+def check_plain(key: str, value: Any, depth: int = 0) -> None:
+    """Refuse, in any recipe value (nested lists and tables too), what no plugin option
+    can mean: NaN or infinite floats, integers beyond 64 bits, and nesting deeper than
+    ``MAX_DEPTH``. Raises :class:`RecipeError` naming ``key``.
+
+    Example::
+
+        >>> check_plain("options.alpha_grid", [0.5, float("nan")])
+        Traceback (most recent call last):
+        ...
+        qframe.errors.RecipeError: options.alpha_grid: nan is not valid; expected a finite number
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(key, value, "expected a finite number")
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]:
+        raise RecipeError(key, value, "expected an integer that fits in 64 bits")
+    if isinstance(value, (list, tuple, Mapping)):
+        if depth >= MAX_DEPTH:
+            raise RecipeError(key, value, f"nested deeper than {MAX_DEPTH} levels; expected a number, a string, "
+                              "or a flat list or table of them")
+        items = value.items() if isinstance(value, Mapping) else ((None, v) for v in value)
+        for name, item in items:
+            check_plain(key if name is None else f"{key}.{name}", item, depth + 1)
 
 
 def _expect(key: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
@@ -101,6 +135,8 @@ class QuantArgs:
                                                     for p in options):
             raise RecipeError("calibrator_options", self.calibrator_options,
                               "expected a table of the calibrator's options, e.g. { percentile = 99.9 }")
+        for name, value in options:
+            check_plain(f"calibrator_options.{name}", value)
         object.__setattr__(self, "calibrator_options", options)  # frozen: normalized once
         if self.granularity not in GRANULARITIES:
             raise RecipeError("granularity", self.granularity, f"allowed: {', '.join(GRANULARITIES)}")
@@ -110,6 +146,11 @@ class QuantArgs:
             _expect("group_size", self.group_size, int, "a positive integer")
             if self.group_size < 1:
                 raise RecipeError("group_size", self.group_size, "expected a positive integer")
+            if self.group_size > MAX_GROUP_SIZE:
+                raise RecipeError("group_size", self.group_size,
+                                  f"expected at most {MAX_GROUP_SIZE} input channels per group (a weight narrower than "
+                                  "its group is padded to it); for one scale per output channel over the whole input, "
+                                  "set granularity = \"channel\" and no group_size")
         elif self.group_size is not None:
             raise RecipeError("group_size", self.group_size, f"only granularity 'group' takes a group_size, not {self.granularity!r}")
         if self.granularity == "token" and not self.dynamic:
@@ -240,6 +281,74 @@ class QuantArgs:
         return args
 
 
+# -- probing patterns without a model ---------------------------------------------------------------
+
+# Decoder linears of the families qframe serves, in layers 0 and 1 ({i}), as their modules are
+# named: what a recipe's targets and ignore are probed against before any model is loaded.
+PROBE_FAMILIES: dict[str, tuple[str, ...]] = {
+    "llama": tuple(f"model.layers.{{i}}.{n}" for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                      "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                      "mlp.down_proj")),
+    "gemma3": tuple(f"model.language_model.layers.{{i}}.{n}" for n in ("self_attn.q_proj", "self_attn.k_proj",
+                                                                     "self_attn.v_proj", "self_attn.o_proj",
+                                                                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+    "phi3": tuple(f"model.layers.{{i}}.{n}" for n in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
+                                                     "mlp.down_proj")),
+    "gpt2": tuple(f"transformer.h.{{i}}.{n}" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")),
+    "neox": tuple(f"gpt_neox.layers.{{i}}.{n}" for n in ("attention.query_key_value", "attention.dense",
+                                                        "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
+    "opt": tuple(f"model.decoder.layers.{{i}}.{n}" for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                            "self_attn.out_proj", "fc1", "fc2")),
+}
+# Linears outside the decoder layers, and names of no family qframe knows.
+PROBE_OTHERS = ("lm_head", "embed_out", "x", "blocks.0.ffn.w1", "h.0.attn.Wqkv")
+# Stand-ins for a model's linears whose class names are torch's (a Linear is a Module), so that
+# type-name patterns probe as they match on a model; this module stays free of torch.
+PROBE_LINEAR = type("Linear", (type("Module", (), {}),), {})()
+
+
+def probe_names(family: str | None = None, patterns: Iterable[str] = ()) -> list[str]:
+    """The module names patterns are probed against: one family's decoder linears (layers 0
+    and 1), or every family's and ``PROBE_OTHERS``; and names the glob ``patterns`` match
+    (their wildcards filled, alone and inside a layer).
+
+    Example::
+
+        >>> probe_names("gpt2")[:2]
+        ['transformer.h.0.attn.c_attn', 'transformer.h.0.attn.c_proj']
+        >>> probe_names("gpt2", ["*.w2"])[-2:]
+        ['x.w2', 'model.layers.0.x.w2']
+    """
+    families = [family] if family else list(PROBE_FAMILIES)
+    names = [n.format(i=i) for f in families for i in (0, 1) for n in PROBE_FAMILIES[f]]
+    names += [] if family else list(PROBE_OTHERS)
+    for pattern in patterns:
+        if pattern.startswith("re:") or "[" in pattern:
+            continue  # no instance is written down as easily; the fixed names serve
+        filled = pattern.replace("*", "x").replace("?", "x")
+        names += [n for n in (filled, f"model.layers.0.{filled}") if _pattern_matches(pattern, n, PROBE_LINEAR)]
+    return list(dict.fromkeys(names))
+
+
+def first_claims(schemes: Mapping[int, "QuantScheme"], modules: Iterable[tuple[str, object]]) -> dict[str, int]:
+    """Which of ``schemes`` (stage index -> scheme, in stage order) takes each of ``modules``
+    (name, module): the first that selects it, since later stages leave quantized linears
+    alone. Modules no scheme selects are left out.
+
+    Example::
+
+        >>> first_claims({0: QuantScheme(targets=("*.mlp.*",)), 2: QuantScheme()},
+        ...              [(n, PROBE_LINEAR) for n in ("model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_proj")])
+        {'model.layers.0.mlp.up_proj': 0, 'model.layers.0.self_attn.q_proj': 2}
+    """
+    claims = {}
+    for name, module in modules:
+        taker = next((i for i, scheme in schemes.items() if scheme.matches(name, module)), None)
+        if taker is not None:
+            claims[name] = taker
+    return claims
+
+
 def _pattern_matches(pattern: str, name: str, module: object) -> bool:
     if pattern.startswith("re:"):
         return re.search(pattern[3:], name) is not None
@@ -287,13 +396,19 @@ class QuantScheme:
     activations: QuantArgs | None = None
 
     def __post_init__(self) -> None:
+        if not self.targets:
+            raise RecipeError("targets", [], "a stage that targets nothing quantizes nothing; expected at least one "
+                              "pattern, e.g. targets = [\"Linear\"]")
         for key in ("targets", "ignore"):
             for pattern in getattr(self, key):
                 if pattern.startswith("re:"):
                     try:
                         re.compile(pattern[3:])
-                    except re.error as exc:
+                    except (re.error, OverflowError) as exc:  # OverflowError: a{99999999999}
                         raise RecipeError(key, pattern, f"not a regular expression: {exc}") from None
+                    except RecursionError:
+                        raise RecipeError(key, pattern, "not a regular expression Python can compile: its groups "
+                                          "nest too deeply") from None
 
     def matches(self, name: str, module: object) -> bool:
         return any(_pattern_matches(p, name, module) for p in self.targets) and not any(
@@ -303,3 +418,28 @@ class QuantScheme:
     def select(self, named_modules: Iterable[tuple[str, object]]) -> list[tuple[str, object]]:
         """The (name, module) pairs this scheme quantizes, in order."""
         return [(n, m) for n, m in named_modules if n and self.matches(n, m)]
+
+    def probe(self, names: Iterable[str] | None = None) -> list[str]:
+        """Which of ``names`` (default: :func:`probe_names` and instances of the targets' globs)
+        this scheme would quantize, were they linears: a model-free estimate.
+
+        Example::
+
+            >>> QuantScheme(targets=("*.mlp.*",)).probe(["model.layers.0.mlp.up_proj", "lm_head"])
+            ['model.layers.0.mlp.up_proj']
+        """
+        names = probe_names(patterns=self.targets) if names is None else names
+        return [n for n in names if self.matches(n, PROBE_LINEAR)]
+
+    def ignores_everything(self) -> bool:
+        """Whether ``ignore`` excludes every linear the targets would select: the probes the
+        targets match (``Linear`` matches all of them) are all ignored. False when the
+        targets match no probe, since then nothing is known.
+
+        Example::
+
+            >>> QuantScheme(ignore=("re:.*",)).ignores_everything(), QuantScheme().ignores_everything()
+            (True, False)
+        """
+        targeted = QuantScheme(targets=self.targets, ignore=()).probe()
+        return bool(targeted) and not self.probe(targeted)

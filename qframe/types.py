@@ -79,8 +79,15 @@ class BackendPlugin(PluginRecord):
     - ``export(qmodel, directory) -> Path``: write into ``directory`` (a fresh temporary
       directory that is renamed into place only when everything succeeded);
     - optionally ``subdirectory``: where ``qframe apply`` puts it inside its output;
+    - optionally ``check_recipe(recipe)``: raise :class:`qframe.ExportError` (or
+      :class:`qframe.RecipeError`) for what the format cannot express that the recipe alone
+      decides, naming the stage: each stage's formats, different algorithms across stages.
+      :func:`qframe.recipe.resolve` calls it, so ``qframe validate RECIPE`` and
+      ``apply --dry-run`` refuse such a recipe before any model loads;
     - optionally ``check(model, recipe)``: raise :class:`qframe.ExportError` for what the
-      format cannot express, after the model is loaded and *before* it is calibrated;
+      format cannot express, after the model is loaded and *before* it is calibrated
+      (``check_recipe``'s rules and those that need the model's shapes: run the same helper
+      for the former rather than writing the rules twice);
     - optionally ``validate(directory) -> list[str]``: the problems a written directory
       has (empty when valid); ``qframe.export`` runs it after every export, and
       ``qframe validate DIR`` from the command line, with ``recognizes(directory)``

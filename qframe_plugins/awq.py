@@ -49,6 +49,9 @@ from .smoothing import CandidateLoss, ChannelStats, active_groups, apply_scale, 
 CLIP_CHUNK = 1 << 24
 
 
+MAX_GRID = 1000
+
+
 @dataclass(frozen=True)
 class AWQOptions:
     """``n_grid``: scale ratios searched; ``clip``: search weight ranges too, over
@@ -66,6 +69,9 @@ class AWQOptions:
         for key in ("n_grid", "clip_grid", "clip_tokens"):
             if getattr(self, key) < 1:
                 raise RecipeError(key, getattr(self, key), "expected a positive integer")
+        for key in ("n_grid", "clip_grid"):  # each point of a grid costs a forward pass of every group
+            if getattr(self, key) > MAX_GRID:
+                raise RecipeError(key, getattr(self, key), f"expected at most {MAX_GRID} points (the default is 20)")
         if not 0 < self.max_shrink < 1:
             raise RecipeError("max_shrink", self.max_shrink, "expected a fraction of the range, 0 < max_shrink < 1")
 

@@ -21,6 +21,9 @@ def generate(location: str, params: dict, context) -> list[str]:
     first = torch.randint(0, min(vocab, model.config.vocab_size), (context.samples, 1), generator=generator)
     torch.manual_seed(context.seed)
     device = torch.device(context.device)
+    if device.type == "meta":  # a meta tensor holds no numbers to sample from
+        raise DataError(f"dataset 'generated' samples text from the model, which cannot run on device {device.type!r}; "
+                        "choose cpu or cuda")
     texts: list[str] = []
     was = model.device
     model.to(device)
@@ -31,6 +34,7 @@ def generate(location: str, params: dict, context) -> list[str]:
                     batch.to(device), attention_mask=torch.ones_like(batch, device=device),
                     do_sample=True, top_k=50, max_new_tokens=context.seq_len, min_new_tokens=context.seq_len,
                     use_cache=True, pad_token_id=tokenizer.eos_token_id,
+                    remove_invalid_values=True,  # a model that overflows still writes text; the pipeline names the layer
                 )
                 texts.extend(tokenizer.batch_decode(out, skip_special_tokens=True))
     finally:

@@ -48,8 +48,8 @@ import torch
 from torch import nn
 
 from qframe import BackendPlugin, hookimpl, numerics
-from qframe.errors import ExportError, ModelError, RecipeError
-from qframe.scheme import QuantArgs, describe
+from qframe.errors import ExportError, ModelError, RecipeError, shorten
+from qframe.scheme import PROBE_FAMILIES, PROBE_LINEAR, QuantArgs, describe, first_claims, probe_names
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 WEIGHTS = "model.safetensors"
@@ -76,9 +76,10 @@ def parse_size(value: int | str) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     found = _SIZE.match(value) if isinstance(value, str) else None
-    if found is None or float(found.group(1)) <= 0:
+    size = float(found.group(1)) * _UNITS[(found.group(2) or "B").upper()] if found else 0.0
+    if not 1 <= size < 2**63:  # also a number of so many digits that it is infinite
         raise RecipeError("max_shard_size", value, "expected a positive size such as \"10GB\", \"500MB\" or bytes")
-    return int(float(found.group(1)) * _UNITS[(found.group(2) or "B").upper()])
+    return int(size)
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,44 @@ def kv_cache_algo(outputs: QuantArgs, where: str) -> str:
                       "whose k_scale/v_scale are FP8 E4M3 cache scales (amax/448); use "
                       "activations = { type = \"float\", bits = 8 } in the kv_cache stage (or export INT8 caches "
                       "with --backend tensorrt-llm)")
+
+
+# Algorithm and group size of a stage, and the stage as messages name it.
+Format = tuple[str | None, int | None, str]
+
+
+def stage_formats(recipe: Any) -> dict[int, Format]:
+    """Each weight-quantizing stage's ``quant_algo``, by stage index, refusing (with an
+    :class:`~qframe.ExportError` naming the stage) formats the unified checkpoint lacks, a
+    kv_cache stage's included.
+
+    Example::
+
+        >>> from qframe.recipe import parse_recipe
+        >>> stage_formats(parse_recipe({"stage": [{"quantizer": "rtn", "weights": {"bits": 4, "group_size": 48}}]}))
+        Traceback (most recent call last):
+        ...
+        qframe.errors.ExportError: stage[0] (rtn): weights int4 group 48, activations none: the int4 kernels that serve W4A16_AWQ take groups of 64 or 128 input channels; set weights.group_size = 64 or 128
+    """
+    formats = {}
+    for index, stage in enumerate(recipe.stages):
+        where = f"stage[{index}] ({stage.quantizer})"
+        if stage.quantizer == "kv_cache" and stage.scheme.activations is not None:
+            kv_cache_algo(stage.scheme.activations, where)
+        elif stage.scheme.weights is not None and stage.options.get("quantize", True) is not False:
+            weights = stage.scheme.weights
+            formats[index] = (quant_algo(weights, stage.scheme.activations, where), weights.group_size, where)
+    return formats
+
+
+def _refuse_mixed(chosen: Iterable[Format]) -> None:
+    found: dict[tuple[str | None, int | None], str] = {}
+    for algo, group, where in chosen:
+        found.setdefault((algo, group), where)
+    if len(found) > 1:
+        described = "; ".join(f"{where}: {algo}{_group(group)}" for (algo, group), where in found.items())
+        raise ExportError(f"the recipe quantizes linears with different algorithms ({described}), but the hf "
+                          "backend writes one for the whole model; quantize every linear alike")
 
 
 # -- the model as the checkpoint sees it -------------------------------------------------------------
@@ -470,35 +509,33 @@ class HFExporter:
     def __init__(self, options: HFOptions | None = None):
         self.options = options or HFOptions()
 
+    def check_recipe(self, recipe: Any) -> None:
+        """Refuse, from the recipe alone (``qframe validate``), what the checkpoint could not
+        hold: each stage's formats, and different algorithms across stages (probed on module
+        names of every family); raises :class:`qframe.ExportError` naming the stage."""
+        formats = stage_formats(recipe)
+        schemes = {i: recipe.stages[i].scheme for i in formats}
+        for family in PROBE_FAMILIES:
+            probes = [(name, PROBE_LINEAR) for name in (*probe_names(family), "lm_head")]
+            _refuse_mixed(formats[i] for i in first_claims(schemes, probes).values())
+
     def check(self, model: nn.Module, recipe: Any) -> None:
         """Refuse, from the recipe and the model's shapes, what the checkpoint could not hold
         (before any calibration); raises :class:`qframe.ExportError`."""
         if any(type(m).__name__ == "Conv1D" for m in model.modules()):
             _refuse_transposed_layouts(model)
-        chosen: dict[tuple[str | None, int | None], str] = {}
-        for index, stage in enumerate(recipe.stages):
-            where = f"stage[{index}] ({stage.quantizer})"
-            if stage.quantizer == "kv_cache" and stage.scheme.activations is not None:
-                kv_cache_algo(stage.scheme.activations, where)
+        formats = stage_formats(recipe)
+        linears = [(n, m) for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
+        claims = first_claims({i: recipe.stages[i].scheme for i in formats}, linears)
+        _refuse_mixed(formats[i] for i in claims.values())
+        for name, module in linears:
+            if name not in claims:
                 continue
-            weights = stage.scheme.weights
-            if weights is None or stage.options.get("quantize", True) is False:
-                continue
-            targets = [(n, m) for n, m in model.named_modules()
-                       if n and isinstance(m, nn.Linear) and stage.scheme.matches(n, m)]
-            if not targets:
-                continue
-            algo = quant_algo(weights, stage.scheme.activations, where)
-            chosen.setdefault((algo, weights.group_size), where)
-            for name, module in targets:
-                if weights.granularity == "group" and module.in_features % weights.group_size:
-                    raise ExportError(f"{where}: {name} has {module.in_features} input channels, not a whole number "
-                                      f"of groups of {weights.group_size}, which the packed format needs; choose a "
-                                      f"group size that divides {module.in_features}")
-        if len(chosen) > 1:
-            described = "; ".join(f"{where}: {algo}{_group(group)}" for (algo, group), where in chosen.items())
-            raise ExportError(f"the recipe quantizes linears with different algorithms ({described}), but the hf "
-                              "backend writes one for the whole model; quantize every linear alike")
+            weights, where = recipe.stages[claims[name]].scheme.weights, formats[claims[name]][2]
+            if weights.granularity == "group" and module.in_features % weights.group_size:
+                raise ExportError(f"{where}: {name} has {module.in_features} input channels, not a whole number "
+                                  f"of groups of {weights.group_size}, which the packed format needs; choose a "
+                                  f"group size that divides {module.in_features}")
 
     def export(self, qmodel: Any, directory: str | Path) -> Path:
         """Write ``config.json`` (with ``quantization_config``), ``hf_quant_config.json``, the
@@ -568,8 +605,10 @@ def _tensor_specs(directory: Path) -> tuple[dict[str, tuple[tuple[int, ...], str
     if (directory / INDEX).is_file():
         try:
             weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            return {}, [f"{INDEX}: unreadable ({exc})"]
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            return {}, [f"{INDEX}: unreadable ({shorten(str(exc))})"]
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            return {}, [f"{INDEX}: weight_map is not a table of tensor names to file names"]
         files = sorted(set(weight_map.values()))
     else:
         weight_map, files = None, [WEIGHTS]
@@ -653,8 +692,11 @@ def validate_checkpoint(directory: Path) -> list[str]:
             configs[file] = json.loads((directory / file).read_text())
         except FileNotFoundError:
             problems.append(f"{file} is missing")
-        except (OSError, ValueError) as exc:
-            problems.append(f"{file}: unreadable ({exc})")
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: arrays nested thousands deep
+            problems.append(f"{file}: unreadable ({shorten(str(exc))})")
+        else:
+            if not isinstance(configs[file], dict):
+                problems.append(f"{file} is not a JSON object")
     if not (directory / WEIGHTS).is_file() and not (directory / INDEX).is_file():
         problems.append(f"{WEIGHTS} is missing")
     if problems:
@@ -664,9 +706,11 @@ def validate_checkpoint(directory: Path) -> list[str]:
         return [f"{HF_QUANT_CONFIG} has no \"quantization\" table"]
     algo, kv = quant.get("quant_algo"), quant.get("kv_cache_quant_algo")
     if algo not in (*ALGORITHMS, None):
-        problems.append(f"{HF_QUANT_CONFIG}: quant_algo {algo!r} is not one of {', '.join(ALGORITHMS)}")
+        problems.append(f"{HF_QUANT_CONFIG}: quant_algo {shorten(algo)} is not one of {', '.join(ALGORITHMS)}")
     if kv not in ("FP8", None):
-        problems.append(f"{HF_QUANT_CONFIG}: kv_cache_quant_algo {kv!r} is not FP8 or null")
+        problems.append(f"{HF_QUANT_CONFIG}: kv_cache_quant_algo {shorten(kv)} is not FP8 or null")
+    if problems:  # what follows reads them as names
+        return problems
     required = {"W4A16_AWQ": ("group_size", "has_zero_point", "pre_quant_scale"), "NVFP4": ("group_size",)}
     required["W4A8_AWQ"] = required["W4A16_AWQ"]
     problems += [f"{HF_QUANT_CONFIG}: {algo} needs {key}" for key in required.get(algo, ()) if key not in quant]
@@ -675,9 +719,8 @@ def validate_checkpoint(directory: Path) -> list[str]:
     if algo in AWQ_ALGOS and quant.get("has_zero_point") is not False:
         problems.append(f"{HF_QUANT_CONFIG}: has_zero_point must be false")
     excluded = quant.get("exclude_modules")
-    if not isinstance(excluded, list):
-        problems.append(f"{HF_QUANT_CONFIG}: exclude_modules must be a list")
-        excluded = []
+    if not isinstance(excluded, list) or not all(isinstance(e, str) for e in excluded):
+        return problems + [f"{HF_QUANT_CONFIG}: exclude_modules must be a list of module names"]
     expected = quantization_config(configs[HF_QUANT_CONFIG]) if "producer" in configs[HF_QUANT_CONFIG] else None
     if algo is None and kv is None:
         expected = None  # an unquantized model: config.json claims nothing

@@ -31,6 +31,7 @@ import torch
 from qframe import CalibratorPlugin, hookimpl
 from qframe import numerics
 from qframe.calibrate import Histogram, HistogramCalibrator, positive
+from qframe.errors import RecipeError
 from qframe.scheme import QuantArgs
 
 # Where a bin's values are taken to lie, in bin widths: a two-point midpoint rule; bin centers
@@ -57,6 +58,8 @@ class MSE(HistogramCalibrator):
         if step is not None:
             positive("step", step)
         super().__init__(args, bins=bins, signed=True)
+        if step is not None and step > bins:  # torch.arange(...)[::step] overflows past 2**62
+            raise RecipeError("step", step, f"expected at most bins ({bins}): one candidate a step")
         self.start_bin = start_bin
         self.step = step or (1 if args.granularity == "tensor" else 16)
 

@@ -40,6 +40,9 @@ from .smoothing import (ActiveGroup, CandidateLoss, ChannelStats, active_groups,
                         smoothquant_scale)
 
 
+MAX_ALPHAS = 100
+
+
 def _alpha(key: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise RecipeError(key, value, "expected a number strictly between 0 and 1")
@@ -63,6 +66,8 @@ class SmoothQuantOptions:
         _alpha("alpha", self.alpha)
         if not isinstance(self.alpha_grid, list):
             raise RecipeError("alpha_grid", self.alpha_grid, "expected a list of alphas, e.g. [0.3, 0.5, 0.7]")
+        if len(self.alpha_grid) > MAX_ALPHAS:  # each alpha costs a forward pass of every group
+            raise RecipeError("alpha_grid", self.alpha_grid, f"expected at most {MAX_ALPHAS} alphas")
         object.__setattr__(self, "alpha_grid", [_alpha("alpha_grid", a) for a in self.alpha_grid])
 
 

@@ -16,6 +16,7 @@ import qframe
 from qframe.errors import ExportError, RecipeError
 from qframe_plugins.tensorrt_llm.build import parse_build
 from qframe_plugins.tensorrt_llm.validate import validate_checkpoint
+from qframe.output import RECORD
 
 from test_trtllm_export import FP8, quantized, tiny
 
@@ -59,7 +60,8 @@ def calls(log: Path) -> list[list[str]]:
 
 
 def leftovers(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+    """Hidden entries other than qframe's record of what it wrote."""
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith(".") and p.name != RECORD)
 
 
 def test_the_build_table_becomes_the_exact_command_line(fake_trtllm_build, qmodel, tmp_path, capfd):
@@ -76,7 +78,7 @@ def test_the_build_table_becomes_the_exact_command_line(fake_trtllm_build, qmode
                     "--use_paged_context_fmha", "enable", "--remove_input_padding", "disable", "--reduce_fusion", "enable",
                     "--kv_cache_type", "paged", "--fast_build", "--workers", "2", "--log_level", "info"]
     assert Path(partial).parent == out.resolve() and Path(partial).name.startswith(".engine.partial-")
-    assert sorted(p.name for p in (out / "engine").iterdir()) == ["config.json", "rank0.engine"]
+    assert sorted(p.name for p in (out / "engine").iterdir()) == [RECORD, "config.json", "rank0.engine"]
     assert leftovers(out) == []
     assert "[TRT-LLM] building the engine" in capfd.readouterr().err  # streamed to the user
     assert validate_checkpoint(out) == []  # engine/ beside the ranks does not disturb the validator

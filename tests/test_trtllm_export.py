@@ -23,6 +23,7 @@ from qframe.recipe import load_recipe
 from qframe.testing import random_tokens, tiny_llama_model, tiny_model
 from qframe_plugins.tensorrt_llm import TensorRTLLMExporter, TensorRTLLMOptions
 from qframe_plugins.tensorrt_llm.validate import validate_checkpoint
+from qframe.output import RECORD
 
 from peer import run_peer_script
 
@@ -412,7 +413,7 @@ def test_qframe_export_writes_a_sharded_checkpoint_from_a_native_one_without_cal
                            "--output", str(target), "--set", "tp_size=2"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert config(target)["mapping"]["tp_size"] == 2
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "rank0.safetensors", "rank1.safetensors"]
+    assert sorted(p.name for p in target.iterdir()) == [RECORD, "config.json", "rank0.safetensors", "rank1.safetensors"]
     direct = load_file(str(write(qmodel, tmp_path / "direct", tp_size=2) / "rank1.safetensors"))
     again = load_file(str(target / "rank1.safetensors"))
     assert set(direct) == set(again) and all(torch.equal(direct[k].view(torch.uint8), again[k].view(torch.uint8))

@@ -34,6 +34,8 @@ from qframe import BackendPlugin, hookimpl
 from qframe.errors import RecipeError
 
 CHECKPOINT_DTYPES = ("float16", "bfloat16", "float32", "auto")
+# More ranks than any model has attention heads (tp) or layers (pp); larger is a typo.
+MAX_RANKS = 1024
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,9 @@ class TensorRTLLMOptions:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RecipeError(key, value, "expected a positive integer (the number of ranks)")
+            if value > MAX_RANKS:
+                raise RecipeError(key, value, f"expected at most {MAX_RANKS} ranks (tp_size divides the attention "
+                                  "heads, pp_size the decoder layers)")
         if self.dtype not in CHECKPOINT_DTYPES:
             raise RecipeError("dtype", self.dtype, f"allowed: {', '.join(CHECKPOINT_DTYPES)}")
         object.__setattr__(self, "build_spec", _parse_build(self.build))
@@ -89,6 +94,14 @@ class TensorRTLLMExporter:
 
     def __init__(self, options: TensorRTLLMOptions | None = None):
         self.options = options or TensorRTLLMOptions()
+
+    def check_recipe(self, recipe: Any) -> None:
+        """Refuse, from the recipe alone (``qframe validate``), what the checkpoint could not
+        hold: each stage's formats, group sizes TensorRT-LLM lacks, and different algorithms
+        across stages; raises :class:`qframe.ExportError` naming the stage."""
+        from .check import check_stages
+
+        check_stages(recipe)
 
     def check(self, model: torch.nn.Module, recipe: Any) -> None:
         """Refuse, from the recipe and the model's shapes, what the checkpoint could not hold

@@ -11,7 +11,12 @@ PATH, and say so where it is not), ``true`` (its absence is an error), or a tabl
     max_seq_len = 2048
     gemm_plugin = "auto"
     use_paged_context_fmha = true          # true/false become enable/disable
-    extra_args = ["--log_level", "info"]   # passed as they are
+    extra_args = ["--log_level", "info"]   # passed as they are, except what names inputs or outputs
+
+``extra_args`` may not name the options through which qframe tells ``trtllm-build`` what to
+read and where to write (``PROTECTED``: ``--checkpoint_dir``, ``--output_dir`` and the model
+and build definitions), in full, as an argparse abbreviation (``--output_d``) or with
+``=VALUE``: argparse keeps the last occurrence, so the engine would land outside the output.
 
 The engine is built into a hidden sibling of ``CHECKPOINT/engine`` and renamed into place only
 when ``trtllm-build`` succeeds; its output streams to stderr as it runs.
@@ -36,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from qframe.errors import ExportError, QFrameError, RecipeError
+from qframe.output import finish_partial, is_partial, make_partial, unproven
 
 EXECUTABLE = "trtllm-build"
 INSTALL = ("install TensorRT-LLM on a machine with an NVIDIA GPU: pip install tensorrt-llm "
@@ -56,6 +62,25 @@ TOGGLES = ("paged_kv_cache", "use_paged_context_fmha", "remove_input_padding", "
 SWITCHES = ("fast_build", "strip_plan", "weight_streaming", "weight_sparsity", "gather_context_logits",
             "gather_generation_logits", "gather_all_token_logits", "monitor_memory", "enable_debug_output")
 KV_CACHE_TYPES = ("paged", "continuous", "disabled")
+# trtllm-build's options that name what it reads and where it writes (commands/build.py); qframe
+# sets the first two itself, and the others would build another model or config than the checkpoint's.
+PROTECTED = ("checkpoint_dir", "output_dir", "model_config", "build_config", "model_cls_file", "model_cls_name")
+
+
+def protected_option(arg: str) -> str | None:
+    """The protected option ``arg`` would set in ``trtllm-build``'s parser, if any: its name
+    in full, any prefix of it (argparse takes unambiguous abbreviations, and refuses ambiguous
+    ones anyway), with or without ``=VALUE``, after one dash or two.
+
+    Example::
+
+        >>> protected_option("--output_d=/elsewhere"), protected_option("--log_level")
+        ('output_dir', None)
+    """
+    if not arg.startswith("-"):
+        return None  # a value
+    name = arg.lstrip("-").partition("=")[0]
+    return next((option for option in PROTECTED if name and option.startswith(name)), None)
 
 
 @dataclass(frozen=True)
@@ -94,6 +119,12 @@ def parse_build(value: Any) -> BuildSpec | None:
     extra = table.pop("extra_args", [])
     if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
         raise RecipeError("build.extra_args", extra, "expected a list of strings")
+    for arg in extra:
+        option = protected_option(arg)
+        if option is not None:
+            raise RecipeError("build.extra_args", arg, f"it sets trtllm-build's --{option}, but qframe says what the "
+                              "build reads and where it writes (the checkpoint it wrote, the engine inside the "
+                              f"output); extra_args may not name --{', --'.join(PROTECTED)} or an abbreviation of one")
     allowed = ", ".join(("enabled", *INT_OPTIONS, *STR_OPTIONS, *TOGGLES, *SWITCHES, "extra_args"))
     for key, option in table.items():
         if key in INT_OPTIONS:
@@ -140,7 +171,7 @@ def build_engine(checkpoint: Path, spec: BuildSpec) -> Path | None:
     required. An engine of an earlier checkpoint is removed first: it no longer matches."""
     checkpoint = Path(checkpoint)
     engine = checkpoint / "engine"
-    shutil.rmtree(engine, ignore_errors=True)
+    _remove_old_engine(engine)
     executable = shutil.which(EXECUTABLE)
     if executable is None:
         if spec.required:
@@ -150,8 +181,7 @@ def build_engine(checkpoint: Path, spec: BuildSpec) -> Path | None:
         print(f"qframe: {EXECUTABLE} is not on PATH, so no engine was built (build = \"auto\"); the checkpoint "
               f"in {checkpoint} is ready for it", file=sys.stderr)
         return None
-    partial = checkpoint / f".engine.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
+    partial = make_partial(checkpoint / f".engine.partial-{os.getpid()}")  # a kill's leftover is known as ours
     args = command_line(checkpoint, partial, spec, executable)
     print("qframe: " + shlex.join(args), file=sys.stderr, flush=True)
     try:
@@ -164,10 +194,25 @@ def build_engine(checkpoint: Path, spec: BuildSpec) -> Path | None:
             raise ExportError(f"{EXECUTABLE} {how}; its last lines: {lines}. "
                               f"The checkpoint in {checkpoint} is written and valid and no engine was kept; "
                               f"fix the cause and build it again with: {retry}")
-        partial.rename(engine)
+        finish_partial(partial).rename(engine)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return engine
+
+
+def _remove_old_engine(engine: Path) -> None:
+    """Remove an engine built from an earlier checkpoint (it no longer matches), and partial
+    engines of killed builds; an ``engine`` qframe cannot prove it built is kept, and refused."""
+    for leftover in engine.parent.glob(".engine.partial-*"):
+        if is_partial(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+    if not engine.exists():
+        return
+    foreign = unproven(engine, limit=3)
+    if foreign:
+        raise QFrameError(f"{engine} holds what qframe did not build ({', '.join(foreign)}); move it away, "
+                          "then build again")
+    shutil.rmtree(engine)
 
 
 def _stream(args: list[str]) -> tuple[int, deque]:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qframe.errors import shorten
+
 # TensorRT-LLM model families this validator knows tensor by tensor (``MODEL_MAP`` names that
 # map to them; GPT2LMHeadModel only from v1.0 on, GPTForCausalLM in every version).
 LLAMA = ("LlamaForCausalLM", "MistralForCausalLM", "InternLMForCausalLM", "SkyworkForCausalLM")
@@ -40,6 +42,9 @@ OTHER_ARCHITECTURES = (
 )
 
 DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+# The largest size, layer count or head count read from config.json: more is no model, and the
+# validator would spend hours naming the tensors of 2**70 layers.
+MAX_SIZE = 1 << 20
 F32, I8, U8, FP8 = "F32", "I8", "U8", "F8_E4M3"
 
 # quantization.mode.QuantAlgo across versions (see TRTLLM_CHECKPOINT.md), and those checked here.
@@ -70,7 +75,7 @@ def recognizes(directory: Path) -> bool:
     directory = Path(directory)
     try:
         config = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         return False
     return isinstance(config, dict) and "architecture" in config and (directory / "rank0.safetensors").is_file()
 
@@ -91,8 +96,8 @@ def validate_checkpoint(directory: Path) -> list[str]:
         config = json.loads((directory / "config.json").read_text())
     except OSError:
         return [f"config.json: missing in {directory}"]
-    except ValueError as exc:
-        return [f"config.json: not valid JSON ({exc})"]
+    except (ValueError, RecursionError) as exc:
+        return [f"config.json: not valid JSON ({shorten(str(exc))})"]
     if not isinstance(config, dict):
         return ["config.json: expected a JSON object"]
     spec = _read_config(config, problems)
@@ -155,8 +160,8 @@ def _positive(config: dict, key: str, problems: list[str], default: int | None =
     value = config.get(key, default)
     if value is None and default is None and key not in config:
         return None
-    if not _is_int(value) or value < 1:
-        problems.append(f"config.json: {key}: {value!r}, expected a positive integer")
+    if not _is_int(value) or not 1 <= value <= MAX_SIZE:  # the validator walks every layer and head
+        problems.append(f"config.json: {key}: {shorten(value)}, expected a positive integer up to {MAX_SIZE}")
         return None
     return value
 
@@ -185,10 +190,11 @@ def _read_config(config: dict, problems: list[str]) -> Spec | None:
             problems.append(f"config.json: architecture: {arch!r} is not a TensorRT-LLM architecture; known: "
                             + ", ".join((*FAMILIES, *OTHER_ARCHITECTURES)))
     dtype = config.get("dtype")
-    if "dtype" in config and dtype not in DTYPES:
-        problems.append(f"config.json: dtype: {dtype!r}, expected one of {', '.join(DTYPES)}")
-    if config.get("logits_dtype", "float32") not in DTYPES:
-        problems.append(f"config.json: logits_dtype: {config['logits_dtype']!r}, expected one of {', '.join(DTYPES)}")
+    if "dtype" in config and (not isinstance(dtype, str) or dtype not in DTYPES):  # a list is unhashable
+        problems.append(f"config.json: dtype: {shorten(dtype)}, expected one of {', '.join(DTYPES)}")
+    logits = config.get("logits_dtype", "float32")
+    if not isinstance(logits, str) or logits not in DTYPES:
+        problems.append(f"config.json: logits_dtype: {shorten(logits)}, expected one of {', '.join(DTYPES)}")
     hidden = _positive(config, "hidden_size", problems) if "hidden_size" in config else None
     layers = _positive(config, "num_hidden_layers", problems) if "num_hidden_layers" in config else None
     heads = _positive(config, "num_attention_heads", problems) if "num_attention_heads" in config else None
