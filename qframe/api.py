@@ -43,8 +43,12 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
         chosen = torch.device(device)
     except (RuntimeError, TypeError):
         raise QFrameError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if chosen.type not in ("cpu", "cuda"):
+        raise QFrameError(f"--device {device!r}: qframe computes on cpu, cuda or cuda:N")
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise QFrameError(f"--device {device}: CUDA is not available on this machine")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise QFrameError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return chosen
 
 

@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
 def _layer_progress(enabled: bool = True) -> Iterator:
     columns = (TextColumn("[bold]quantizing"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.description}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    progress = Progress(*columns, console=err, disable=not enabled)
+    progress = Progress(*columns, console=err, disable=not enabled, transient=True)  # gone before the result line
     tasks: list = []
 
     def update(done: int, total: int, name: str) -> None:
@@ -109,13 +109,15 @@ def cmd_apply(args) -> int:
 def cmd_eval(args) -> int:
     from . import api
     from .checkpoint import is_native
-    from .data import DataContext, evaluation_windows
+    from .data import DataContext, check_window_sizes, evaluation_windows
     from .errors import ModelError, QFrameError
     from .model import load_model, resolve_source
     from .plugins import default_registry
 
     if args.seq_len < 2 or (args.samples is not None and args.samples < 1) or args.batch_size < 1:
         raise QFrameError("--seq-len must be at least 2, --samples and --batch-size at least 1")
+    check_window_sizes(args.samples, args.seq_len, "--samples", "--seq-len")
+    check_window_sizes(args.batch_size, 1, "--batch-size", "--seq-len")
     qmodel = api.load_quantized(args.model) if is_native(args.model) else None
     # The unquantized model: the argument itself, or the source a qframe output records.
     source = qmodel.manifest.get("model", {}).get("location") if qmodel else args.model
