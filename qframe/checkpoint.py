@@ -138,9 +138,12 @@ def _module_args(manifest: dict[str, Any], path: Path) -> dict[str, dict[str, Qu
 
     if manifest.get("dtype") not in ("float32", "float16", "bfloat16"):
         raise bad("dtype", "expected float32, float16 or bfloat16")
-    tied = manifest.get("tied", {})
+    tied = manifest.setdefault("tied", {})
     if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
         raise bad("tied", "expected a table of tensor names")
+    source = manifest.get("model", {})
+    if not isinstance(source, dict) or not all(isinstance(v, str) for v in source.values()):
+        raise bad("model", "expected a table of strings (spec, kind, location)")
     modules = manifest.get("modules")
     if not isinstance(modules, dict):
         raise bad("modules", "expected a table of quantized modules")
@@ -153,9 +156,8 @@ def _module_args(manifest: dict[str, Any], path: Path) -> dict[str, dict[str, Qu
             value = entry.get(field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(f"{key}.{field}", "expected a positive integer")
-        for field in ("bias", "input_prescale"):
-            if not isinstance(entry.get(field, False), bool):
-                raise bad(f"{key}.{field}", "expected true or false")
+        if not isinstance(entry.get("bias"), bool) or not isinstance(entry.get("input_prescale", False), bool):
+            raise bad(f"{key}.bias", "expected bias and input_prescale to be true or false")
         parsed[name] = {}
         for role in ("weights", "activations", "outputs"):
             args = entry.get(role)
@@ -211,6 +213,7 @@ def load_native(directory: str | Path) -> QuantizedModel:
         raise ModelError(f"{directory / 'config.json'}: cannot build the model ({_short(exc)})") from None
     for name, entry in manifest["modules"].items():
         _install(model, name, entry, module_args[name], tensors, dtype, weights_file)
+    _check_dtypes(model, tensors, weights_file)
     try:
         result = model.load_state_dict(tensors, strict=False)
     except RuntimeError as exc:  # a tensor whose shape disagrees with the config
@@ -222,6 +225,12 @@ def load_native(directory: str | Path) -> QuantizedModel:
             f"missing {sorted(missing)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}"
         )
     model.tie_weights()
+    untied = [alias for alias, kept in manifest["tied"].items()
+              if _has_parameter(model, alias) and _has_parameter(model, kept)
+              and model.get_parameter(alias).data_ptr() != model.get_parameter(kept).data_ptr()]
+    if untied:  # saved once as one tensor, but the config no longer ties them: the alias would be random
+        raise ModelError(f"{directory / 'config.json'} does not tie {', '.join(untied[:3])} to what the checkpoint "
+                         "saved it as (is tie_word_embeddings missing?); the output is damaged")
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.refresh()
@@ -242,6 +251,18 @@ def load_native(directory: str | Path) -> QuantizedModel:
 def _finite(tensor: torch.Tensor) -> bool:
     # isfinite has no float8 kernels; those tensors are small (scales) or a byte per weight
     return bool(torch.isfinite(tensor if tensor.element_size() > 1 else tensor.float()).all())
+
+
+def _check_dtypes(model: torch.nn.Module, tensors: dict[str, torch.Tensor], weights_file: Path) -> None:
+    """Each tensor has the dtype it was saved with, that of its place in the model
+    (``load_state_dict`` would cast an int32 scale into a float one silently)."""
+    expected = model.state_dict()
+    wrong = [f"{name} ({str(t.dtype).removeprefix('torch.')}, expected {str(expected[name].dtype).removeprefix('torch.')})"
+             for name, t in tensors.items()
+             if name in expected and t.dtype != expected[name].dtype]
+    if wrong:
+        raise ModelError(f"{weights_file}: {len(wrong)} tensor(s) of another dtype than saved: {', '.join(wrong[:3])}; "
+                         "the output is damaged")
 
 
 def _has_parameter(model: torch.nn.Module, name: str) -> bool:
@@ -265,8 +286,11 @@ def _install(model: torch.nn.Module, name: str, entry: dict[str, Any], args: dic
         raise ModelError(f"{weights_file.parent / MANIFEST}: modules[{name!r}] is a {shape[0]}x{shape[1]} linear, "
                          "but the model's config has no such linear there; the output is damaged")
     weights, acts, outputs = args["weights"], args["activations"], args["outputs"]
-    module = QuantLinear(shape[0], shape[1], entry["bias"], weights, acts, dtype, outputs,
-                         prescale=entry.get("input_prescale", False))
+    try:
+        module = QuantLinear(shape[0], shape[1], entry["bias"], weights, acts, dtype, outputs,
+                             prescale=entry.get("input_prescale", False))
+    except ValueError as exc:  # QuantArgs that are valid alone but not in that role
+        raise ModelError(f"{weights_file.parent / MANIFEST}: modules[{name!r}]: {_short(exc)}") from None
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, module)
     packed = tensors.pop(f"{name}.weight_packed", None)
@@ -276,7 +300,7 @@ def _install(model: torch.nn.Module, name: str, entry: dict[str, Any], args: dic
         raise ModelError(f"{weights_file}: missing {name}.weight_packed")
     try:
         codes = numerics.unpack(packed, weights.bits, weights.symmetric, shape[0], weights.format)
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, IndexError) as exc:
         raise ModelError(f"{weights_file}: {name}.weight_packed cannot be unpacked as {weights.name} "
                          f"[{shape[1]}, {shape[0]}] ({_short(exc)})") from None
     if tuple(codes.shape) != (shape[1], shape[0]):

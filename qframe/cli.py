@@ -120,7 +120,7 @@ def cmd_eval(args) -> int:
     check_window_sizes(args.batch_size, 1, "--batch-size", "--seq-len")
     qmodel = api.load_quantized(args.model) if is_native(args.model) else None
     # The unquantized model: the argument itself, or the source a qframe output records.
-    source = qmodel.manifest.get("model", {}).get("location") if qmodel else args.model
+    source = qmodel.manifest["model"].get("location") if qmodel and "model" in qmodel.manifest else args.model
     base = None
     try:
         base = load_model(resolve_source(source), qmodel.manifest.get("dtype", "auto") if qmodel else "auto") if source else None

@@ -53,7 +53,7 @@ def perplexity(model: nn.Module, windows: TokenWindows, device: torch.device, ba
     finally:
         model.to(home)
     return EvalResult(
-        perplexity=math.exp(total / count),
+        perplexity=math.exp(total / count) if total / count < 709 else math.inf,  # exp overflows past 709
         tokens=count,
         windows=windows.ids.shape[0],
         seq_len=windows.ids.shape[1],

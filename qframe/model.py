@@ -29,7 +29,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from .errors import ModelError, RecipeError
+from .errors import ModelError, RecipeError, shorten
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NONFINITE = ("error", "zero")  # what load_model does with NaN/inf weights ([model] nonfinite)
@@ -186,6 +186,8 @@ def load_model(source: ModelSource, dtype: str = "auto", *, nonfinite: str = "er
         kwargs["dtype"] = DTYPES[dtype]
     if source.kind == "hub" and not _in_hub_cache(source.location):
         _require_hub(source)
+    if source.kind == "dir":
+        _require_sane_depth(Path(source.location) / "config.json")
     try:
         with quiet_transformers(stderr=source.kind != "hub"):
             # Shapes that differ are reported with the other problems below, not by transformers' report.
@@ -201,6 +203,8 @@ def load_model(source: ModelSource, dtype: str = "auto", *, nonfinite: str = "er
             ) from None
         raise ModelError(f"cannot load model {source.location!r}: {_short(exc)}") from None
     _require_complete(source, model, info)
+    if source.kind == "dir":
+        _require_float_weights(Path(source.location), model)
     if source.kind == "gguf" and getattr(model.config, "quantization_config", None) is not None:
         # transformers dequantized the GGUF; the config must not claim it is still quantized.
         del model.config.quantization_config
@@ -208,6 +212,42 @@ def load_model(source: ModelSource, dtype: str = "auto", *, nonfinite: str = "er
     model.eval()
     model.config.use_cache = False
     return LoadedModel(model, load_tokenizer(source), source)
+
+
+MAX_LAYERS = 4096  # deeper than any model made; a larger count is a damaged config, not a model
+
+
+def _require_sane_depth(config_file: Path) -> None:
+    """Refuse a layer count no checkpoint can hold before transformers builds that many layers."""
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return  # transformers reports an unreadable config in its own words
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        value = config.get(key) if isinstance(config, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 < value <= MAX_LAYERS:
+            raise ModelError(f"{config_file}: {key} = {shorten(value)} is not a model's depth (expected 1 to "
+                             f"{MAX_LAYERS}); the config is damaged")
+
+
+def _require_float_weights(directory: Path, model: nn.Module) -> None:
+    """Refuse integer tensors where the model has float weights: transformers casts them
+    silently (an int32 copy of a weight is its truncation)."""
+    from safetensors import safe_open
+
+    floats = {name for name, t in model.state_dict().items() if t.is_floating_point()}
+    wrong = []
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt") as handle:
+                for name in handle.keys():
+                    if name in floats and not handle.get_slice(name).get_dtype().startswith(("F", "BF")):
+                        wrong.append(f"{name} ({handle.get_slice(name).get_dtype()})")
+        except Exception:  # unreadable files were already refused by the load itself
+            continue
+    if wrong:
+        raise ModelError(f"model {str(directory)!r}: {listed(wrong)} hold integers where the model has float "
+                         "weights; the checkpoint is damaged")
 
 
 @contextlib.contextmanager

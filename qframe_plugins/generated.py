@@ -37,6 +37,10 @@ def generate(location: str, params: dict, context) -> list[str]:
                     remove_invalid_values=True,  # a model that overflows still writes text; the pipeline names the layer
                 )
                 texts.extend(tokenizer.batch_decode(out, skip_special_tokens=True))
+    except (TypeError, ValueError, OverflowError) as exc:  # our arguments are sound: the model's config is not
+        raise DataError(f"dataset 'generated': the model cannot sample text ({type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:200]}); check its generation_config.json and config.json, "
+                        "or calibrate on text: or jsonl: data") from None
     finally:
         model.to(was)
     return texts

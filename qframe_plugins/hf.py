@@ -753,7 +753,53 @@ def validate_checkpoint(directory: Path) -> list[str]:
             problems.append(f"{role} tensors are written but kv_cache_quant_algo is null")
         problems += [f"{n} is {s[1]} {list(s[0])}, expected a float32 scalar" for n, s in scales.items()
                      if s != ((), "float32")]
-    return problems
+    return problems + _model_problems(directory, specs, set(quantized), kv)
+
+
+# Tensors a quantized linear (or the KV cache) adds beside the model's own.
+_QUANT_LEAVES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "k_scale", "v_scale")
+_FLOATS = ("float16", "bfloat16", "float32")
+
+
+def _model_problems(directory: Path, specs: dict, quantized: set[str], kv: str | None) -> list[str]:
+    """The tensors against the model ``config.json`` describes, built on the meta device: each of
+    its weights present with its shape and a float dtype (a quantized linear's packed weight is
+    checked above), no other tensors but quantization scales of its modules, and one cache scale
+    of each kind per layer when the cache is quantized."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(directory)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # transformers raises many types for a damaged config
+        return [f"config.json: not a usable model config ({shorten(' '.join(str(exc).split()))})"]
+    expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    modules = {name for name, _ in skeleton.named_modules()}
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    problems = []
+    for name, shape in expected.items():
+        owner = name.rpartition(".")[0]
+        if owner in quantized and name.endswith(".weight"):
+            continue
+        found = specs.get(name)
+        if found is None:
+            if not (tied and name == "lm_head.weight"):
+                problems.append(f"{name} is missing (config.json's model has it, {list(shape)})")
+        elif found[0] != shape or found[1] not in _FLOATS:
+            problems.append(f"{name} is {found[1]} {list(found[0])}, expected a float {list(shape)} as config.json "
+                            "describes it")
+    for name in specs:
+        owner, _, leaf = name.rpartition(".")
+        if name not in expected and not (owner in modules and leaf in _QUANT_LEAVES):
+            problems.append(f"{name} is not a tensor of the model config.json describes")
+    if kv is not None:
+        layers = getattr(config, "num_hidden_layers", None)
+        for role in ("k_scale", "v_scale"):
+            count = sum(1 for n in specs if n.endswith(f".{role}"))
+            if count != layers:
+                problems.append(f"{count} {role} tensors for {layers} layers with a quantized KV cache")
+    return problems[:20] + ([f"and {len(problems) - 20} more problems"] if len(problems) > 20 else [])
 
 
 @hookimpl

@@ -39,3 +39,9 @@ def tiny_model_dir(tokenizer, tmp_path_factory) -> Path:
     tiny_llama_model(vocab_size=len(tokenizer), tie_word_embeddings=True).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz", type=int, default=None, metavar="N",
+                     help="tests/test_fuzz.py: run N times as many generated cases, from a random seed "
+                          "(nightly; also QFRAME_FUZZ=N, and QFRAME_FUZZ_SEED=S repeats a seed)")
