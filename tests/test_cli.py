@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from qframe.cli import main
-from qframe.testing import tiny_llama_model
 
 ROOT = Path(__file__).parents[1]
 W4A16 = str(ROOT / "recipes" / "rtn_w4a16.toml")
