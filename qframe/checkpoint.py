@@ -298,6 +298,9 @@ def _install(model: torch.nn.Module, name: str, entry: dict[str, Any], args: dic
         return
     if packed is None:
         raise ModelError(f"{weights_file}: missing {name}.weight_packed")
+    if packed.dtype != torch.uint8:
+        raise ModelError(f"{weights_file}: {name}.weight_packed is {str(packed.dtype).removeprefix('torch.')}, "
+                         "expected uint8 packed codes; the output is damaged")
     try:
         codes = numerics.unpack(packed, weights.bits, weights.symmetric, shape[0], weights.format)
     except (ValueError, RuntimeError, IndexError) as exc:

@@ -214,6 +214,8 @@ def load_model(source: ModelSource, dtype: str = "auto", *, nonfinite: str = "er
     return LoadedModel(model, load_tokenizer(source), source)
 
 
+# What an unquantized checkpoint stores its float weights in (FP8 ones carry a quantization_config).
+_WEIGHT_DTYPES = ("F16", "BF16", "F32", "F64")
 MAX_LAYERS = 4096  # deeper than any model made; a larger count is a damaged config, not a model
 
 
@@ -231,23 +233,26 @@ def _require_sane_depth(config_file: Path) -> None:
 
 
 def _require_float_weights(directory: Path, model: nn.Module) -> None:
-    """Refuse integer tensors where the model has float weights: transformers casts them
-    silently (an int32 copy of a weight is its truncation)."""
+    """Refuse integer or 8-bit float tensors where an unquantized model has float weights:
+    transformers casts them silently (an int32 copy of a weight is its truncation)."""
     from safetensors import safe_open
 
+    if getattr(model.config, "quantization_config", None) is not None:
+        return  # a quantized checkpoint stores codes where the model has float weights
     floats = {name for name, t in model.state_dict().items() if t.is_floating_point()}
     wrong = []
     for file in sorted(directory.glob("*.safetensors")):
         try:
             with safe_open(str(file), "pt") as handle:
                 for name in handle.keys():
-                    if name in floats and not handle.get_slice(name).get_dtype().startswith(("F", "BF")):
+                    if name in floats and handle.get_slice(name).get_dtype() not in _WEIGHT_DTYPES:
                         wrong.append(f"{name} ({handle.get_slice(name).get_dtype()})")
         except Exception:  # unreadable files were already refused by the load itself
             continue
     if wrong:
-        raise ModelError(f"model {str(directory)!r}: {listed(wrong)} hold integers where the model has float "
-                         "weights; the checkpoint is damaged")
+        raise ModelError(f"model {str(directory)!r}: {listed(wrong)} hold integers or 8-bit floats where the "
+                         "model has 16- or 32-bit float weights, and config.json claims no quantization; the "
+                         "checkpoint is damaged")
 
 
 @contextlib.contextmanager

@@ -753,7 +753,7 @@ def validate_checkpoint(directory: Path) -> list[str]:
             problems.append(f"{role} tensors are written but kv_cache_quant_algo is null")
         problems += [f"{n} is {s[1]} {list(s[0])}, expected a float32 scalar" for n, s in scales.items()
                      if s != ((), "float32")]
-    return problems + _model_problems(directory, specs, set(quantized), kv)
+    return problems + _model_problems(directory, specs, algo, set(quantized), kv)
 
 
 # Tensors a quantized linear (or the KV cache) adds beside the model's own.
@@ -761,7 +761,7 @@ _QUANT_LEAVES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_sca
 _FLOATS = ("float16", "bfloat16", "float32")
 
 
-def _model_problems(directory: Path, specs: dict, quantized: set[str], kv: str | None) -> list[str]:
+def _model_problems(directory: Path, specs: dict, algo: str | None, quantized: set[str], kv: str | None) -> list[str]:
     """The tensors against the model ``config.json`` describes, built on the meta device: each of
     its weights present with its shape and a float dtype (a quantized linear's packed weight is
     checked above), no other tensors but quantization scales of its modules, and one cache scale
@@ -780,9 +780,14 @@ def _model_problems(directory: Path, specs: dict, quantized: set[str], kv: str |
     problems = []
     for name, shape in expected.items():
         owner = name.rpartition(".")[0]
-        if owner in quantized and name.endswith(".weight"):
-            continue
         found = specs.get(name)
+        if owner in quantized and name.endswith(".weight"):  # packed: FP8 whole, NVFP4 columns and int4 rows halved
+            rows, cols = shape
+            packed = {"NVFP4": (rows, cols // 2), "W4A16_AWQ": (rows // 2, cols), "W4A8_AWQ": (rows // 2, cols)}
+            if found is not None and found[0] != packed.get(algo, (rows, cols)):
+                problems.append(f"{name} is {list(found[0])}, not the packed weight of a {list(shape)} linear "
+                                "as config.json describes it")
+            continue
         if found is None:
             if not (tied and name == "lm_head.weight"):
                 problems.append(f"{name} is missing (config.json's model has it, {list(shape)})")

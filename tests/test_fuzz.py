@@ -1293,7 +1293,9 @@ def _export_oracle(corruption: fz.Corruption, directory: Path, kind: str) -> str
                "empty": [0], "transpose": shape[::-1] if len(shape) == 2 else shape,
                "drop-row": [shape[0] - 1, *shape[1:]] if shape and shape[0] > 1 else shape,
                "add-row": [shape[0] + 1, *shape[1:]] if shape and shape[0] else shape}.get(corruption.value)
-        return "any" if new == shape else "reject"
+        # TensorRT-LLM's Parameter takes a 0-d value for a one-element one (the validator says why)
+        one_element_scalar = kind == "trt" and new == [] and math.prod(shape) == 1
+        return "any" if new == shape or one_element_scalar else "reject"
     if corruption.op == "sf-fill":
         value, _ = corruption.value
         scale = "scal" in corruption.arg
