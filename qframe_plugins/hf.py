@@ -758,13 +758,12 @@ def validate_checkpoint(directory: Path) -> list[str]:
 
 # Tensors a quantized linear (or the KV cache) adds beside the model's own.
 _QUANT_LEAVES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "k_scale", "v_scale")
-_FLOATS = ("float16", "bfloat16", "float32")
 
 
 def _model_problems(directory: Path, specs: dict, algo: str | None, quantized: set[str], kv: str | None) -> list[str]:
     """The tensors against the model ``config.json`` describes, built on the meta device: each of
-    its weights present with its shape and a float dtype (a quantized linear's packed weight is
-    checked above), no other tensors but quantization scales of its modules, and one cache scale
+    its weights present with its shape and the config's dtype (a quantized linear's packed weight
+    with the shape its algorithm packs it to), no other tensors but quantization scales of its modules, and one cache scale
     of each kind per layer when the cache is quantized."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -775,6 +774,7 @@ def _model_problems(directory: Path, specs: dict, algo: str | None, quantized: s
     except Exception as exc:  # transformers raises many types for a damaged config
         return [f"config.json: not a usable model config ({shorten(' '.join(str(exc).split()))})"]
     expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    dtype = str(getattr(config, "dtype", None) or "").removeprefix("torch.")  # every unquantized tensor's
     modules = {name for name, _ in skeleton.named_modules()}
     tied = bool(getattr(config, "tie_word_embeddings", False))
     problems = []
@@ -791,8 +791,8 @@ def _model_problems(directory: Path, specs: dict, algo: str | None, quantized: s
         if found is None:
             if not (tied and name == "lm_head.weight"):
                 problems.append(f"{name} is missing (config.json's model has it, {list(shape)})")
-        elif found[0] != shape or found[1] not in _FLOATS:
-            problems.append(f"{name} is {found[1]} {list(found[0])}, expected a float {list(shape)} as config.json "
+        elif found[0] != shape or found[1] != dtype:
+            problems.append(f"{name} is {found[1]} {list(found[0])}, expected {dtype} {list(shape)} as config.json "
                             "describes it")
     for name in specs:
         owner, _, leaf = name.rpartition(".")

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import torch
 from hypothesis import HealthCheck, Phase, example, given, seed as hypothesis_seed, settings
 from hypothesis import strategies as st
 
@@ -1286,7 +1287,13 @@ def _export_oracle(corruption: fz.Corruption, directory: Path, kind: str) -> str
         position, mask = corruption.arg
         return "any" if (position >= 8 + length or fz.flip_is_benign(data, position, mask)) and position >= 8 else "reject"
     if corruption.op == "sf-retype":
-        return "any" if SF_DTYPES.get(entry.get("dtype")) == corruption.value else "reject"
+        if SF_DTYPES.get(entry.get("dtype")) == corruption.value:
+            return "any"
+        # float to float: where TensorRT-LLM takes either (AWQ group scales in float32 or the model's
+        # dtype) only the values change, which, as with sf-fill, no validator can know were meant
+        # otherwise; hf checkpoints keep one dtype, so there it is damage unless no value changed
+        lossless = _lossless_retype(directory / corruption.file, corruption.arg, corruption.value)
+        return "any" if lossless or (kind == "trt" and _float_retype(entry.get("dtype"), corruption.value)) else "reject"
     if corruption.op == "sf-reshape":
         shape = entry.get("shape", [])
         new = {"flatten": [math.prod(shape)] if shape else [1], "unsqueeze": [1, *shape], "scalar": [],
@@ -1305,6 +1312,22 @@ def _export_oracle(corruption: fz.Corruption, directory: Path, kind: str) -> str
     if corruption.op == "sf-add":
         return "reject" if kind == "trt" else "any"
     return "reject"  # truncate, header length, remove, rename
+
+
+def _float_retype(old: str | None, new: str) -> bool:
+    return SF_DTYPES.get(old or "", "").startswith(("float16", "bfloat16", "float32")) and new in (
+        "float16", "bfloat16", "float32")
+
+
+def _lossless_retype(path: Path, name: str, dtype: str) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        tensor = handle.get_tensor(name)
+    new = getattr(torch, dtype, None)
+    if not (tensor.is_floating_point() and isinstance(new, torch.dtype) and new.is_floating_point):
+        return False
+    return bool(torch.equal(tensor.to(new).to(tensor.dtype), tensor))
 
 
 def test_fuzz_exported_checkpoint_corruptions(world, clean):
