@@ -85,7 +85,7 @@ def quantize(
     recipe = _as_recipe(recipe)
     plan = resolve(recipe, registry)
     device = pick_device(device)
-    check_plan(model, plan, registry)  # a stage that would take nothing fails now, before data is made
+    checked = check_plan(model, plan, registry)  # a stage that would take nothing fails now, before data is made
     windows = calibration
     if plan.needs_calibration_data and windows is None:
         if tokenizer is None:
@@ -95,7 +95,8 @@ def quantize(
         windows = calibration_windows(c.dataset, context, registry)
     ids = windows.ids if isinstance(windows, TokenWindows) else windows
     started = time.perf_counter()
-    layers = run_pipeline(model, plan, registry, ids if plan.needs_calibration_data else None, device, progress)
+    layers = run_pipeline(model, plan, registry, ids if plan.needs_calibration_data else None, device, progress,
+                          checked=checked)
     manifest = {
         "recipe": recipe.to_dict(),
         "versions": _versions(),

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from . import faults, numerics
 from .errors import ModelError, QFrameError
-from .model import find_architecture
+from .model import find_architecture, listed, nonfinite_names
 from .plugins import default_registry
 from .qlinear import QuantLinear
 from .output import strict_dumps
@@ -234,9 +234,10 @@ def load_native(directory: str | Path) -> QuantizedModel:
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.refresh()
-    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not _finite(t)]
+    # The dequantized weights (buffers, never saved) cover FP8 codes and scales, which are read through them.
+    bad = nonfinite_names([*model.named_parameters(), *model.named_buffers()])
     if bad:
-        raise ModelError(f"{weights_file}: {len(bad)} tensor(s) hold NaN or infinity ({', '.join(bad[:5])}); "
+        raise ModelError(f"{weights_file}: {len(bad)} tensor(s) hold NaN or infinity ({listed(bad)}); "
                          "the output is damaged (write it again with qframe apply)")
     model.eval()
     model.config.use_cache = False
@@ -246,11 +247,6 @@ def load_native(directory: str | Path) -> QuantizedModel:
     except Exception as exc:
         raise ModelError(f"{directory}: cannot load its tokenizer ({_short(exc)})") from None
     return QuantizedModel(model, tokenizer, manifest, directory=directory)
-
-
-def _finite(tensor: torch.Tensor) -> bool:
-    # isfinite has no float8 kernels; those tensors are small (scales) or a byte per weight
-    return bool(torch.isfinite(tensor if tensor.element_size() > 1 else tensor.float()).all())
 
 
 def _check_dtypes(model: torch.nn.Module, tensors: dict[str, torch.Tensor], weights_file: Path) -> None:

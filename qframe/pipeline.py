@@ -523,13 +523,15 @@ def run_pipeline(
     calibration: torch.Tensor | None,
     device: torch.device,
     progress: Callable[[int, int, str], None] | None = None,
+    checked: tuple[Architecture, list[tuple[StageSpec, Quantizer]]] | None = None,
 ) -> list[dict[str, Any]]:
     """Quantize ``model`` in place; return per-layer figures (errors, seconds).
 
-    First :func:`check_plan` (nothing read yet); each layer's weights are checked for NaN and
-    inf when they reach the device, its inputs and outputs as they stream.
+    First :func:`check_plan` (nothing read yet), unless the caller ran it already and passes
+    what it returned as ``checked``; each layer's weights are checked for NaN and inf when they
+    reach the device, its inputs and outputs as they stream.
     """
-    arch, quantizers = check_plan(model, plan, registry)
+    arch, quantizers = checked or check_plan(model, plan, registry)
     layers = arch.decoder_layers(model)
     inputs = None
     if progress:
