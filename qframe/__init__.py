@@ -12,11 +12,11 @@ __version__ = "0.1.0"
 
 from .errors import DataError, ExportError, ModelError, PluginError, QFrameError, RecipeError
 from .hookspecs import hookimpl, hookspec
-from .types import ArchitecturePlugin, BackendPlugin, CalibratorPlugin, DatasetPlugin, QuantizerPlugin
+from .types import ArchitecturePlugin, BackendPlugin, CalibratorPlugin, DatasetPlugin, LayoutPlugin, QuantizerPlugin
 from .plugins import KindView
 from .scheme import QuantArgs, QuantScheme
 from .recipe import Recipe, load_recipe
-from .api import apply, evaluate, export, load_quantized, quantize
+from .api import apply, describe, evaluate, export, load_quantized, quantize
 from .quantized import QuantizedModel
 
 calibrators = KindView("calibrator")
@@ -24,11 +24,12 @@ quantizers = KindView("quantizer")
 backends = KindView("backend")
 architectures = KindView("architecture")
 datasets = KindView("dataset")
+layouts = KindView("layout")
 
 __all__ = [
     "ArchitecturePlugin", "BackendPlugin", "CalibratorPlugin", "DataError", "DatasetPlugin", "ExportError",
-    "ModelError", "PluginError", "QFrameError", "QuantArgs", "QuantScheme", "QuantizedModel",
+    "LayoutPlugin", "ModelError", "PluginError", "QFrameError", "QuantArgs", "QuantScheme", "QuantizedModel",
     "QuantizerPlugin", "Recipe", "RecipeError", "apply", "architectures", "backends",
-    "calibrators", "datasets", "evaluate", "export", "hookimpl", "hookspec", "load_quantized",
+    "calibrators", "datasets", "describe", "evaluate", "export", "hookimpl", "hookspec", "layouts", "load_quantized",
     "load_recipe", "quantize", "quantizers",
 ]

@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import time
@@ -27,8 +28,9 @@ from .checkpoint import load_native, save_native
 from .data import DataContext, TokenWindows, calibration_windows, evaluation_windows
 from .errors import ExportError, QFrameError, RecipeError
 from .evaluate import EvalResult, perplexity
-from .model import load_model, resolve_source
+from .model import ModelSource, load_model, resolve_source
 from .output import seal, writing
+from .description import ModelDescription, describe_model
 from .pipeline import check_plan, run_pipeline
 from .plugins import Registry, default_registry
 from .quantized import QuantizedModel
@@ -113,7 +115,91 @@ def quantize(
             "samples": int(ids.shape[0]),
             "seq_len": int(ids.shape[1]),
         }
-    return QuantizedModel(model, tokenizer, manifest)
+    return QuantizedModel(model, tokenizer, manifest, registry=registry)
+
+
+def describe(
+    model: QuantizedModel | nn.Module,
+    recipe: Recipe | str | os.PathLike | None = None,
+    *,
+    registry: Registry | None = None,
+) -> ModelDescription:
+    """What each linear and KV cache of ``model`` holds (a quantized model), or will hold once
+    ``recipe`` quantized it (said by each stage's quantizer, before any calibration; the model
+    is only prepared, as the pipeline would). Exporters read this; see :mod:`qframe.description`.
+
+    Example::
+
+        >>> from qframe.testing import tiny_llama_model
+        >>> d = describe(tiny_llama_model(), "recipes/fp8.toml")
+        >>> d.linears["model.layers.0.self_attn.q_proj"].weights.name, d.caches[0].args.name
+        ('e4m3', 'e4m3')
+    """
+    if isinstance(model, QuantizedModel):
+        registry = registry or model.registry
+        model = model.model
+    registry = registry or default_registry()
+    if recipe is None:
+        return describe_model(model, registry)
+    return check_plan(model, resolve(_as_recipe(recipe), registry), registry).description
+
+
+def stand_in(source: ModelSource | None) -> tuple[nn.Module, bool]:
+    """A weightless (meta-device) model to check a recipe against before loading anything: the
+    named model's own, built from its config, or — with no model named — a Llama-shaped stand-in
+    (then ``False``: its widths say nothing about the model the recipe will meet)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    from .errors import ModelError
+    from .model import from_pretrained_args, in_hub_cache, quiet_transformers
+
+    if source is not None and source.kind == "hub" and not in_hub_cache(source.location):
+        source = None  # offline, or not downloaded yet: the loader says so when it is needed
+    if source is None:
+        config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,
+                             num_key_value_heads=8, vocab_size=32000)
+    else:
+        where, kwargs = from_pretrained_args(source)
+        try:
+            with quiet_transformers(stderr=source.kind != "hub"):
+                config = AutoConfig.from_pretrained(where, **kwargs)
+        except Exception as exc:  # transformers raises many types for an unusable config
+            raise ModelError(f"model {source.spec!r}: cannot read its config ({' '.join(str(exc).split())[:300]})") from None
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config  # a GGUF's config says how its file is packed; the model is a float one
+    try:
+        with torch.device("meta"), quiet_transformers():
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:
+        raise ModelError(f"model {getattr(source, 'spec', 'stand-in')!r}: cannot build it from its config "
+                         f"({' '.join(str(exc).split())[:300]})") from None
+    return model, source is not None
+
+
+def check_export(plan: Plan, model: str | ModelSource | None = None, *,
+                 registry: Registry | None = None) -> ModelDescription | None:
+    """Refuse, before any weights are read, what the recipe's export backend could not write:
+    the recipe's stages planned on the named model's config (or on a stand-in when ``model``
+    is ``None``: formats and mixes only, no shapes), checked by the exporter. What ``qframe
+    validate RECIPE [--model M]`` and ``apply --dry-run`` do. Returns the planned description
+    (``None`` when the backend checks nothing).
+
+    Example::
+
+        >>> from qframe.recipe import load_recipe
+        >>> check_export(resolve(load_recipe("recipes/awq_w4a16.toml"), default_registry())).quantized()[
+        ...     "model.layers.0.mlp.up_proj"].weights.group_size
+        128
+    """
+    registry = registry or default_registry()
+    exporter = make_exporter(plan.backend, plan.recipe.export.options, registry=registry)
+    if not hasattr(exporter, "check"):
+        return None
+    source = resolve_source(model) if isinstance(model, str) and model else model or None
+    skeleton, known = stand_in(source)
+    description = check_plan(skeleton, plan, registry, stand_in=not known).description
+    exporter.check(description)
+    return description
 
 
 def evaluate(
@@ -160,11 +246,12 @@ def export(
 
         >>> qframe.export(qmodel, "tensorrt-llm", "out/trt", options={"tp_size": 2})  # doctest: +SKIP
     """
-    registry = registry or default_registry()
+    registry = registry or qmodel.registry or default_registry()
     try:
-        exporter = make_exporter(registry.get("backend", backend), options)
+        exporter = make_exporter(registry.get("backend", backend), options, registry=registry)
     except RecipeError as exc:
         raise exc.within("export") from None
+    qmodel = dataclasses.replace(qmodel, registry=registry)  # the exporter describes it with these plugins
     protect = [qmodel.directory] if qmodel.directory is not None else []
     with writing(Path(output), protect=protect) as tmp:
         _export_checked(exporter, qmodel, tmp)
@@ -235,17 +322,18 @@ def apply(
     source = resolve_source(model or parsed.model.id or "")
     target = Path(output) if output else Path("out") / Path(recipe).stem
     chosen = pick_device(device)
+    # What the backend could not write is refused from the model's config, before any weight is read.
+    check_export(plan, source, registry=registry)
     if dry_run:
         return ApplyResult(None, None, plan)
     started = time.perf_counter()
-    exporter = make_exporter(plan.backend, parsed.export.options) if plan.backend.name != "qframe" else None
+    exporter = make_exporter(plan.backend, parsed.export.options, registry=registry) \
+        if plan.backend.name != "qframe" else None
     reads = [source.location] if source.kind != "hub" else []
     with writing(target, protect=reads) as tmp:
         loaded = load_model(source, parsed.model.dtype, nonfinite=parsed.model.nonfinite)
         load_s = time.perf_counter() - started
         faults.reach("load")
-        if hasattr(exporter, "check"):  # refuse what the format cannot express before calibrating
-            exporter.check(loaded.model, parsed)
         qmodel = quantize(loaded.model, parsed, tokenizer=loaded.tokenizer, device=chosen, registry=registry,
                           progress=_reporting(progress))
         qmodel.manifest["model"] = {"spec": source.spec, "kind": source.kind, "location": source.location}
@@ -258,6 +346,7 @@ def apply(
     return ApplyResult(target, qmodel, plan)
 
 
-def load_quantized(directory: str | os.PathLike) -> QuantizedModel:
-    """Load a native checkpoint written by ``apply`` or ``export(backend="qframe")``."""
-    return load_native(directory)
+def load_quantized(directory: str | os.PathLike, *, registry: Registry | None = None) -> QuantizedModel:
+    """Load a native checkpoint written by ``apply`` or ``export(backend="qframe")``, with the
+    architecture adapters of ``registry`` (default: the installed plugins)."""
+    return load_native(directory, registry or default_registry())

@@ -6,8 +6,9 @@ Every format's codes are saved as ``<module>.weight_packed`` (uint8): int2/int4 
 two or four codes a byte, low bits first; int3/5-8 one a byte (offset to unsigned when
 symmetric); FP8 the float8 bytes. Scales keep their own dtypes: float32, or for NVFP4
 ``weight_scale`` in float8_e4m3fn beside a float32 ``weight_global_scale``, for MXFP4 uint8 E8M0
-exponents. The manifest records each module's ``QuantArgs`` (``weights``, ``activations`` and,
-for a quantized KV cache, ``outputs``).
+exponents. The manifest records each module's ``QuantArgs`` (``weights``, ``activations``) and
+each quantized KV cache (``kv_cache``: the attention module's name -> ``args``, ``shared``), whose
+scales are the tensors ``<attention>.kv_cache_quant.k_scale`` and ``.v_scale`` (float32).
 
 Files::
 
@@ -19,7 +20,7 @@ Files::
 Example::
 
     >>> save_native(qmodel, "out")            # doctest: +SKIP
-    >>> qmodel = load_native("out")           # doctest: +SKIP
+    >>> qmodel = load_native("out", registry)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import faults, numerics
+from . import faults
 from .errors import ModelError, QFrameError
 from .model import find_architecture, listed, nonfinite_names
-from .plugins import default_registry
+from .kvcache import KVCacheQuant, attach, cache_quantizers
+from .kvcache import check_args as check_cache_args
 from .qlinear import QuantLinear
 from .output import strict_dumps
 from .quantized import QuantizedModel
@@ -54,7 +56,6 @@ def _module_entry(module: QuantLinear) -> dict[str, Any]:
         "bias": module.bias is not None,
         "weights": module.weight_args.to_dict() if module.weight_args else None,
         "activations": module.input_args.to_dict() if module.input_args else None,
-        "outputs": module.output_args.to_dict() if module.output_args else None,
         "input_prescale": module.has_prescale,
     }
 
@@ -69,7 +70,7 @@ def native_state(qmodel: QuantizedModel) -> tuple[dict[str, torch.Tensor], dict[
         owner, _, leaf = name.rpartition(".")
         if leaf == "weight_codes" and owner in modules:
             args = modules[owner].weight_args
-            tensors[f"{owner}.weight_packed"] = numerics.pack(tensor, args.bits, args.symmetric, args.format).contiguous().cpu()
+            tensors[f"{owner}.weight_packed"] = args.number_format.pack(tensor).contiguous().cpu()
             continue
         # Tied means the very same view (e.g. lm_head.weight is embed_tokens.weight); mere
         # slices of one storage, as in fused projections, are saved separately.
@@ -99,6 +100,7 @@ def save_native(qmodel: QuantizedModel, directory: str | Path) -> Path:
         dtype=str(next(qmodel.model.parameters()).dtype).removeprefix("torch."),
         tied=tied,
         modules={n: _module_entry(m) for n, m in qmodel.quantized_modules().items()},
+        kv_cache={n: {"args": c.args.to_dict(), "shared": c.shared} for n, c in cache_quantizers(qmodel.model).items()},
     )
     (directory / MANIFEST).write_text(strict_dumps(manifest, f"the manifest of {directory}", indent=2, default=str) + "\n")
     qmodel.manifest = manifest
@@ -119,6 +121,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
             or manifest.get("format_version") != FORMAT_VERSION:
         raise ModelError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
     _module_args(manifest, path)
+    _cache_args(manifest, path)
     return manifest
 
 
@@ -158,8 +161,13 @@ def _module_args(manifest: dict[str, Any], path: Path) -> dict[str, dict[str, Qu
                 raise bad(f"{key}.{field}", "expected a positive integer")
         if not isinstance(entry.get("bias"), bool) or not isinstance(entry.get("input_prescale", False), bool):
             raise bad(f"{key}.bias", "expected bias and input_prescale to be true or false")
+        if entry.get("outputs") is not None:
+            raise ModelError(f"{path}: {key}.outputs: this checkpoint was written by an earlier qframe, whose KV "
+                             "cache quantized the key and value projections' outputs (keys before RoPE), not the "
+                             "keys and values the attention caches; quantize the model again (qframe apply) to get "
+                             "a KV cache on the cached tensors")
         parsed[name] = {}
-        for role in ("weights", "activations", "outputs"):
+        for role in ("weights", "activations"):
             args = entry.get(role)
             if args is not None and not isinstance(args, dict):
                 raise bad(f"{key}.{role}", "expected a table of QuantArgs")
@@ -170,15 +178,41 @@ def _module_args(manifest: dict[str, Any], path: Path) -> dict[str, dict[str, Qu
     return parsed
 
 
+def _cache_args(manifest: dict[str, Any], path: Path) -> dict[str, tuple[QuantArgs, bool]]:
+    """Check the manifest's ``kv_cache`` table (absent: no quantized cache); each attention's
+    cache format and whether K and V share one scale."""
+    def bad(key: str, why: str) -> ModelError:
+        return ModelError(f"{path}: {key}: {why}; the manifest is damaged (write the output again with qframe apply)")
+
+    caches = manifest.setdefault("kv_cache", {})
+    if not isinstance(caches, dict):
+        raise bad("kv_cache", "expected a table of attention modules")
+    parsed = {}
+    for name, entry in caches.items():
+        key = f"kv_cache[{name!r}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("args"), dict):
+            raise bad(key, "expected a table with the cache's args (a table of QuantArgs) and shared")
+        if not isinstance(entry.get("shared"), bool):
+            raise bad(f"{key}.shared", "expected true or false")
+        try:
+            args = QuantArgs(**entry["args"])
+            check_cache_args(args)
+        except (QFrameError, TypeError, ValueError) as exc:
+            raise bad(f"{key}.args", _short(exc)) from None
+        parsed[name] = (args, entry["shared"])
+    return parsed
+
+
 def is_native(directory: str | Path) -> bool:
     """Whether ``directory`` claims to be a native checkpoint (:func:`read_manifest` checks it)."""
     return (Path(directory) / MANIFEST).is_file()
 
 
-def load_native(directory: str | Path) -> QuantizedModel:
+def load_native(directory: str | Path, registry: Any) -> QuantizedModel:
     """Rebuild the quantized model exactly as it was saved. Anything damaged — the manifest,
     the config, the tensors, a size that disagrees with another — is a :class:`ModelError`
-    naming it; nothing is allocated for sizes the checkpoint does not hold."""
+    naming it; nothing is allocated for sizes the checkpoint does not hold. ``registry`` holds
+    the architecture adapter that prepares the model (as the pipeline did) and travels with it."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(directory)
@@ -206,13 +240,15 @@ def load_native(directory: str | Path) -> QuantizedModel:
     try:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         # The saved state is that of the prepared model (e.g. GPT-2's Conv1D turned into nn.Linear).
-        find_architecture(model, default_registry()).prepare(model)
+        find_architecture(model, registry).prepare(model)
     except ModelError:
         raise
     except Exception as exc:
         raise ModelError(f"{directory / 'config.json'}: cannot build the model ({_short(exc)})") from None
     for name, entry in manifest["modules"].items():
         _install(model, name, entry, module_args[name], tensors, dtype, weights_file)
+    for name, (args, shared) in _cache_args(manifest, directory / MANIFEST).items():
+        _install_cache(model, name, args, shared, weights_file)
     _check_dtypes(model, tensors, weights_file)
     try:
         result = model.load_state_dict(tensors, strict=False)
@@ -239,6 +275,11 @@ def load_native(directory: str | Path) -> QuantizedModel:
     if bad:
         raise ModelError(f"{weights_file}: {len(bad)} tensor(s) hold NaN or infinity ({listed(bad)}); "
                          "the output is damaged (write it again with qframe apply)")
+    unscaled = [f"{name}.kv_cache_quant" for name, cache in cache_quantizers(model).items()
+                 if not bool((torch.stack([cache.k_scale, cache.v_scale]) > 0).all())]
+    if unscaled:
+        raise ModelError(f"{weights_file}: the KV cache scales of {listed(unscaled)} are not positive; "
+                         "the output is damaged (write it again with qframe apply)")
     model.eval()
     model.config.use_cache = False
     has_tokenizer = (directory / "tokenizer_config.json").is_file()
@@ -246,7 +287,7 @@ def load_native(directory: str | Path) -> QuantizedModel:
         tokenizer = AutoTokenizer.from_pretrained(directory) if has_tokenizer else None
     except Exception as exc:
         raise ModelError(f"{directory}: cannot load its tokenizer ({_short(exc)})") from None
-    return QuantizedModel(model, tokenizer, manifest, directory=directory)
+    return QuantizedModel(model, tokenizer, manifest, directory=directory, registry=registry)
 
 
 def _check_dtypes(model: torch.nn.Module, tensors: dict[str, torch.Tensor], weights_file: Path) -> None:
@@ -281,9 +322,9 @@ def _install(model: torch.nn.Module, name: str, entry: dict[str, Any], args: dic
     if not isinstance(linear, torch.nn.Linear) or (linear.in_features, linear.out_features) != shape:
         raise ModelError(f"{weights_file.parent / MANIFEST}: modules[{name!r}] is a {shape[0]}x{shape[1]} linear, "
                          "but the model's config has no such linear there; the output is damaged")
-    weights, acts, outputs = args["weights"], args["activations"], args["outputs"]
+    weights, acts = args["weights"], args["activations"]
     try:
-        module = QuantLinear(shape[0], shape[1], entry["bias"], weights, acts, dtype, outputs,
+        module = QuantLinear(shape[0], shape[1], entry["bias"], weights, acts, dtype,
                              prescale=entry.get("input_prescale", False))
     except ValueError as exc:  # QuantArgs that are valid alone but not in that role
         raise ModelError(f"{weights_file.parent / MANIFEST}: modules[{name!r}]: {_short(exc)}") from None
@@ -298,7 +339,7 @@ def _install(model: torch.nn.Module, name: str, entry: dict[str, Any], args: dic
         raise ModelError(f"{weights_file}: {name}.weight_packed is {str(packed.dtype).removeprefix('torch.')}, "
                          "expected uint8 packed codes; the output is damaged")
     try:
-        codes = numerics.unpack(packed, weights.bits, weights.symmetric, shape[0], weights.format)
+        codes = weights.number_format.unpack(packed, shape[0])
     except (ValueError, RuntimeError, IndexError) as exc:
         raise ModelError(f"{weights_file}: {name}.weight_packed cannot be unpacked as {weights.name} "
                          f"[{shape[1]}, {shape[0]}] ({_short(exc)})") from None
@@ -306,3 +347,19 @@ def _install(model: torch.nn.Module, name: str, entry: dict[str, Any], args: dic
         raise ModelError(f"{weights_file}: {name}.weight_packed holds {list(codes.shape)} codes, expected "
                          f"[{shape[1]}, {shape[0]}]")
     tensors[f"{name}.weight_codes"] = codes
+
+
+def _install_cache(model: torch.nn.Module, name: str, args: QuantArgs, shared: bool, weights_file: Path) -> None:
+    """Attach the quantized KV cache a manifest entry describes to the attention module ``name``
+    (its scales are loaded with the other tensors)."""
+    try:
+        attention = model.get_submodule(name)
+    except AttributeError:
+        attention = None
+    if attention is None or name == "":
+        raise ModelError(f"{weights_file.parent / MANIFEST}: kv_cache[{name!r}] names an attention module the model's "
+                         "config has not; the output is damaged")
+    try:
+        attach(attention, KVCacheQuant(args, shared))
+    except ModelError as exc:
+        raise ModelError(f"{weights_file.parent / MANIFEST}: kv_cache[{name!r}]: {exc}") from None

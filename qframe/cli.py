@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a recipe and the plugins it names, or an exported checkpoint directory")
     p.add_argument("recipe", metavar="RECIPE_OR_DIR")
     p.add_argument("--backend", help="the backend that wrote DIR (default: the one that recognizes it)")
+    p.add_argument("--model", help="check RECIPE against this model's config (no weights are read); default: the "
+                   "recipe's [model] id, else a Llama-shaped stand-in")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
 
@@ -204,11 +206,17 @@ def cmd_validate(args) -> int:
     from .plugins import default_registry
     from .recipe import load_recipe, resolve
 
+    from .api import check_export
+
+    registry = default_registry()
     if Path(args.recipe).is_dir():
-        return _validate_directory(Path(args.recipe), args.backend, default_registry())
-    plan = resolve(load_recipe(args.recipe, args.overrides), default_registry())
+        return _validate_directory(Path(args.recipe), args.backend, registry)
+    plan = resolve(load_recipe(args.recipe, args.overrides), registry)
+    model = args.model or plan.recipe.model.id or None
+    description = check_export(plan, model, registry=registry)
+    against = f"; checked against {model}'s config" if description is not None and description.shapes_known else ""
     print(f"{args.recipe}: valid ({len(plan.stages)} stage{'s' if len(plan.stages) != 1 else ''}: "
-          + ", ".join(s.spec.quantizer for s in plan.stages) + f"; export: {plan.backend.name})")
+          + ", ".join(s.spec.quantizer for s in plan.stages) + f"; export: {plan.backend.name}{against})")
     return 0
 
 
@@ -220,7 +228,7 @@ def _validate_directory(directory, backend: str | None, registry) -> int:
     validators = []
     for record in candidates:
         try:
-            exporter = make_exporter(record)
+            exporter = make_exporter(record, registry=registry)
         except QFrameError:  # a backend whose options have no defaults cannot be asked
             continue
         if hasattr(exporter, "validate") and (backend or exporter.recognizes(directory)):

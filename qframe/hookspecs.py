@@ -14,7 +14,7 @@ from typing import Iterable
 
 import pluggy
 
-from .types import ArchitecturePlugin, BackendPlugin, CalibratorPlugin, DatasetPlugin, QuantizerPlugin
+from .types import ArchitecturePlugin, BackendPlugin, CalibratorPlugin, DatasetPlugin, LayoutPlugin, QuantizerPlugin
 
 PROJECT = "qframe"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -86,10 +86,32 @@ def qframe_datasets() -> Iterable[DatasetPlugin]:
     """
 
 
+@hookspec
+def qframe_layouts() -> Iterable[LayoutPlugin]:
+    """Yield the checkpoint layouts this plugin provides: for a backend and a model family,
+    where each tensor goes. The writer finds a layout by the model's ``config.model_type``,
+    the validator by the checkpoint's architecture.
+
+    Example (a TensorRT-LLM layout for a family whose modules are named like Llama's)::
+
+        from qframe_plugins.tensorrt_llm.layout import LlamaLayout
+
+        class MyLlamaLayout(LlamaLayout):
+            architecture = "MyLlamaForCausalLM"
+
+        @qframe.hookimpl
+        def qframe_layouts():
+            yield LayoutPlugin(name="my-llama", summary="my_llama in TensorRT-LLM's LLaMA layout",
+                               factory=MyLlamaLayout, backend="tensorrt-llm",
+                               model_types=("my_llama",), architectures=("MyLlamaForCausalLM",))
+    """
+
+
 HOOKS: dict[str, str] = {
     "calibrator": "qframe_calibrators",
     "quantizer": "qframe_quantizers",
     "backend": "qframe_backends",
     "architecture": "qframe_architectures",
     "dataset": "qframe_datasets",
+    "layout": "qframe_layouts",
 }

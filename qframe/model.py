@@ -103,7 +103,7 @@ def _refuse_qframe_output(path: Path) -> None:
     )
 
 
-def _from_pretrained_kwargs(source: ModelSource) -> tuple[str, dict[str, Any]]:
+def from_pretrained_args(source: ModelSource) -> tuple[str, dict[str, Any]]:
     if source.kind == "gguf":
         directory, name = source.gguf_dir_and_file
         return directory, {"gguf_file": name}
@@ -120,7 +120,7 @@ class LoadedModel:
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
-    where, kwargs = _from_pretrained_kwargs(source)
+    where, kwargs = from_pretrained_args(source)
     try:
         with quiet_transformers(stderr=source.kind != "hub"):
             return AutoTokenizer.from_pretrained(where, **kwargs)
@@ -128,7 +128,7 @@ def load_tokenizer(source: ModelSource):
         raise ModelError(f"cannot load a tokenizer for model {source.spec!r}: {_short(exc)}") from None
 
 
-def _in_hub_cache(repo_id: str) -> bool:
+def in_hub_cache(repo_id: str) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
 
@@ -181,10 +181,10 @@ def load_model(source: ModelSource, dtype: str = "auto", *, nonfinite: str = "er
 
     if nonfinite not in NONFINITE:
         raise RecipeError("model.nonfinite", nonfinite, f"allowed: {', '.join(NONFINITE)}")
-    where, kwargs = _from_pretrained_kwargs(source)
+    where, kwargs = from_pretrained_args(source)
     if dtype != "auto":
         kwargs["dtype"] = DTYPES[dtype]
-    if source.kind == "hub" and not _in_hub_cache(source.location):
+    if source.kind == "hub" and not in_hub_cache(source.location):
         _require_hub(source)
     if source.kind == "dir":
         _require_sane_depth(Path(source.location) / "config.json")
@@ -445,8 +445,9 @@ class Architecture:
     layers_path: str = "model.layers"
     pre_layer_paths: tuple[str, ...] = ("model.embed_tokens", "model.rotary_emb")
     smoothing_groups: tuple[SmoothingGroup, ...] = ()
-    # The projections whose outputs the attention caches (relative to a decoder layer).
-    kv_projections: tuple[str, ...] = ()
+    # The attention module of a decoder layer (relative to it, e.g. "self_attn"): where a
+    # quantized KV cache lives (qframe.kvcache). None: this adapter knows no attention.
+    attention_path: str | None = None
 
     def for_model(self, model: nn.Module) -> "Architecture":
         """This adapter specialised to ``model`` (called by :func:`find_architecture`): an
@@ -531,8 +532,9 @@ def find_architecture(model: nn.Module, registry) -> Architecture:
     """The adapter whose ``model_types`` include the model's ``config.model_type``,
     specialised to the model (:meth:`Architecture.for_model`).
 
-    Registered adapters always win; an adapter serving ``"*"`` (the built-in structural
-    fallback, :mod:`qframe_plugins.structural`) serves any other model it can make sense of.
+    At most one adapter claims a model_type (the registry refuses two); an adapter serving
+    ``"*"`` (the built-in structural fallback, :mod:`qframe_plugins.structural`) serves any
+    other model it can make sense of.
 
     Example::
 
@@ -541,19 +543,17 @@ def find_architecture(model: nn.Module, registry) -> Architecture:
         'LlamaFamily'
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    served, fallbacks = [], []
-    for entry in registry.entries("architecture"):
-        if model_type in entry.record.model_types:
-            return entry.record.factory().for_model(model)
-        if "*" in entry.record.model_types:
-            fallbacks.append(entry)
-        served.extend(t for t in entry.record.model_types if t != "*")
+    claimed = registry.adapter(model_type)
+    if claimed is not None:
+        return claimed.record.factory().for_model(model)
+    entries = registry.entries("architecture")
+    served = sorted(t for e in entries for t in e.record.model_types if t != "*")
     message = (
         f"no architecture adapter serves model_type {model_type!r} ({type(model).__name__}); "
-        f"installed adapters serve: {', '.join(sorted(served)) or 'none'}"
+        f"installed adapters serve: {', '.join(served) or 'none'}"
     )
     reasons = []
-    for entry in fallbacks:
+    for entry in (e for e in entries if "*" in e.record.model_types):
         try:
             return entry.record.factory().for_model(model)
         except ModelError as exc:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .calibrate import Calibrator, build_calibrator
+from .description import CacheState, LinearState, ModelDescription, planned, staged
 from .errors import ModelError, QFrameError, RecipeError
 from .model import Architecture, all_finite, check_finite_weights, find_architecture, listed, nonfinite_names
 from .qlinear import QuantLinear
@@ -81,6 +82,29 @@ class Quantizer(ABC):
         transforms them and leaves them float (smoothing with ``quantize = false``) says False.
         """
         return True
+
+    def produces(self, work: "LayerWork", taken: list[tuple[str, nn.Module]]) -> list[LinearState | CacheState]:
+        """What this stage will make of ``taken`` (the modules :meth:`takes` chose), said before
+        any calibration: by default each becomes a linear quantized with the stage's weights
+        and activations, when the stage replaces its targets at all. A stage that produces
+        something else (``kv_cache``: a layer's cache) says so here; exporters refuse what
+        they could not write from these, before data is read.
+
+        Example::
+
+            >>> from qframe.recipe import parse_recipe, resolve
+            >>> from qframe.testing import make_registry, tiny_llama_model
+            >>> registry, model = make_registry(), tiny_llama_model()
+            >>> plan = resolve(parse_recipe({"stage": [{"quantizer": "rtn", "weights": {"bits": 4}}]}), registry)
+            >>> description = check_plan(model, plan, registry).description
+            >>> description.linears["model.layers.0.mlp.up_proj"].where
+            'stage[0] (rtn): model.layers.0.mlp.up_proj'
+        """
+        if not self.replaces_targets():
+            return []
+        # Whether a smoothing scale stays on as an input prescale is known only once calibrated.
+        return [LinearState.of(name, module, self.scheme.weights, self.scheme.activations, prescale=None)
+                for name, module in taken]
 
     def calibrator(self, args: QuantArgs) -> Calibrator:
         """A fresh calibrator for ``args``: its plugin, with the recipe's ``calibrator_options``."""
@@ -207,6 +231,44 @@ class LayerWork:
 
     def record(self, name: str, **values: float) -> None:
         self.figures.setdefault(name, {}).update(values)
+
+    # -- the layer's attention and its KV cache (qframe.kvcache) ------------------------------
+
+    def attention(self) -> tuple[str, nn.Module]:
+        """The layer's attention module (the adapter's ``attention_path``) and its full name;
+        :class:`QFrameError` where the adapter names none or the layer has no such module.
+
+        Example::
+
+            >>> from qframe.model import find_architecture
+            >>> from qframe.testing import make_registry, tiny_llama_model
+            >>> model = tiny_llama_model()
+            >>> arch = find_architecture(model, make_registry())
+            >>> LayerWork(0, "model.layers.0", model.model.layers[0], None, torch.device("cpu"), arch=arch).attention()[0]
+            'model.layers.0.self_attn'
+        """
+        path = getattr(self.arch, "attention_path", None)
+        if not path:
+            raise QFrameError(f"{self.prefix}: the architecture adapter ({type(self.arch).__name__}) names no attention "
+                              "module (attention_path), so its KV cache cannot be quantized")
+        try:
+            return f"{self.prefix}.{path}", self.layer.get_submodule(path)
+        except AttributeError:
+            raise QFrameError(f"{self.prefix} has no attention module {path!r} (the architecture adapter's "
+                              "attention_path)") from None
+
+    def observe_cache(self, keys: Calibrator, values: Calibrator) -> None:
+        """Run the layer once, feeding the keys and values its attention caches — what it hands
+        transformers' attention function: after RoPE and ``k_norm``, ``[batch, kv_heads, seq,
+        head_dim]``, before grouped-query heads are repeated — to ``keys`` and ``values`` (give
+        one calibrator twice for their joint range). Nothing is kept per batch.
+        """
+        from . import kvcache
+
+        name, attention = self.attention()
+        with kvcache.observing(attention, keys, values) as seen:
+            self._forward_all()
+        kvcache.require_observed(name, seen)
 
     def _relative(self, name: str) -> str:
         return name[len(self.prefix) + 1 :]
@@ -408,13 +470,15 @@ def _quantized_stand_in() -> QuantLinear:
     return _STAND_IN
 
 
-def check_stages(model: nn.Module, arch: Architecture, plan: Plan, quantizers: list[tuple[StageSpec, Quantizer]]
-                 ) -> None:
+def check_stages(model: nn.Module, arch: Architecture, plan: Plan, quantizers: list[tuple[StageSpec, Quantizer]],
+                 *, strict: bool = True) -> tuple[dict[str, LinearState], dict[int, CacheState]]:
     """Refuse, before any calibration, a stage that would take no module of the decoder layers:
     its targets match none, its ignore excludes all it targets, or earlier stages quantized them
     all first. It walks the layers as :func:`run_pipeline` will, with each quantizer's
-    :meth:`~Quantizer.accepts`, :meth:`~Quantizer.takes` and :meth:`~Quantizer.replaces_targets`,
-    and changes nothing.
+    :meth:`~Quantizer.accepts`, :meth:`~Quantizer.takes`, :meth:`~Quantizer.replaces_targets`
+    and :meth:`~Quantizer.produces`, changes nothing, and returns what the stages will produce:
+    linears by name and caches by layer (the first stage to produce one wins, as in the
+    pipeline). ``strict=False`` only collects (a stand-in model, where a stage may match nothing).
 
     Example::
 
@@ -431,6 +495,8 @@ def check_stages(model: nn.Module, arch: Architecture, plan: Plan, quantizers: l
     """
     tallies = [_StageTally() for _ in quantizers]
     unignored = [dataclasses.replace(spec.scheme, ignore=()) for spec, _ in quantizers]
+    produced: dict[str, LinearState] = {}
+    caches: dict[int, CacheState] = {}
     for index, layer in enumerate(arch.decoder_layers(model)):
         work = LayerWork(index, f"{arch.layers_path}.{index}", layer, None, torch.device("cpu"), arch=arch)
         current = work.named_linears()
@@ -451,15 +517,22 @@ def check_stages(model: nn.Module, arch: Architecture, plan: Plan, quantizers: l
                     tally.refused.append(n)
             taken = quantizer.takes(work, accepted) if accepted else []
             tally.taken += len(taken)
+            for item in quantizer.produces(work, taken) if taken else []:
+                item = staged(item, f"stage[{number}] ({spec.quantizer})")
+                if isinstance(item, CacheState):
+                    caches.setdefault(item.layer, item)
+                else:
+                    produced.setdefault(item.name, item)
             if quantizer.replaces_targets():
                 names = {n for n, _ in taken}
                 replaced_by.update((n, number) for n in names if n not in replaced_by)
                 current = [(n, _quantized_stand_in() if n in names else m) for n, m in current]
     for number, ((spec, _), tally) in enumerate(zip(quantizers, tallies)):
-        if tally.taken == 0:
+        if tally.taken == 0 and strict:
             key, value, why = _why_nothing(model, arch, number, spec, tally, quantizers)
             raise RecipeError(f"stage[{number}].{key}", value, f"stage[{number}] ({spec.quantizer}) would quantize "
                               f"nothing: {why}", source=plan.recipe.source)
+    return produced, caches
 
 
 def _why_nothing(model: nn.Module, arch: Architecture, number: int, spec: StageSpec, tally: _StageTally,
@@ -489,12 +562,26 @@ def _why_nothing(model: nn.Module, arch: Architecture, number: int, spec: StageS
                                 f"({listed(tally.selected, 3)}).")
 
 
-def check_plan(model: nn.Module, plan: Plan, registry) -> tuple[Architecture, list[tuple[StageSpec, Quantizer]]]:
+@dataclass
+class CheckedPlan:
+    """What :func:`check_plan` settled: the architecture adapter, one quantizer per stage, and
+    the description of what the stages will produce (for exporters' checks)."""
+
+    arch: Architecture
+    quantizers: list[tuple[StageSpec, Quantizer]]
+    description: ModelDescription
+
+
+def check_plan(model: nn.Module, plan: Plan, registry, *, stand_in: bool = False) -> CheckedPlan:
     """Everything :func:`run_pipeline` settles before it reads data, in seconds: the model's
     architecture adapter (and its exact :meth:`~Architecture.prepare`), one quantizer per stage,
-    no stage that would take nothing (:func:`check_stages`), and no NaN or inf in the weights
-    outside the decoder layers (each layer's own are checked when it reaches the device).
-    Callers that make calibration data first may call it before that; it is idempotent.
+    no stage that would take nothing (:func:`check_stages`), what the stages will produce (a
+    :class:`~qframe.description.ModelDescription` that exporters check), and no NaN or inf in
+    the weights outside the decoder layers (each layer's own are checked when it reaches the
+    device). Callers that make calibration data first may call it before that; it is idempotent.
+
+    ``stand_in``: ``model`` is a weightless stand-in (a meta-device model) for one the user has
+    not named; nothing is refused for matching nothing, and shapes mean nothing.
 
     Example::
 
@@ -502,18 +589,26 @@ def check_plan(model: nn.Module, plan: Plan, registry) -> tuple[Architecture, li
         >>> from qframe.testing import make_registry, tiny_llama_model
         >>> registry = make_registry()
         >>> plan = resolve(parse_recipe({"stage": [{"quantizer": "rtn", "weights": {"bits": 4}}]}), registry)
-        >>> arch, quantizers = check_plan(tiny_llama_model(), plan, registry)
-        >>> type(arch).__name__, [type(q).__name__ for _, q in quantizers]
+        >>> checked = check_plan(tiny_llama_model(), plan, registry)
+        >>> type(checked.arch).__name__, [type(q).__name__ for _, q in checked.quantizers]
         ('LlamaFamily', ['RTN'])
     """
     arch = find_architecture(model, registry)
     arch.prepare(model)  # e.g. GPT-2's Conv1D projections become equivalent nn.Linear
     quantizers = [(s.spec, s.record.factory(s.spec, s.options, registry)) for s in plan.stages]
-    check_stages(model, arch, plan, quantizers)
-    layers = arch.decoder_layers(model)
-    in_layers = {id(t) for t in [*layers.parameters(), *layers.buffers()]}
-    check_finite_weights([(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if id(t) not in in_layers])
-    return arch, quantizers
+    produced, caches = check_stages(model, arch, plan, quantizers, strict=not stand_in)
+    description = planned(model, arch, produced, caches, shapes_known=not stand_in)
+    if not stand_in and not _on_meta(model):
+        layers = arch.decoder_layers(model)
+        in_layers = {id(t) for t in [*layers.parameters(), *layers.buffers()]}
+        check_finite_weights([(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()]
+                              if id(t) not in in_layers])
+    return CheckedPlan(arch, quantizers, description)
+
+
+def _on_meta(model: nn.Module) -> bool:
+    tensor = next(model.parameters(), None)
+    return tensor is not None and tensor.device.type == "meta"
 
 
 def run_pipeline(
@@ -523,7 +618,7 @@ def run_pipeline(
     calibration: torch.Tensor | None,
     device: torch.device,
     progress: Callable[[int, int, str], None] | None = None,
-    checked: tuple[Architecture, list[tuple[StageSpec, Quantizer]]] | None = None,
+    checked: CheckedPlan | None = None,
 ) -> list[dict[str, Any]]:
     """Quantize ``model`` in place; return per-layer figures (errors, seconds).
 
@@ -531,7 +626,8 @@ def run_pipeline(
     what it returned as ``checked``; each layer's weights are checked for NaN and inf when they
     reach the device, its inputs and outputs as they stream.
     """
-    arch, quantizers = checked or check_plan(model, plan, registry)
+    checked = checked or check_plan(model, plan, registry)
+    arch, quantizers = checked.arch, checked.quantizers
     layers = arch.decoder_layers(model)
     inputs = None
     if progress:

@@ -21,7 +21,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
-from .types import RECORD_TYPES, PluginRecord
+from .types import RECORD_TYPES, ArchitecturePlugin, LayoutPlugin, PluginRecord
 
 ENTRY_POINT_GROUP = "qframe"
 DISABLE_ENV = "QFRAME_DISABLE_PLUGINS"
@@ -38,6 +38,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "qframe_plugins.awq",
     "qframe_plugins.gptq",
     "qframe_plugins.tensorrt_llm",
+    "qframe_plugins.tensorrt_llm.layout",
     "qframe_plugins.hf",
     "qframe_plugins.llama",
     "qframe_plugins.gpt2",
@@ -78,11 +79,26 @@ class LoadFailure:
 
 
 class Registry:
-    """Every plugin record by kind and name, built once from a plugin manager."""
+    """Every plugin record by kind and name, built once from a plugin manager.
+
+    Besides names, records claim keys that must have one owner: an architecture adapter its
+    ``model_types`` (``"*"``, the fallback, may be claimed by several), a layout its
+    ``model_types`` and ``architectures`` within its backend. Two owners of one key is a
+    :class:`~qframe.PluginError` naming both providers, as two owners of one name are.
+
+    Example::
+
+        >>> from qframe.plugins import build_registry
+        >>> registry = build_registry(entry_points=False)
+        >>> registry.adapter("qwen2").record.name, registry.layout("tensorrt-llm", model_type="qwen2").record.name
+        ('llama', 'qwen2')
+    """
 
     def __init__(self, entries: Iterable[Entry], failures: Iterable[LoadFailure] = ()):
         self.failures = tuple(failures)
         self._by_kind: dict[str, dict[str, Entry]] = {kind: {} for kind in RECORD_TYPES}
+        # (kind, backend or "", what is claimed, value) -> the entry that claims it
+        self._claims: dict[tuple[str, str, str, str], Entry] = {}
         for entry in entries:
             slot = self._by_kind[entry.kind]
             if entry.record.name in slot:
@@ -94,6 +110,21 @@ class Registry:
                     f"{DISABLE_ENV}={entry.provider} (or ={other.provider})."
                 )
             slot[entry.record.name] = entry
+            for key in _claimed_keys(entry.record):
+                self._claim(key, entry)
+
+    def _claim(self, key: tuple[str, str, str, str], entry: Entry) -> None:
+        other = self._claims.setdefault(key, entry)
+        if other is entry or other.record.name == entry.record.name:
+            return  # one record listing a value twice
+        kind, backend, what, value = key
+        kinds = f"{backend} {kind}s" if backend else f"{kind} adapters" if kind == "architecture" else f"{kind}s"
+        raise PluginError(
+            f"{kinds} {other.record.name!r} (plugin {other.provider!r}, {other.distribution}) and "
+            f"{entry.record.name!r} (plugin {entry.provider!r}, {entry.distribution}) both claim {what} {value!r}, "
+            f"and only one can serve it. Uninstall one, or block one with {DISABLE_ENV}={entry.provider} "
+            f"(or ={other.provider})."
+        )
 
     def entries(self, kind: str | None = None) -> list[Entry]:
         kinds = [kind] if kind else list(self._by_kind)
@@ -112,6 +143,39 @@ class Registry:
 
     def get(self, kind: str, name: str) -> PluginRecord:
         return self.entry(kind, name).record
+
+    def adapter(self, model_type: str | None) -> Entry | None:
+        """The architecture adapter that claims ``model_type`` (not the ``"*"`` fallbacks), or None.
+
+        Example::
+
+            >>> build_registry(entry_points=False).adapter("gpt2").record.name
+            'gpt2'
+        """
+        return self._claims.get(("architecture", "", "model_type", model_type)) if model_type else None
+
+    def layout(self, backend: str, *, model_type: str | None = None, architecture: str | None = None) -> Entry | None:
+        """The ``backend``'s layout that claims ``model_type`` (writing) or ``architecture``
+        (reading a checkpoint back), or None.
+
+        Example::
+
+            >>> build_registry(entry_points=False).layout("tensorrt-llm", architecture="GPT2LMHeadModel").record.name
+            'gpt2'
+        """
+        if (model_type is None) == (architecture is None):
+            raise TypeError("name exactly one of model_type and architecture")
+        what, value = ("model_type", model_type) if model_type is not None else ("architecture", architecture)
+        return self._claims.get(("layout", backend, what, value))
+
+
+def _claimed_keys(record: PluginRecord) -> Iterator[tuple[str, str, str, str]]:
+    """The keys a record must own alone (see :class:`Registry`)."""
+    if isinstance(record, ArchitecturePlugin):
+        yield from (("architecture", "", "model_type", t) for t in record.model_types if t != "*")
+    elif isinstance(record, LayoutPlugin):
+        yield from (("layout", record.backend, "model_type", t) for t in record.model_types)
+        yield from (("layout", record.backend, "architecture", a) for a in record.architectures)
 
 
 def _iter_entry_points() -> Iterator[metadata.EntryPoint]:

@@ -18,8 +18,8 @@ asymmetric); static NVFP4 keeps its FP32 global scale as ``input_scale`` (block 
 from the input at run time, as in TensorRT-LLM); dynamic ones are quantized per token, per block (FP4) or per tensor at run time
 and keep nothing. A smoothing scale that could not be folded away is kept as
 ``input_prescale`` (float32 ``[in]``), multiplied into every input before it is quantized.
-Outputs (a KV cache: see :meth:`QuantLinear.quantize_output`) keep
-``output_scale`` (and ``output_zero``). The dequantized ``weight`` is derived and never saved.
+A quantized KV cache lives on the attention module, not here (:mod:`qframe.kvcache`). The
+dequantized ``weight`` is derived and never saved.
 
 Example::
 
@@ -49,7 +49,7 @@ from .scheme import QuantArgs
 # (and the bias) follow the model's dtype.
 _EXACT_BUFFERS = frozenset({
     "weight_codes", "weight_scale", "weight_zero", "weight_global_scale",
-    "input_scale", "input_zero", "output_scale", "output_zero", "input_prescale",
+    "input_scale", "input_zero", "input_prescale",
 })
 
 
@@ -64,23 +64,23 @@ class QuantLinear(nn.Module):
         weights: QuantArgs | None,
         activations: QuantArgs | None = None,
         dtype: torch.dtype = torch.float32,
-        outputs: QuantArgs | None = None,
         prescale: bool = False,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight_args, self.input_args, self.output_args = weights, activations, None
+        self.weight_args, self.input_args = weights, activations
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         if weights is None:
             self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=dtype), requires_grad=False)
         else:
             groups = numerics.n_groups(in_features, weights) if weights.granularity != "tensor" else 1
             rows = 1 if weights.granularity == "tensor" else out_features
-            self.register_buffer("weight_codes", torch.zeros(out_features, in_features, dtype=numerics.code_dtype(weights)))
-            self.register_buffer("weight_scale", torch.ones(rows, groups).to(numerics.scale_dtype(weights)))
+            fmt = weights.number_format
+            self.register_buffer("weight_codes", torch.zeros(out_features, in_features, dtype=fmt.code_dtype))
+            self.register_buffer("weight_scale", torch.ones(rows, groups).to(fmt.scale_dtype))
             if not weights.symmetric:
                 self.register_buffer("weight_zero", torch.zeros(rows, groups))
-            if weights.type == "float" and weights.format == "nvfp4":
+            if fmt.has_global_scale:
                 self.register_buffer("weight_global_scale", torch.ones(()))
             # The dequantized weight the forward uses; derived, so never saved.
             self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=dtype), persistent=False)
@@ -88,8 +88,6 @@ class QuantLinear(nn.Module):
             self.register_buffer("input_scale", torch.ones(()))
             if not activations.symmetric:
                 self.register_buffer("input_zero", torch.zeros(()))
-        if outputs is not None:
-            self._add_output(outputs)
         if prescale:
             self.register_buffer("input_prescale", torch.ones(in_features))
 
@@ -116,9 +114,13 @@ class QuantLinear(nn.Module):
         weight_ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
         input_range: tuple[torch.Tensor, torch.Tensor] | None = None,
         weight_global_scale: torch.Tensor | None = None,
+        served_dtype: torch.dtype | None = None,
     ) -> "QuantLinear":
         """Quantize ``linear``'s weight (ranges default to min/max; NVFP4's global scale to
-        the weight's, see :func:`qframe.numerics.quantize_weight`) and attach input scales."""
+        the weight's, see :func:`qframe.numerics.quantize_weight`) and attach input scales.
+        ``served_dtype`` is the dtype the model computes in (default: the linear's), to
+        which group-wise int scales are rounded: an algorithm that hands in a float32 linear
+        for a 16-bit model passes the model's dtype."""
         w = linear.weight.detach()
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, weights, activations, w.dtype)
         module.to(w.device)
@@ -127,12 +129,9 @@ class QuantLinear(nn.Module):
         if weights is None:
             module.weight.data.copy_(w)
         else:
-            module.set_weight(w, weight_ranges, weight_global_scale)
-        if input_range is not None and activations.format == "nvfp4":  # the static global scale
-            lo, hi = input_range
-            module.input_scale.copy_(numerics.nvfp4_global_scale(torch.maximum(-lo, hi)).reshape(()))
-        elif input_range is not None:
-            scale, zero = numerics.qparams(*input_range, activations)
+            module.set_weight(w, weight_ranges, weight_global_scale, served_dtype=served_dtype)
+        if input_range is not None:  # NVFP4 keeps its static global scale as input_scale
+            scale, zero = numerics.input_qparams(*input_range, activations)
             module.input_scale.copy_(scale.reshape(()))
             if zero is not None:
                 module.input_zero.copy_(zero.reshape(()))
@@ -143,10 +142,14 @@ class QuantLinear(nn.Module):
         w: torch.Tensor,
         ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
         global_scale: torch.Tensor | None = None,
+        *,
+        served_dtype: torch.dtype | None = None,
     ) -> None:
         """Quantize the float weight ``w`` ``[out, in]`` into this module's codes and scales, with
         ``ranges`` per tensor, channel or group (default: min/max) and, for NVFP4, the FP32
         ``global_scale`` (default: the weight's); see :func:`qframe.numerics.quantize_weight`.
+        Group-wise int scales are rounded to ``served_dtype`` (default: this module's dtype):
+        they are fixed here, and no later cast changes them.
         Algorithms that give several linears one scale (q/k/v, fused by TensorRT-LLM) call it
         again with the joint range.
 
@@ -158,7 +161,8 @@ class QuantLinear(nn.Module):
             >>> round(layer.weight_scale.item() * 448, 5), layer.weight[0, 0].item()
             (2.0, 1.0)
         """
-        q = numerics.quantize_weight(w, self.weight_args, ranges, global_scale)
+        served = self.weight.dtype if served_dtype is None else served_dtype
+        q = numerics.quantize_weight(w, self.weight_args, ranges, global_scale, served_dtype=served)
         self.weight_codes.copy_(q.codes)
         self.weight_scale.copy_(q.scale)
         if q.zero is not None:
@@ -166,25 +170,6 @@ class QuantLinear(nn.Module):
         if q.global_scale is not None:
             self.weight_global_scale.copy_(q.global_scale.reshape(()))
         self.refresh()
-
-    def _add_output(self, args: QuantArgs) -> None:
-        if args.dynamic or args.granularity != "tensor":
-            raise ValueError(f"output quantization takes one static scale per tensor, not {args.to_dict()}")
-        self.output_args = args
-        anchor = next(itertools.chain(self.parameters(), self.buffers()), None)
-        device = anchor.device if anchor is not None else torch.device("cpu")
-        self.register_buffer("output_scale", torch.ones((), device=device))
-        if not args.symmetric:
-            self.register_buffer("output_zero", torch.zeros((), device=device))
-
-    def quantize_output(self, args: QuantArgs, output_range: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Quantize-dequantize this linear's output with one static scale (what a KV cache
-        stores for the key and value projections), from a calibrated ``(lo, hi)`` range."""
-        self._add_output(args)
-        scale, zero = numerics.qparams(*output_range, args)
-        self.output_scale.copy_(scale.reshape(()))
-        if zero is not None:
-            self.output_zero.copy_(zero.reshape(()))
 
     def refresh(self) -> None:
         """Recompute the dequantized weight from codes and scales (after loading them)."""
@@ -199,40 +184,32 @@ class QuantLinear(nn.Module):
         args = self.input_args
         if args is None:
             return x
-        if args.dynamic:
-            return numerics.quantize_dynamic(x, args)
-        if args.format == "nvfp4":
-            return numerics.quantize_nvfp4_static(x, args, self.input_scale)
-        return numerics.fake_quantize(x, self.input_scale, getattr(self, "input_zero", None), args)
+        return numerics.quantize_input(x, args, getattr(self, "input_scale", None), getattr(self, "input_zero", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.has_prescale:
             x = x * self.input_prescale.to(x.dtype)
-        y = nn.functional.linear(self.quantize_input(x), self.weight, self.bias)
-        if self.output_args is not None:
-            y = numerics.fake_quantize(y, self.output_scale, getattr(self, "output_zero", None), self.output_args)
-        return y
+        return nn.functional.linear(self.quantize_input(x), self.weight, self.bias)
 
     def _apply(self, fn, recurse=True):
+        # A cast never changes quantized values: codes and scales keep their dtypes and bits
+        # (group scales were rounded for the serving dtype when the weight was quantized, see
+        # set_weight), and the derived weight is dequantized again in the new dtype rather
+        # than cast (a cast from 16 bits to float32 would keep the 16-bit rounding).
         kept = {name: b for name, b in self._buffers.items() if name in _EXACT_BUFFERS and b is not None}
+        before = self._buffers.get("weight")
+        before_dtype = before.dtype if before is not None else None
         super()._apply(fn, recurse)
         for name, old in kept.items():
             new = self._buffers[name]
             if new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
-        if self.weight_args is not None:
-            # Moved to a 16-bit dtype (GPTQ quantizes in float32, then casts): make group scales
-            # what a 16-bit kernel will use, as quantize_weight does for 16-bit weights.
-            served = numerics.served_scale(self.weight_scale, self.weight_args, self.weight.dtype)
-            if served is not self.weight_scale and not torch.equal(served, self.weight_scale):
-                self.weight_scale.copy_(served)
-                self.refresh()
+        if self.weight_args is not None and self.weight.dtype != before_dtype:
+            self.refresh()
         return self
 
     def extra_repr(self) -> str:
         w = self.weight_args.to_dict() if self.weight_args else None
         a = self.input_args.to_dict() if self.input_args else None
         text = f"in_features={self.in_features}, out_features={self.out_features}, weights={w}, activations={a}"
-        if self.output_args is not None:
-            text += f", outputs={self.output_args.to_dict()}"
         return text

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from .qlinear import QuantLinear
+
+if TYPE_CHECKING:
+    from .description import ModelDescription
 
 
 @dataclass
@@ -26,6 +29,23 @@ class QuantizedModel:
     manifest: dict[str, Any] = field(default_factory=dict)
     # The native checkpoint it was loaded from, if any: an export never replaces its own source.
     directory: Path | None = None
+    # The plugins that made it (their architecture adapter knows its layers): exporters use these,
+    # not the process-wide registry, so a registry given to the API holds at export and reload.
+    registry: Any = None
+
+    def describe(self) -> "ModelDescription":
+        """What every linear and KV cache holds, for exporters (see :mod:`qframe.description`);
+        computed from the modules as they are now.
+
+        Example::
+
+            >>> qmodel.describe().quantized()["model.layers.0.mlp.down_proj"].weights.name   # doctest: +SKIP
+            'int4'
+        """
+        from .description import describe_model
+        from .plugins import default_registry
+
+        return describe_model(self.model, self.registry or default_registry())
 
     def fake_quantized(self) -> nn.Module:
         """The model itself: it computes with dequantized weights and quantized inputs."""

@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 import sys
 from dataclasses import dataclass, field, fields
@@ -25,7 +26,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .data import MAX_SAMPLES, check_window_sizes
-from .errors import PATH_LIMIT, ExportError, QFrameError, RecipeError, shorten
+from .errors import PATH_LIMIT, QFrameError, RecipeError, shorten
 from .model import DTYPES, NONFINITE
 from .scheme import QuantArgs, QuantScheme, check_plain, probe_names
 
@@ -438,7 +439,8 @@ def resolve(recipe: Recipe, registry) -> Plan:
     """Check every plugin a recipe names exists and accepts what the recipe asks of it, and
     everything else decidable without a model: stages that would quantize nothing (an
     ``ignore`` that excludes all the targets select, a second stage quantizing the same KV
-    caches) and formats the export backend cannot write (its exporter's ``check_recipe``).
+    caches) and the export backend's options. (What the backend could not write is refused
+    from the planned model, before calibration: :func:`qframe.api.check_export`.)
 
     Example::
 
@@ -497,19 +499,9 @@ def resolve(recipe: Recipe, registry) -> Plan:
         raise fail(exc, "calibration") from None
     backend = registry.get("backend", recipe.export.backend)
     try:
-        exporter = make_exporter(backend, recipe.export.options)
+        make_exporter(backend, recipe.export.options)  # its options are checked now
     except RecipeError as exc:
         raise fail(exc, "export") from None
-    check = getattr(exporter, "check_recipe", None)
-    if check is not None:  # what the backend cannot write, decided from the recipe alone
-        try:
-            check(recipe)
-        except RecipeError as exc:
-            raise fail(exc) from None
-        except ExportError as exc:
-            where = f"{recipe.source}: " if recipe.source else ""
-            raise ExportError(f"{where}export.backend {backend.name!r} cannot write what this recipe makes: "
-                              f"{exc}") from None
     return Plan(recipe, tuple(stages), backend)
 
 
@@ -550,7 +542,21 @@ def export_options(record, options: Mapping[str, Any]) -> Any:
     return build_dataclass(record.options, options, "")
 
 
-def make_exporter(record, options: Mapping[str, Any] | None = None) -> Any:
-    """Build a backend's exporter from its record and ``[export]`` options."""
+def make_exporter(record, options: Mapping[str, Any] | None = None, *, registry: Any = None) -> Any:
+    """Build a backend's exporter from its record and ``[export]`` options; a factory that takes
+    a ``registry`` keyword gets the plugins in use (e.g. checkpoint layouts).
+
+    Example::
+
+        >>> from qframe.plugins import build_registry
+        >>> registry = build_registry(entry_points=False)
+        >>> make_exporter(registry.get("backend", "hf"), {"dtype": "bfloat16"}).options.dtype
+        'bfloat16'
+    """
     built = export_options(record, options or {})
-    return record.factory() if record.options is None else record.factory(built)
+    args = () if record.options is None else (built,)
+    try:
+        takes_registry = "registry" in inspect.signature(record.factory).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: no signature to read
+        takes_registry = False
+    return record.factory(*args, registry=registry) if takes_registry and registry is not None else record.factory(*args)

@@ -21,20 +21,15 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable, Literal, Mapping
 
+from . import formats
 from .errors import RecipeError
 
 Granularity = Literal["tensor", "channel", "group", "token"]
 GRANULARITIES = ("tensor", "channel", "group", "token")
 NUMBER_TYPES = ("int", "float")
-INT_BITS = (2, 3, 4, 5, 6, 7, 8)
-FLOAT_BITS = (4, 8)
-# Float formats by width; the first is the default.
-FLOAT_FORMATS: dict[int, tuple[str, ...]] = {8: ("e4m3", "e5m2"), 4: ("nvfp4", "mxfp4")}
-FORMAT_BITS = {name: bits for bits, names in FLOAT_FORMATS.items() for name in names}
-# Largest magnitude of each format's element type (E4M3, E5M2, E2M1).
-FORMAT_MAX = {"e4m3": 448.0, "e5m2": 57344.0, "nvfp4": 6.0, "mxfp4": 6.0}
-# FP4 formats scale fixed blocks of input channels.
-BLOCK_SIZES = {"nvfp4": 16, "mxfp4": 32}
+INT_BITS = formats.INT_BITS
+# Float formats, their widths, limits and blocks are the registered ones (qframe.formats):
+# read at validation time, so a format a plugin registers later is accepted too.
 # The widest group: a weight narrower than its group is zero-padded to it (memory and time
 # grow with the group, and 2**20 already takes seconds on a 64-wide toy model), while a
 # group as wide as a layer's input is just one scale per output channel.
@@ -43,6 +38,15 @@ MAX_GROUP_SIZE = 1 << 14
 # nesting depth no option needs (deeper values are mistakes, and walking them recurses).
 INT64 = (-(1 << 63), (1 << 63) - 1)
 MAX_DEPTH = 8
+
+
+def _float_bits() -> tuple[int, ...]:
+    return tuple(sorted({f.bits for f in formats.floats()}))
+
+
+def _float_format(name: object) -> "formats.FloatFormat | None":
+    """The registered float format called ``name``, or ``None`` (an int name or no format)."""
+    return next((f for f in formats.floats() if f.name == name), None)
 
 
 def check_plain(key: str, value: Any, depth: int = 0) -> None:
@@ -122,7 +126,7 @@ class QuantArgs:
         if self.type not in NUMBER_TYPES:
             raise RecipeError("type", self.type, "allowed: int, float")
         _expect("bits", self.bits, int, "an integer")
-        allowed = INT_BITS if self.type == "int" else FLOAT_BITS
+        allowed = INT_BITS if self.type == "int" else _float_bits()
         if self.bits not in allowed:
             raise RecipeError("bits", self.bits, f"allowed for {self.type}: {', '.join(map(str, allowed))}")
         _expect("symmetric", self.symmetric, bool, "true or false")
@@ -162,20 +166,21 @@ class QuantArgs:
             _expect("format", self.format, str, "a format name")
         if self.type == "int":
             if self.format is not None:
-                every = ", ".join(FORMAT_BITS)
+                every = ", ".join(f.name for f in formats.floats())
                 raise RecipeError("format", self.format,
                                   f'only type = "float" takes a format ({every}); allowed for int: none')
             return
-        allowed = FLOAT_FORMATS[self.bits]
+        allowed = [f.name for f in formats.floats(self.bits)]
         if self.format is None:
             object.__setattr__(self, "format", allowed[0])  # frozen: the default by width
         elif self.format not in allowed:
-            needs = f"{self.format} needs bits = {FORMAT_BITS[self.format]}, and " if self.format in FORMAT_BITS else ""
+            other = _float_format(self.format)
+            needs = f"{self.format} needs bits = {other.bits}, and " if other is not None else ""
             raise RecipeError("format", self.format, f"{needs}{self.bits}-bit floats are {' or '.join(allowed)}; "
                               f"allowed: {', '.join(allowed)}")
         if not self.symmetric:
             raise RecipeError("symmetric", self.symmetric, f"{self.format} is symmetric (no zero point); allowed: true")
-        block = BLOCK_SIZES.get(self.format)
+        block = self.number_format.block
         if block is not None:
             if self.granularity != "group":
                 raise RecipeError("granularity", self.granularity,
@@ -194,10 +199,23 @@ class QuantArgs:
             >>> QuantArgs(type="float", bits=4, granularity="group", group_size=16).calibrated().granularity
             'tensor'
         """
-        if self.format != "nvfp4" or self.dynamic:
+        if self.dynamic or self.type == "int" or not self.number_format.has_global_scale:
             return self
-        return QuantArgs(bits=8, type="float", format="e4m3", granularity="tensor", calibrator=self.calibrator,
-                         calibrator_options=self.calibrator_options)
+        # The global scale covers NVFP4's E4M3 block scales.
+        e4m3 = formats.E4M3
+        return QuantArgs(bits=e4m3.bits, type="float", format=e4m3.name, granularity="tensor",
+                         calibrator=self.calibrator, calibrator_options=self.calibrator_options)
+
+    @property
+    def number_format(self) -> "formats.NumberFormat":
+        """The :class:`~qframe.formats.NumberFormat` these args quantize to (``formats.of(self)``).
+
+        Example::
+
+            >>> QuantArgs(type="float", bits=4, granularity="group", group_size=16).number_format is formats.NVFP4
+            True
+        """
+        return formats.of(self)
 
     @property
     def is_float(self) -> bool:
@@ -206,28 +224,23 @@ class QuantArgs:
     @property
     def fmax(self) -> float:
         """Largest magnitude of a float format's elements (448 for e4m3, 57344 for e5m2, 6 for FP4)."""
-        if self.type != "float":
+        fmt = self.number_format
+        if not isinstance(fmt, formats.FloatFormat):
             raise ValueError(f"int{self.bits} has no float maximum; use qmin/qmax")
-        return FORMAT_MAX[self.format]
+        return fmt.max
 
     @property
     def qmin(self) -> int | float:
-        if self.type == "float":
-            return -FORMAT_MAX[self.format]
-        return -(1 << (self.bits - 1)) if self.symmetric else 0
+        return self.number_format.qmin
 
     @property
     def qmax(self) -> int | float:
-        if self.type == "float":
-            return FORMAT_MAX[self.format]
-        return (1 << (self.bits - 1)) - 1 if self.symmetric else (1 << self.bits) - 1
+        return self.number_format.qmax
 
     @property
     def name(self) -> str:
         """A short name of the number format: ``int4``, ``uint4`` (asymmetric), ``e4m3``, ``nvfp4``..."""
-        if self.type == "float":
-            return self.format
-        return f"{'int' if self.symmetric else 'uint'}{self.bits}"
+        return self.number_format.name
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if v is not None and k != "calibrator_options"}
@@ -252,14 +265,16 @@ class QuantArgs:
                 raise RecipeError(key, table[key], f"unknown key; allowed: {', '.join(allowed)}")
         values = dict(table)
         fmt = values.get("format")
-        if isinstance(fmt, str) and fmt in FORMAT_BITS:
+        named = _float_format(fmt)
+        if named is not None:
             values.setdefault("type", "float")
-            values.setdefault("bits", FORMAT_BITS[fmt])
+            values.setdefault("bits", named.bits)
         if values.get("type") == "float" and "granularity" not in values and values.get("group_size") is None:
             width = values.get("bits", 8)
-            chosen = fmt if fmt is not None else FLOAT_FORMATS.get(width, (None,))[0]
-            if chosen in BLOCK_SIZES:
-                values["group_size"] = BLOCK_SIZES[chosen]
+            of_width = formats.floats(width) if isinstance(width, int) and not isinstance(width, bool) else ()
+            chosen = named if fmt is not None else (of_width[0] if of_width else None)
+            if chosen is not None and chosen.block is not None:
+                values["group_size"] = chosen.block
         # The role's own limits first: their advice beats a generic one ("set dynamic = true").
         if role == "weights" and values.get("granularity") == "token":
             raise RecipeError("granularity", "token", "weights take tensor, channel or group")
@@ -275,7 +290,8 @@ class QuantArgs:
             raise RecipeError("dynamic", True, "weights are quantized once; dynamic applies to activations")
         if role == "activations" and args.granularity == "channel":
             raise RecipeError("granularity", "channel", "activations take tensor or token (or group, when dynamic)")
-        if role == "activations" and args.granularity == "group" and not args.dynamic and args.format != "nvfp4":
+        if (role == "activations" and args.granularity == "group" and not args.dynamic
+                and not args.number_format.has_global_scale):
             raise RecipeError("dynamic", False, f"activations scaled per block of {args.group_size} are "
                               "quantized at run time; allowed: true")
         return args
@@ -303,7 +319,7 @@ PROBE_FAMILIES: dict[str, tuple[str, ...]] = {
 # Linears outside the decoder layers, and names of no family qframe knows.
 PROBE_OTHERS = ("lm_head", "embed_out", "x", "blocks.0.ffn.w1", "h.0.attn.Wqkv")
 # Stand-ins for a model's linears whose class names are torch's (a Linear is a Module), so that
-# type-name patterns probe as they match on a model; this module stays free of torch.
+# type-name patterns probe as they match on a model without building a torch module.
 PROBE_LINEAR = type("Linear", (type("Module", (), {}),), {})()
 
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qframe import QuantizerPlugin, hookimpl, numerics
+from qframe import QuantizerPlugin, formats, hookimpl, numerics
 from qframe.calibrate import Prescaled
 from qframe.errors import RecipeError
 from qframe.pipeline import LayerWork, Quantizer, weight_error
@@ -80,7 +80,7 @@ def check(stage) -> None:
     weights = stage.scheme.weights
     if weights is None:
         raise RecipeError("weights", None, "awq quantizes weights; add weights = { bits = 4, group_size = 128 }")
-    if weights.type != "int":
+    if not isinstance(weights.number_format, formats.IntFormat):
         raise RecipeError("weights.type", weights.type, "awq's scale and clip search is defined for integer "
                           "weights; allowed: int (use the nvfp4/mxfp4/fp8 quantizers for float weights)")
     if weights.granularity == "tensor":

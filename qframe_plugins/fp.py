@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from qframe import QuantizerPlugin, hookimpl, numerics
+from qframe import QuantizerPlugin, formats, hookimpl, numerics
 from qframe.errors import RecipeError
 from qframe.pipeline import LayerWork, weight_error
 
@@ -33,15 +33,15 @@ from .rtn import RTN, WEIGHT_RANGES
 from .rtn import check as check_rtn
 
 
-def _format_of(args) -> str:
-    return args.format if args.type == "float" else f"int{args.bits}"
+FP8_FORMATS = (formats.E4M3, formats.E5M2)
 
 
-def _require(role: str, args, quantizer: str, formats: tuple[str, ...], granularities: tuple[str, ...]) -> None:
-    if _format_of(args) not in formats:
+def _require(role: str, args, quantizer: str, allowed: tuple[formats.NumberFormat, ...],
+             granularities: tuple[str, ...]) -> None:
+    if args.number_format not in allowed:
         shown = f"type = {args.type!r}, bits = {args.bits}" + (f", format = {args.format!r}" if args.format else "")
-        raise RecipeError(f"{role}.type", args.type, f"{quantizer} needs {' or '.join(formats)} ({shown} given); "
-                          f"e.g. {role} = {{ type = \"float\", bits = {4 if 'fp4' in formats[0] else 8} }}")
+        raise RecipeError(f"{role}.type", args.type, f"{quantizer} needs {' or '.join(f.name for f in allowed)} "
+                          f"({shown} given); e.g. {role} = {{ type = \"float\", bits = {allowed[0].bits} }}")
     if args.granularity not in granularities:
         raise RecipeError(f"{role}.granularity", args.granularity,
                           f"{quantizer} {role} take {', '.join(granularities)}")
@@ -52,23 +52,25 @@ def check_fp8(stage) -> None:
     weights, acts = stage.scheme.weights, stage.scheme.activations
     if weights is None:
         raise RecipeError("weights", None, "fp8 quantizes weights; add weights = { type = \"float\", bits = 8 }")
-    _require("weights", weights, "fp8", ("e4m3", "e5m2"), ("tensor", "channel"))
+    _require("weights", weights, "fp8", FP8_FORMATS, ("tensor", "channel"))
     if acts is not None:
-        _require("activations", acts, "fp8", ("e4m3", "e5m2"), ("tensor", "token"))
+        _require("activations", acts, "fp8", FP8_FORMATS, ("tensor", "token"))
 
 
-def _check_fp4(name: str):
+def _check_fp4(fmt: formats.FP4Format):
+    name = fmt.name
+
     def check(stage) -> None:
         check_rtn(stage)
         weights, acts = stage.scheme.weights, stage.scheme.activations
         if weights is None:
             raise RecipeError("weights", None, f"{name} quantizes weights; add weights = {{ type = \"float\", bits = 4, format = \"{name}\" }}")
-        _require("weights", weights, name, (name,), ("group",))
+        _require("weights", weights, name, (fmt,), ("group",))
         if acts is not None:
-            _require("activations", acts, name, (name,), ("group",))
-            if not acts.dynamic and name == "mxfp4":
-                raise RecipeError("activations.dynamic", False, "mxfp4 activations are scaled per block at run time "
-                                  "(E8M0 scales have no global part to calibrate); allowed: true")
+            _require("activations", acts, name, (fmt,), ("group",))
+            if not acts.dynamic and not fmt.has_global_scale:
+                raise RecipeError("activations.dynamic", False, f"{name} activations are scaled per block at run time "
+                                  "(its block scales have no global part to calibrate); allowed: true")
     return check
 
 
@@ -102,13 +104,14 @@ class SharedScaleRTN(RTN):
         originals = dict(targets)
         super().quantize_layer(work, targets, prescales)
         weights = self.scheme.weights
-        per_tensor = weights is not None and (weights.granularity == "tensor" or weights.format == "nvfp4")
+        fmt = None if weights is None else weights.number_format
+        per_tensor = fmt is not None and (weights.granularity == "tensor" or fmt.has_global_scale)
         if not per_tensor:
             return
         for group in input_sharing_groups(work, list(originals)):
             ranges = {n: WEIGHT_RANGES[weights.calibrator](originals[n].weight.detach(), weights) for n in group}
             joint_global = None
-            if weights.format == "nvfp4":
+            if fmt.has_global_scale:
                 joint_global = torch.stack([numerics.weight_global_scale(originals[n].weight.detach(), weights)
                                             for n in group]).amax()
             else:
@@ -127,6 +130,6 @@ def qframe_quantizers():
     yield QuantizerPlugin(name="fp8", summary="FP8 E4M3/E5M2 weights, static or dynamic FP8 activations",
                           factory=SharedScaleRTN, check=check_fp8)
     yield QuantizerPlugin(name="nvfp4", summary="NVFP4: E2M1 in blocks of 16, E4M3 block scales, FP32 global scale",
-                          factory=SharedScaleRTN, check=_check_fp4("nvfp4"))
+                          factory=SharedScaleRTN, check=_check_fp4(formats.NVFP4))
     yield QuantizerPlugin(name="mxfp4", summary="MXFP4: E2M1 in blocks of 32, E8M0 power-of-two scales (OCP MX)",
-                          factory=RTN, check=_check_fp4("mxfp4"))
+                          factory=RTN, check=_check_fp4(formats.MXFP4))

@@ -28,7 +28,7 @@ class GemmaFamily(Architecture):
 
     layers_path = "model.layers"
     pre_layer_paths = ("model.embed_tokens", "model.rotary_emb")
-    kv_projections = ("self_attn.k_proj", "self_attn.v_proj")
+    attention_path = "self_attn"
     smoothing_groups = (ATTENTION, V_TO_O, SmoothingGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")), UP_TO_DOWN)
 
     def for_model(self, model: nn.Module) -> Architecture:

@@ -1,9 +1,9 @@
 """GPT-2: ``transformer.h`` blocks whose projections are transformers' ``Conv1D`` (weight stored
 ``[in, out]``); :meth:`GPT2Family.prepare` turns them into equivalent ``nn.Linear`` first.
 
-The attention's ``c_attn`` is a fused q/k/v projection, so the adapter names no key/value
-projections (``kv_cache`` refuses GPT-2 with its own error rather than quantizing the queries
-with the cache) and has no v → o group; ``c_fc → c_proj`` crosses a GELU, so no group either.
+The attention's ``c_attn`` is a fused q/k/v projection, so there is no v → o group
+(``kv_cache`` quantizes the cache at the ``attn`` module, where keys and values are apart);
+``c_fc → c_proj`` crosses a GELU, so no group either.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class GPT2Family(Architecture):
 
     layers_path = "transformer.h"
     pre_layer_paths = ("transformer.wte", "transformer.wpe")
-    kv_projections = ()  # fused c_attn: its output carries q too
+    attention_path = "attn"
     smoothing_groups = (
         SmoothingGroup("ln_1", ("attn.c_attn",)),
         SmoothingGroup("ln_2", ("mlp.c_fc",)),

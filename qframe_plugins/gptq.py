@@ -313,9 +313,12 @@ class GPTQ(Quantizer):
                 work.replace(name, self._build(holder, result, acts, observed[name].compute(), dtype))
 
     def _build(self, holder: nn.Linear, result: GPTQResult, acts: QuantArgs | None, input_range, dtype) -> QuantLinear:
+        # Rounded in float32 for a model in ``dtype``: group scales are rounded to it here, as a
+        # 16-bit kernel uses them, and the cast then changes only the derived weight and bias.
         module = QuantLinear.from_linear(holder, self.scheme.weights, acts, weight_ranges=result.ranges,
-                                         weight_global_scale=result.global_scale, input_range=input_range)
-        return module.to(dtype)  # codes and scales keep their dtypes; the derived weight follows
+                                         weight_global_scale=result.global_scale, input_range=input_range,
+                                         served_dtype=dtype)
+        return module.to(dtype)
 
 
 @hookimpl

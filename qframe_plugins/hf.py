@@ -17,7 +17,9 @@ W4A8_AWQ   as W4A16_AWQ plus ``weight_scale_2`` (amax/448, one for linears that 
            input) and ``input_scale`` (FP8) f32 scalars
 =========  ================================================================================
 
-An FP8 KV cache adds ``k_proj.k_scale`` and ``v_proj.v_scale`` (f32 scalars, amax/448).
+An FP8 KV cache adds each layer's ``k_proj.k_scale`` and ``v_proj.v_scale`` (f32 scalars,
+amax/448 of the keys after RoPE and of the values, as the cache holds them; on the attention
+module itself where q/k/v are one fused projection).
 Unquantized tensors keep their names in the checkpoint dtype; ``exclude_modules`` lists every
 unquantized linear and embedding. What the format cannot express is refused before
 calibration (:meth:`HFExporter.check`) and again before anything is written.
@@ -26,7 +28,7 @@ Recipe::
 
     [export]
     backend = "hf"
-    dtype = "auto"              # float16 | bfloat16 | float32 | auto (the model's own)
+    dtype = "auto"              # float16 | bfloat16 | float32 | auto (the model's 16-bit dtype, else float16)
     max_shard_size = "10GB"     # safetensors shards, indexed as Hugging Face does
 
 Command line (from a qframe output, no calibration)::
@@ -42,24 +44,21 @@ import re
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
-from torch import nn
 
-from qframe import BackendPlugin, hookimpl, numerics
-from qframe.errors import ExportError, ModelError, RecipeError, shorten
-from qframe.scheme import PROBE_FAMILIES, PROBE_LINEAR, QuantArgs, describe, first_claims, probe_names
+from qframe import BackendPlugin, formats, hookimpl, numerics
+from qframe.description import LinearState, ModelDescription
+from qframe.errors import ExportError, RecipeError, shorten
+
+from .quant_algo import AWQ_ALGOS, NVFP4_BLOCK, Quantization, Writer, choose, w4a8_weight_scale_2
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 ALGORITHMS = ("FP8", "NVFP4", "W4A16_AWQ", "W4A8_AWQ")
-AWQ_ALGOS = ("W4A16_AWQ", "W4A8_AWQ")
-# The group sizes of the int4 kernels that serve these checkpoints (TensorRT-LLM's too).
-AWQ_GROUP_SIZES = {"W4A16_AWQ": (64, 128), "W4A8_AWQ": (128,)}
-FP8_MAX = 448.0
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -105,154 +104,31 @@ class HFOptions:
         return parse_size(self.max_shard_size)
 
 
-# -- which algorithm a linear is, or why it cannot be written ----------------------------------------
+# -- what the checkpoint holds -------------------------------------------------------------------------
 
-def _is_static_fp8(args: QuantArgs | None) -> bool:
-    return (args is not None and args.type == "float" and args.format == "e4m3" and args.granularity == "tensor"
-            and not args.dynamic)
-
-
-def quant_algo(weights: QuantArgs | None, acts: QuantArgs | None, where: str) -> str | None:
-    """The unified checkpoint's ``quant_algo`` for a linear quantized with these args (None:
-    not quantized), or an :class:`~qframe.ExportError` that says what to change.
-
-    Example::
-
-        >>> quant_algo(QuantArgs(bits=4, granularity="group", group_size=128), None, "q_proj")
-        'W4A16_AWQ'
-        >>> quant_algo(QuantArgs(bits=4, granularity="group", group_size=64, symmetric=False), None, "q_proj")
-        Traceback (most recent call last):
-        ...
-        qframe.errors.ExportError: q_proj: weights int4 asymmetric group 64, activations none: the unified HF checkpoint's int4 (W4A16_AWQ, W4A8_AWQ) has no zero points (has_zero_point is false); set weights.symmetric = true
-    """
-    def refuse(why: str) -> ExportError:
-        return ExportError(f"{where}: weights {describe(weights)}, activations {describe(acts)}: {why}")
-
-    if weights is None:
-        if acts is not None:
-            raise refuse("the unified HF checkpoint has no activation-only quantization; quantize the weights too, "
-                         "or neither")
-        return None
-    if weights.type == "int":
-        if weights.bits != 4:
-            raise refuse("the hf backend writes int4 weights (W4A16_AWQ, W4A8_AWQ), FP8 and NVFP4; export int8 "
-                         "(SmoothQuant W8A8, W8A16) with --backend tensorrt-llm or qframe")
-        if not weights.symmetric:
-            raise refuse("the unified HF checkpoint's int4 (W4A16_AWQ, W4A8_AWQ) has no zero points "
-                         "(has_zero_point is false); set weights.symmetric = true")
-        if weights.granularity != "group":
-            raise refuse("int4 weights are written as W4A16_AWQ/W4A8_AWQ, which scale groups of input channels; "
-                         "set weights.group_size = 128 (or 64 for W4A16)")
-        if acts is None:
-            algo = "W4A16_AWQ"
-        elif _is_static_fp8(acts):
-            algo = "W4A8_AWQ"
-        else:
-            raise refuse("int4 weights go with no activation quantization (W4A16_AWQ) or static FP8 E4M3 "
-                         "activations per tensor (W4A8_AWQ); set activations = { type = \"float\", bits = 8 } "
-                         "or remove them")
-        if weights.group_size not in AWQ_GROUP_SIZES[algo]:
-            sizes = " or ".join(map(str, AWQ_GROUP_SIZES[algo]))
-            raise refuse(f"the int4 kernels that serve {algo} take groups of {sizes} input channels; "
-                         f"set weights.group_size = {sizes}")
-        return algo
-    if weights.format == "e4m3":
-        if weights.granularity != "tensor":
-            raise refuse("the unified checkpoint's FP8 scales each weight per tensor; "
-                         "set weights.granularity = \"tensor\"")
-        if not _is_static_fp8(acts):
-            raise refuse("FP8 needs static FP8 E4M3 activations with one calibrated scale per tensor (input_scale); "
-                         "set activations = { type = \"float\", bits = 8 } (not dynamic)")
-        return "FP8"
-    if weights.format == "nvfp4":
-        if acts is None or acts.type != "float" or acts.format != "nvfp4" or acts.dynamic:
-            raise refuse("NVFP4 quantizes activations to NVFP4 too, with a static global scale (input_scale); "
-                         "set activations = { type = \"float\", bits = 4 } (not dynamic)")
-        return "NVFP4"
-    raise refuse("the hf backend writes FP8 E4M3, NVFP4 and int4 weights; use format e4m3 or nvfp4, or int4")
+WRITER = Writer("the unified HF checkpoint", ALGORITHMS, ("FP8",), elsewhere="--backend tensorrt-llm or qframe",
+                kv_note="stores FP8 caches only (its k_scale/v_scale are FP8 E4M3 cache scales, amax/448; export INT8 "
+                        "caches with --backend tensorrt-llm)")
 
 
-def kv_cache_algo(outputs: QuantArgs, where: str) -> str:
-    """``kv_cache_quant_algo`` for a key/value projection quantized with ``outputs``.
+def hf_quant_config(quantization: Quantization, prescaled: bool) -> dict[str, Any]:
+    """``hf_quant_config.json`` for one model's :class:`~qframe_plugins.quant_algo.Quantization`,
+    keys in modelopt's order; ``exclude_modules`` lists the linears left in float and the
+    embeddings.
 
     Example::
 
-        >>> kv_cache_algo(QuantArgs(type="float", bits=8, granularity="tensor"), "k_proj")
-        'FP8'
+        >>> hf_quant_config(Quantization("W4A16_AWQ", 128, None, excluded=["lm_head"]), False)["quantization"]
+        {'quant_algo': 'W4A16_AWQ', 'kv_cache_quant_algo': None, 'group_size': 128, 'has_zero_point': False, 'pre_quant_scale': False, 'exclude_modules': ['lm_head']}
     """
-    if _is_static_fp8(outputs):
-        return "FP8"
-    raise ExportError(f"{where}: a {describe(outputs)} KV cache cannot be written in the unified HF checkpoint, "
-                      "whose k_scale/v_scale are FP8 E4M3 cache scales (amax/448); use "
-                      "activations = { type = \"float\", bits = 8 } in the kv_cache stage (or export INT8 caches "
-                      "with --backend tensorrt-llm)")
-
-
-# Algorithm and group size of a stage, and the stage as messages name it.
-Format = tuple[str | None, int | None, str]
-
-
-def stage_formats(recipe: Any) -> dict[int, Format]:
-    """Each weight-quantizing stage's ``quant_algo``, by stage index, refusing (with an
-    :class:`~qframe.ExportError` naming the stage) formats the unified checkpoint lacks, a
-    kv_cache stage's included.
-
-    Example::
-
-        >>> from qframe.recipe import parse_recipe
-        >>> stage_formats(parse_recipe({"stage": [{"quantizer": "rtn", "weights": {"bits": 4, "group_size": 48}}]}))
-        Traceback (most recent call last):
-        ...
-        qframe.errors.ExportError: stage[0] (rtn): weights int4 group 48, activations none: the int4 kernels that serve W4A16_AWQ take groups of 64 or 128 input channels; set weights.group_size = 64 or 128
-    """
-    formats = {}
-    for index, stage in enumerate(recipe.stages):
-        where = f"stage[{index}] ({stage.quantizer})"
-        if stage.quantizer == "kv_cache" and stage.scheme.activations is not None:
-            kv_cache_algo(stage.scheme.activations, where)
-        elif stage.scheme.weights is not None and stage.options.get("quantize", True) is not False:
-            weights = stage.scheme.weights
-            formats[index] = (quant_algo(weights, stage.scheme.activations, where), weights.group_size, where)
-    return formats
-
-
-def _refuse_mixed(chosen: Iterable[Format]) -> None:
-    found: dict[tuple[str | None, int | None], str] = {}
-    for algo, group, where in chosen:
-        found.setdefault((algo, group), where)
-    if len(found) > 1:
-        described = "; ".join(f"{where}: {algo}{_group(group)}" for (algo, group), where in found.items())
-        raise ExportError(f"the recipe quantizes linears with different algorithms ({described}), but the hf "
-                          "backend writes one for the whole model; quantize every linear alike")
-
-
-# -- the model as the checkpoint sees it -------------------------------------------------------------
-
-@dataclass
-class Plan:
-    """What is written: one ``quant_algo`` (None: nothing quantized), its group size, the KV
-    cache's algorithm, the quantized linears, the k/v projections that carry cache scales, the
-    linears that get a ``pre_quant_scale``, the groups of linears that read one input, and the
-    modules left unquantized (``exclude_modules``)."""
-
-    quant_algo: str | None
-    group_size: int | None
-    kv_cache_quant_algo: str | None
-    quantized: dict[str, nn.Module]
-    kv_scales: dict[str, str]  # module name -> "k_scale" | "v_scale"
-    prescaled: set[str]
-    shared_input: list[list[str]]
-    excluded: list[str]
-
-    def hf_quant_config(self) -> dict[str, Any]:
-        """``hf_quant_config.json``, keys in modelopt's order."""
-        quantization: dict[str, Any] = {"quant_algo": self.quant_algo, "kv_cache_quant_algo": self.kv_cache_quant_algo}
-        if self.quant_algo in AWQ_ALGOS:
-            quantization.update(group_size=self.group_size, has_zero_point=False, pre_quant_scale=bool(self.prescaled))
-        elif self.quant_algo == "NVFP4":
-            quantization["group_size"] = 16
-        quantization["exclude_modules"] = sorted(self.excluded)
-        return {"producer": _producer(), "quantization": quantization}
+    table: dict[str, Any] = {"quant_algo": quantization.quant_algo,
+                             "kv_cache_quant_algo": quantization.kv_cache_quant_algo}
+    if quantization.awq:
+        table.update(group_size=quantization.group_size, has_zero_point=False, pre_quant_scale=prescaled)
+    elif quantization.quant_algo == "NVFP4":
+        table["group_size"] = NVFP4_BLOCK
+    table["exclude_modules"] = sorted(quantization.excluded)
+    return {"producer": _producer(), "quantization": table}
 
 
 def _producer() -> dict[str, str]:
@@ -281,7 +157,7 @@ def quantization_config(hf_quant_config: dict[str, Any]) -> dict[str, Any]:
         out["config_groups"] = {"group_0": {"input_activations": dict(scheme), "weights": dict(scheme),
                                             "targets": ["Linear"]}}
     elif algo == "NVFP4":
-        scheme = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": quant.get("group_size", 16)}
+        scheme = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": quant.get("group_size", NVFP4_BLOCK)}
         out["config_groups"] = {"group_0": {"input_activations": dict(scheme), "weights": dict(scheme),
                                             "targets": ["Linear"]}}
     out["ignore"] = list(quant.get("exclude_modules") or [])
@@ -294,138 +170,57 @@ def quantization_config(hf_quant_config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _architecture(model: nn.Module):
-    from qframe.model import find_architecture
-    from qframe.plugins import default_registry
-
-    return find_architecture(model, default_registry())
-
-
-def _per_layer(model: nn.Module, arch) -> Iterable[str]:
-    """Each decoder layer's name prefix (``model.layers.3.``)."""
-    try:
-        layers = arch.decoder_layers(model)
-    except ModelError:  # a model the adapter cannot walk has no groups to share scales over
-        return []
-    return [f"{arch.layers_path}.{i}." for i in range(len(layers))]
-
-
-def _refuse_transposed_layouts(model: nn.Module) -> None:
+def _refuse_transposed_layouts(description: ModelDescription) -> None:
     # qframe turns GPT-2's Conv1D projections ([in, out] weights) into nn.Linear ([out, in]);
     # under Hugging Face's names those tensors would load transposed.
     from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
 
     with torch.device("meta"):
-        reference = AutoModelForCausalLM.from_config(model.config)
+        reference = AutoModelForCausalLM.from_config(description.model.config)
     for name, module in reference.named_modules():
-        if type(module).__name__ == "Conv1D":
+        if isinstance(module, Conv1D) and name in description.linears:
             raise ExportError(
                 f"{name}: {type(reference).__name__} keeps this projection as a transposed Conv1D, which qframe "
                 "quantizes as an nn.Linear; the unified HF checkpoint would hold it under Hugging Face's name in the "
                 "other orientation, so it is not written; export this model with --backend tensorrt-llm or qframe")
 
 
-def make_plan(model: nn.Module) -> Plan:
-    """Read the quantized model into a :class:`Plan`, refusing what the unified checkpoint
-    cannot express (an unsupported format, mixed algorithms, a partial group)."""
-    from qframe.qlinear import QuantLinear
-
-    _refuse_transposed_layouts(model)
-    algo, group, first = None, None, None
-    quantized: dict[str, nn.Module] = {}
-    excluded: list[str] = []
-    kv_algo, kv_first = None, None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding):
-            excluded.append(name)
-            continue
-        if not isinstance(module, (nn.Linear, QuantLinear)):
-            continue
-        weights, acts = (module.weight_args, module.input_args) if isinstance(module, QuantLinear) else (None, None)
-        here = quant_algo(weights, acts, name)
-        if here is None:
-            excluded.append(name)
-            continue
-        if weights.granularity == "group" and module.in_features % weights.group_size:
-            raise ExportError(f"{name}: its {module.in_features} input channels are not a whole number of groups of "
-                              f"{weights.group_size}, which the packed format needs; choose a group size that divides "
-                              f"{module.in_features}")
-        if algo is None:
-            algo, group, first = here, weights.group_size, name
-        elif (here, weights.group_size) != (algo, group):
-            raise ExportError(f"{name} is {here}{_group(weights.group_size)} but {first} is {algo}{_group(group)}: the hf "
-                              "backend writes one quantization algorithm for the whole model; quantize every linear "
-                              "alike (or leave some unquantized through the recipe's ignore list)")
-        quantized[name] = module
-    arch = _architecture(model)
-    kv_scales: dict[str, str] = {}
-    names = dict(model.named_modules())
-    for prefix in _per_layer(model, arch):
-        for role, relative in zip(("k_scale", "v_scale"), arch.kv_projections):
-            module = names.get(prefix + relative)
-            outputs = getattr(module, "output_args", None)
-            here = kv_cache_algo(outputs, prefix + relative) if outputs is not None else None
-            if kv_first is None:
-                kv_algo, kv_first = here, prefix + relative
-            elif here != kv_algo:
-                raise ExportError(f"{prefix + relative}: its KV cache is {here or 'not quantized'} but {kv_first}'s is "
-                                  f"{kv_algo or 'not quantized'}; quantize every layer's cache alike")
-            if here is not None:
-                kv_scales[prefix + relative] = role
-    for name, module in names.items():
-        if getattr(module, "output_args", None) is not None and name not in kv_scales:
-            raise ExportError(f"{name}: its output is quantized, but the unified HF checkpoint stores cache scales "
-                              f"only on a layer's key and value projections ({', '.join(arch.kv_projections) or 'none known for this family'}); "
-                              "target those with the kv_cache stage")
-    shared_input, fed_by_linear = [], set()
-    for prefix in _per_layer(model, arch):
-        for group_spec in arch.smoothing_groups:
-            consumers = [prefix + c for c in group_spec.consumers if prefix + c in quantized]
-            if consumers:
-                shared_input.append(consumers)
-            producer = names.get(prefix + group_spec.producer)
-            if isinstance(producer, (nn.Linear, QuantLinear)):
-                fed_by_linear.update(consumers)
-    prescaled: set[str] = set()
-    if algo in AWQ_ALGOS and any(m.has_prescale for m in quantized.values()):
-        # modelopt's layout: smoothing scales fold into norms, and a linear fed by another linear
-        # (o_proj, down_proj) keeps a pre_quant_scale; where qframe folded it, that scale is ones.
-        prescaled = {n for n, m in quantized.items() if m.has_prescale} | fed_by_linear
-    return Plan(algo, group, kv_algo, quantized, kv_scales, prescaled, shared_input, excluded)
-
-
-def _group(size: int | None) -> str:
-    return f" (group {size})" if size else ""
+def check_description(description: ModelDescription) -> Quantization:
+    """What the checkpoint of ``description`` holds, or an :class:`~qframe.ExportError` for what
+    the format cannot express (a transposed layout, a format it lacks, different algorithms, a
+    partial group, caches that differ), before calibration and again before writing."""
+    _refuse_transposed_layouts(description)
+    return choose(description, WRITER)
 
 
 # -- tensors -------------------------------------------------------------------------------------------
 
 def _scalar(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().float().reshape(()).cpu()
+    return t.detach().float().reshape(()).cpu().clone()  # distinct tensors: safetensors refuses shared memory
 
 
-def _weight_scale_2(plan: Plan) -> dict[str, torch.Tensor]:
-    """W4A8's per-tensor FP8 factor, amax/448 of the quantized weight, one for linears that
-    read one input (the serving engines fuse them and keep one)."""
-    amax = {n: m.weight.detach().float().abs().amax() for n, m in plan.quantized.items()}
-    out = {n: a / FP8_MAX for n, a in amax.items()}
-    for group in plan.shared_input:
-        joint = torch.stack([amax[n] for n in group]).amax() / FP8_MAX
-        out.update({n: joint for n in group})
-    return {n: _scalar(v).clone() for n, v in out.items()}  # distinct tensors: safetensors refuses shared memory
+def _weight_scale_2(quantization: Quantization, description: ModelDescription) -> dict[str, torch.Tensor]:
+    """W4A8's per-tensor FP8 factor: one for linears that read one input (the serving engines
+    fuse them and keep one), else each its own."""
+    out = {n: w4a8_weight_scale_2([s.module.weight]) for n, s in quantization.quantized.items()}
+    for group in description.shared_inputs():
+        joint = w4a8_weight_scale_2([quantization.quantized[n].module.weight for n in group])
+        out.update({n: joint.clone() for n in group})
+    return out
 
 
-def linear_tensors(name: str, module: nn.Module, plan: Plan, dtype: torch.dtype,
+def linear_tensors(state: LinearState, quantization: Quantization, dtype: torch.dtype, prescaled: set[str],
                    scale_2: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of one quantized linear, keyed by full name."""
-    algo, out = plan.quant_algo, {}
+    name, module, algo, out = state.name, state.module, quantization.quant_algo, {}
     if algo == "FP8":
-        out["weight"] = module.weight_codes.to(torch.float8_e4m3fn)
+        out["weight"] = module.weight_codes.to(formats.E4M3.code_dtype)
         out["weight_scale"] = _scalar(module.weight_scale)
         out["input_scale"] = _scalar(module.input_scale)
     elif algo == "NVFP4":
-        out["weight"] = numerics.pack(module.weight_codes, 4, format="nvfp4")
-        out["weight_scale"] = module.weight_scale.to(torch.float8_e4m3fn)
+        out["weight"] = formats.NVFP4.pack(module.weight_codes)
+        out["weight_scale"] = module.weight_scale.to(formats.NVFP4.scale_dtype)
         out["weight_scale_2"] = _scalar(module.weight_global_scale)
         out["input_scale"] = _scalar(module.input_scale)
     else:
@@ -434,7 +229,7 @@ def linear_tensors(name: str, module: nn.Module, plan: Plan, dtype: torch.dtype,
         if algo == "W4A8_AWQ":
             out["weight_scale_2"] = scale_2[name]
             out["input_scale"] = _scalar(module.input_scale)
-        if name in plan.prescaled:
+        if name in prescaled:
             kept = module.input_prescale if module.has_prescale else torch.ones(module.in_features)
             out["pre_quant_scale"] = kept.to(dtype)
     if module.bias is not None:
@@ -442,25 +237,50 @@ def linear_tensors(name: str, module: nn.Module, plan: Plan, dtype: torch.dtype,
     return {f"{name}.{suffix}": t.detach().contiguous().cpu() for suffix, t in out.items()}
 
 
-def checkpoint_tensors(model: nn.Module, plan: Plan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def kv_scale_names(description: ModelDescription, cache) -> dict[str, torch.Tensor]:
+    """A layer's cache scales under the names loaders read: ``k_proj.k_scale`` and
+    ``v_proj.v_scale`` where the attention has those projections (modelopt's names), else
+    ``k_scale`` and ``v_scale`` on the attention itself (fused q/k/v)."""
+    k, v = cache.scales()
+    names = {}
+    for role, scale in (("k", k), ("v", v)):
+        projection = f"{cache.attention}.{role}_proj"
+        owner = projection if projection in description.linears else cache.attention
+        names[f"{owner}.{role}_scale"] = scale.clone()
+    return names
+
+
+def prescaled_linears(quantization: Quantization, description: ModelDescription) -> set[str]:
+    """The linears that get a ``pre_quant_scale``: with AWQ, where qframe kept one, and (as
+    modelopt's layout has it) every linear fed by another linear, where the scale was folded
+    into that linear and is ones."""
+    if not quantization.awq or not any(s.prescale for s in quantization.quantized.values()):
+        return set()
+    return {n for n, s in quantization.quantized.items() if s.prescale} | description.fed_by_linears()
+
+
+def checkpoint_tensors(description: ModelDescription, quantization: Quantization, dtype: torch.dtype
+                       ) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint: the quantized linears' packed state, the cache scales, and
     the rest of the model's state in ``dtype`` (a tied weight once, under its first name)."""
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple] = set()
-    for name, tensor in model.state_dict().items():
+    caches = {c.attention for c in description.caches.values()}
+    for name, tensor in description.model.state_dict().items():
         owner = name.rpartition(".")[0]
-        if owner in plan.quantized or (owner in plan.kv_scales and name.endswith(("output_scale", "output_zero"))):
-            continue
+        if owner in quantization.quantized or owner.rpartition(".")[0] in caches:
+            continue  # written below, packed (a cache quantizer's state becomes k_scale/v_scale)
         view = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
         if view in seen and tensor.numel():
             continue  # tied (lm_head.weight is embed_tokens.weight): loaders tie it again
         seen.add(view)
         tensors[name] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).detach().contiguous().cpu()
-    scale_2 = _weight_scale_2(plan) if plan.quant_algo == "W4A8_AWQ" else {}
-    for name, module in plan.quantized.items():
-        tensors.update(linear_tensors(name, module, plan, dtype, scale_2))
-    for name, role in plan.kv_scales.items():
-        tensors[f"{name}.{role}"] = _scalar(model.get_submodule(name).output_scale)
+    scale_2 = _weight_scale_2(quantization, description) if quantization.quant_algo == "W4A8_AWQ" else {}
+    prescaled = prescaled_linears(quantization, description)
+    for state in quantization.quantized.values():
+        tensors.update(linear_tensors(state, quantization, dtype, prescaled, scale_2))
+    for cache in description.caches.values():
+        tensors.update(kv_scale_names(description, cache))
     return tensors
 
 
@@ -486,14 +306,6 @@ def shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch
 
 # -- the exporter ----------------------------------------------------------------------------------------
 
-def export_dtype(model: nn.Module, dtype: str) -> torch.dtype:
-    """The dtype unquantized tensors and ``pre_quant_scale`` are written in: the one asked
-    for, or for ``auto`` the model's own."""
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    return next(model.parameters()).dtype
-
-
 class HFExporter:
     """Writes, checks and validates unified Hugging Face checkpoints (see the module docstring).
 
@@ -509,33 +321,10 @@ class HFExporter:
     def __init__(self, options: HFOptions | None = None):
         self.options = options or HFOptions()
 
-    def check_recipe(self, recipe: Any) -> None:
-        """Refuse, from the recipe alone (``qframe validate``), what the checkpoint could not
-        hold: each stage's formats, and different algorithms across stages (probed on module
-        names of every family); raises :class:`qframe.ExportError` naming the stage."""
-        formats = stage_formats(recipe)
-        schemes = {i: recipe.stages[i].scheme for i in formats}
-        for family in PROBE_FAMILIES:
-            probes = [(name, PROBE_LINEAR) for name in (*probe_names(family), "lm_head")]
-            _refuse_mixed(formats[i] for i in first_claims(schemes, probes).values())
-
-    def check(self, model: nn.Module, recipe: Any) -> None:
-        """Refuse, from the recipe and the model's shapes, what the checkpoint could not hold
-        (before any calibration); raises :class:`qframe.ExportError`."""
-        if any(type(m).__name__ == "Conv1D" for m in model.modules()):
-            _refuse_transposed_layouts(model)
-        formats = stage_formats(recipe)
-        linears = [(n, m) for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
-        claims = first_claims({i: recipe.stages[i].scheme for i in formats}, linears)
-        _refuse_mixed(formats[i] for i in claims.values())
-        for name, module in linears:
-            if name not in claims:
-                continue
-            weights, where = recipe.stages[claims[name]].scheme.weights, formats[claims[name]][2]
-            if weights.granularity == "group" and module.in_features % weights.group_size:
-                raise ExportError(f"{where}: {name} has {module.in_features} input channels, not a whole number "
-                                  f"of groups of {weights.group_size}, which the packed format needs; choose a "
-                                  f"group size that divides {module.in_features}")
+    def check(self, description: ModelDescription) -> None:
+        """Refuse what the checkpoint could not hold, from what the recipe will produce on the
+        model (before any calibration); raises :class:`qframe.ExportError` naming the module."""
+        check_description(description)
 
     def export(self, qmodel: Any, directory: str | Path) -> Path:
         """Write ``config.json`` (with ``quantization_config``), ``hf_quant_config.json``, the
@@ -543,10 +332,11 @@ class HFExporter:
         checked and converted before the first file is written."""
         from safetensors.torch import save_file
 
-        model = qmodel.model
-        plan = make_plan(model)
-        dtype = export_dtype(model, self.options.dtype)
-        tensors = checkpoint_tensors(model, plan, dtype)
+        description = qmodel.describe()
+        quantization = check_description(description)
+        model = description.model
+        dtype = description.serving_dtype(self.options.dtype)
+        tensors = checkpoint_tensors(description, quantization, dtype)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         parts = shards(tensors, self.options.shard_bytes)
@@ -565,11 +355,12 @@ class HFExporter:
         config = json.loads((directory / "config.json").read_text())
         config["dtype"] = str(dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)
-        hf_quant = plan.hf_quant_config()
+        quantization.excluded += description.embeddings()
+        hf_quant = hf_quant_config(quantization, bool(prescaled_linears(quantization, description)))
         # Written even for an unquantized model (quant_algo null), so the directory is recognized
         # and validated; config.json then claims no quantization, as modelopt's does.
         (directory / HF_QUANT_CONFIG).write_text(json.dumps(hf_quant, indent=4) + "\n")
-        if plan.quant_algo or plan.kv_cache_quant_algo:
+        if quantization.quant_algo or quantization.kv_cache_quant_algo:
             config["quantization_config"] = quantization_config(hf_quant)
         else:
             config.pop("quantization_config", None)

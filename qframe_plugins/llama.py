@@ -9,7 +9,7 @@ from qframe.model import Architecture, SmoothingGroup
 class LlamaFamily(Architecture):
     layers_path = "model.layers"
     pre_layer_paths = ("model.embed_tokens", "model.rotary_emb")
-    kv_projections = ("self_attn.k_proj", "self_attn.v_proj")
+    attention_path = "self_attn"
     smoothing_groups = (
         SmoothingGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         SmoothingGroup("self_attn.v_proj", ("self_attn.o_proj",)),

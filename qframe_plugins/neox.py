@@ -2,7 +2,7 @@
 
 Both norms read the residual stream whether or not the layer runs attention and MLP in
 parallel (``use_parallel_residual``), so each heads one group. The fused projection means no
-key/value projections for ``kv_cache`` (its output carries q too) and no v → o group;
+v → o group (``kv_cache`` quantizes the cache at the ``attention`` module, after RoPE);
 ``dense_h_to_4h → dense_4h_to_h`` crosses a GELU, so no group either.
 """
 
@@ -17,7 +17,7 @@ class NeoXFamily(Architecture):
 
     layers_path = "gpt_neox.layers"
     pre_layer_paths = ("gpt_neox.embed_in", "gpt_neox.rotary_emb")
-    kv_projections = ()  # fused query_key_value
+    attention_path = "attention"
     smoothing_groups = (
         SmoothingGroup("input_layernorm", ("attention.query_key_value",)),
         SmoothingGroup("post_attention_layernorm", ("mlp.dense_h_to_4h",)),

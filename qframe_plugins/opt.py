@@ -20,7 +20,7 @@ class OPTFamily(Architecture):
 
     layers_path = "model.decoder.layers"
     pre_layer_paths = ("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in")
-    kv_projections = ("self_attn.k_proj", "self_attn.v_proj")
+    attention_path = "self_attn"
     smoothing_groups = (
         SmoothingGroup("self_attn_layer_norm", ATTENTION),
         SmoothingGroup("self_attn.v_proj", ("self_attn.out_proj",)),

@@ -3,7 +3,7 @@
 
 ``gate_up_proj → down_proj`` is exact when the scale goes into the *up* half only, which is
 what :meth:`Phi3Family.fold_scale` does for that producer. The fused ``qkv_proj`` means no
-key/value projections for ``kv_cache`` (its output carries q too) and no v → o group.
+v → o group; ``kv_cache`` quantizes the cache at the attention (``self_attn``), after RoPE.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class Phi3Family(Architecture):
 
     layers_path = "model.layers"
     pre_layer_paths = ("model.embed_tokens", "model.rotary_emb")
-    kv_projections = ()  # fused qkv_proj
+    attention_path = "self_attn"
     smoothing_groups = (
         SmoothingGroup("input_layernorm", ("self_attn.qkv_proj",)),
         SmoothingGroup("post_attention_layernorm", ("mlp.gate_up_proj",)),

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from qframe import QuantizerPlugin, hookimpl, numerics
+from qframe import QuantizerPlugin, formats, hookimpl, numerics
 from qframe.calibrate import Prescaled
 from qframe.errors import RecipeError
 from qframe.pipeline import LayerWork, Quantizer, weight_error
@@ -40,7 +40,7 @@ def check(stage) -> None:
     if weights is not None and weights.calibrator_options:
         key, value = weights.calibrator_options[0]
         raise RecipeError(f"weights.calibrator_options.{key}", value, "rtn's weight ranges take no options; allowed: none")
-    if acts is not None and acts.type == "int" and acts.bits != 8:
+    if acts is not None and isinstance(acts.number_format, formats.IntFormat) and acts.bits != 8:
         raise RecipeError("activations.bits", acts.bits, "int activations are int8; allowed: 8")
 
 

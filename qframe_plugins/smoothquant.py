@@ -85,13 +85,9 @@ def _activation_quantizer(acts: QuantArgs | None, stats: ChannelStats, scales: t
     if acts.dynamic:
         return lambda x, _c: numerics.quantize_dynamic(x, acts)
     lows, highs = (stats.lo / scales).amin(1), (stats.hi / scales).amax(1)
-    if acts.format == "nvfp4":
-        return lambda x, c: numerics.quantize_nvfp4_static(
-            x, acts, numerics.nvfp4_global_scale(torch.maximum(-lows[c], highs[c])))
 
     def static(x: torch.Tensor, c: int) -> torch.Tensor:
-        scale, zero = numerics.qparams(lows[c], highs[c], acts)
-        return numerics.fake_quantize(x, scale, zero, acts)
+        return numerics.quantize_input(x, acts, *numerics.input_qparams(lows[c], highs[c], acts))
 
     return static
 

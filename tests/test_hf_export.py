@@ -275,7 +275,7 @@ INT = '[[stage]]\nquantizer = "rtn"\nweights = { bits = BITS }\n'
 def test_what_the_format_cannot_express_is_refused_before_calibration_and_before_writing(text, needle, tmp_path):
     model = tiny("llama")
     with pytest.raises(ExportError) as before:
-        HFExporter().check(model, load_recipe(recipe_file(tmp_path, text)))
+        HFExporter().check(qframe.describe(model, load_recipe(recipe_file(tmp_path, text))))
     assert needle in str(before.value)
     with pytest.raises(ExportError) as after:
         qframe.export(quantized(model, text, tmp_path), "hf", tmp_path / "hf")
@@ -286,7 +286,7 @@ def test_what_the_format_cannot_express_is_refused_before_calibration_and_before
 
 def test_gpt2_conv1d_projections_are_refused_rather_than_written_transposed(tmp_path):
     with pytest.raises(ExportError, match="Conv1D.*--backend tensorrt-llm"):
-        HFExporter().check(tiny_model("gpt2"), load_recipe(recipe_file(tmp_path, FP8.split("[[stage]]\nquantizer = \"kv")[0])))
+        HFExporter().check(qframe.describe(tiny_model("gpt2"), load_recipe(recipe_file(tmp_path, FP8.split("[[stage]]\nquantizer = \"kv")[0]))))
 
 
 # -- command line ----------------------------------------------------------------------------------------------
@@ -341,4 +341,4 @@ def test_smollm2_matches_modelopt_and_unpacks_bit_for_bit(smollm2_gguf, tmp_path
         for name, module in qmodel.quantized_modules().items():
             assert torch.equal(dequantized(tensors, name, algo, torch.bfloat16), module.weight), (algo, name)
     with pytest.raises(ExportError, match="groups of 128"):
-        HFExporter().check(model, load_recipe(recipe_file(tmp_path, W4A8.replace("128", "64"))))
+        HFExporter().check(qframe.describe(model, load_recipe(recipe_file(tmp_path, W4A8.replace("128", "64")))))

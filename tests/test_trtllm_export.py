@@ -354,7 +354,7 @@ def test_what_the_format_cannot_express_is_refused_before_calibration_and_before
     model = tiny("llama")
     exporter = TensorRTLLMExporter(TensorRTLLMOptions(**options))
     with pytest.raises(ExportError, match=None) as before:
-        exporter.check(model, load_recipe(recipe_file(tmp_path, text)))
+        exporter.check(qframe.describe(model, load_recipe(recipe_file(tmp_path, text))))
     assert needle in str(before.value)
     with pytest.raises(ExportError) as after:
         exporter.export(quantized(model, text, tmp_path), tmp_path / "trt")
@@ -365,9 +365,9 @@ def test_what_the_format_cannot_express_is_refused_before_calibration_and_before
 def test_gpt2_conv1d_projections_are_checked_before_they_become_linears(tmp_path):
     text = "[[stage]]\nquantizer = \"awq\"\nweights = { bits = 4, group_size = 128 }\nignore = [\"lm_head\", \"*c_fc\"]"
     model = tiny("gpt2")
-    TensorRTLLMExporter().check(model, load_recipe(recipe_file(tmp_path, text)))
+    TensorRTLLMExporter().check(qframe.describe(model, load_recipe(recipe_file(tmp_path, text))))
     with pytest.raises(ExportError, match="hidden size 128 is not a multiple of 256"):
-        TensorRTLLMExporter(TensorRTLLMOptions(tp_size=2)).check(model, load_recipe(recipe_file(tmp_path, text)))
+        TensorRTLLMExporter(TensorRTLLMOptions(tp_size=2)).check(qframe.describe(model, load_recipe(recipe_file(tmp_path, text))))
 
 
 def test_mixed_algorithms_across_layers_are_refused(tmp_path):
@@ -380,7 +380,7 @@ def test_mixed_algorithms_across_layers_are_refused(tmp_path):
 
 def test_a_family_tensorrt_llm_lacks_here_is_refused_naming_what_to_do(tmp_path):
     with pytest.raises(ExportError, match="cannot write model_type 'gpt_neox'.*--backend"):
-        TensorRTLLMExporter().check(tiny_model("gpt_neox"), load_recipe(recipe_file(tmp_path, FP8)))
+        TensorRTLLMExporter().check(qframe.describe(tiny_model("gpt_neox"), load_recipe(recipe_file(tmp_path, FP8))))
 
 
 def test_unquantized_linears_are_listed_in_exclude_modules(tmp_path):

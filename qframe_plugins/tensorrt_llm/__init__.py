@@ -4,7 +4,8 @@ Writes what ``trtllm-build --checkpoint_dir`` reads, for Llama, Mistral, Qwen2 a
 unquantized or in one of TensorRT-LLM's algorithms: FP8 (with an FP8 or INT8 KV cache),
 W4A16_AWQ (AWQ, GPTQ and RTN int4 alike), W4A8_AWQ, W8A8_SQ_PER_CHANNEL, W8A16 and NVFP4,
 split across ``tp_size * pp_size`` ranks. What the format cannot express is refused before
-calibration (:meth:`TensorRTLLMExporter.check`) and again before anything is written.
+calibration (:meth:`TensorRTLLMExporter.check`, from the model's planned description) and again
+before anything is written.
 
 Recipe::
 
@@ -23,6 +24,7 @@ Command line (from a qframe output, no calibration)::
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -82,6 +84,7 @@ def _parse_build(value: Any) -> Any:
 
 class TensorRTLLMExporter:
     """Writes, checks, validates and builds TensorRT-LLM checkpoints (see the module docstring).
+    ``registry`` holds the checkpoint layouts (``qframe_layouts``) it writes and reads.
 
     Example::
 
@@ -92,24 +95,34 @@ class TensorRTLLMExporter:
 
     subdirectory = "tensorrt_llm"
 
-    def __init__(self, options: TensorRTLLMOptions | None = None):
+    def __init__(self, options: TensorRTLLMOptions | None = None, *, registry: Any = None):
+        from qframe.plugins import default_registry
+
         self.options = options or TensorRTLLMOptions()
+        self.registry = registry or default_registry()  # the command line's: the installed plugins
 
-    def check_recipe(self, recipe: Any) -> None:
-        """Refuse, from the recipe alone (``qframe validate``), what the checkpoint could not
-        hold: each stage's formats, group sizes TensorRT-LLM lacks, and different algorithms
-        across stages; raises :class:`qframe.ExportError` naming the stage."""
-        from .check import check_stages
+    def plan(self, description: Any) -> Any:
+        """The checkpoint's :class:`~.convert.CheckpointPlan` for ``description`` (before or after
+        calibration), refusing what it could not hold."""
+        from .convert import make_plan
+        from .layout import layout_for
 
-        check_stages(recipe)
+        layout = layout_for(description.model, self.registry)
+        dtype = description.serving_dtype(self.options.dtype)
+        return make_plan(description, layout, dtype, self.options.tp_size, self.options.pp_size)
 
-    def check(self, model: torch.nn.Module, recipe: Any) -> None:
-        """Refuse, from the recipe and the model's shapes, what the checkpoint could not hold
-        (before any calibration); raises :class:`qframe.ExportError`."""
+    def check(self, description: Any) -> None:
+        """Refuse, from what the recipe will produce on the model (before any calibration), what
+        the checkpoint could not hold; raises :class:`qframe.ExportError` naming the module."""
         from .build import check_available
-        from .check import check_recipe
 
-        check_recipe(model, recipe, self.options)
+        plan = self.plan(description)
+        separate = [c.where for c in description.caches.values() if not c.shared]
+        if plan.kv_cache_quant_algo is not None and separate:
+            warnings.warn(f"{separate[0]}{' and the other layers' if len(separate) > 1 else ''}: K and V get separate "
+                          "cache scales, but TensorRT-LLM keeps one per layer and serves both with the larger; set "
+                          "options.shared = true in the kv_cache stage for a checkpoint that serves the cache qframe "
+                          "evaluates", stacklevel=2)
         check_available(self.options.build_spec)  # build = true without trtllm-build: fail now, not after
 
     def export(self, qmodel: Any, directory: str | Path) -> Path:
@@ -117,14 +130,20 @@ class TensorRTLLMExporter:
         checked and converted before the first file is written."""
         from safetensors.torch import save_file
 
-        from .convert import checkpoint_pieces, make_plan
+        from .convert import checkpoint_pieces, unshared_caches
         from .layout import layout_for
         from .shard import shard
 
-        model, opts = qmodel.model, self.options
-        layout = layout_for(model)
-        plan = make_plan(model, layout, checkpoint_dtype(model, opts.dtype), opts.tp_size, opts.pp_size)
-        ranks = shard(checkpoint_pieces(model, layout, plan), opts.tp_size, opts.pp_size, layout.num_layers)
+        description, opts = qmodel.describe(), self.options
+        layout = layout_for(description.model, self.registry)
+        plan = self.plan(description)
+        unshared = unshared_caches(description) if plan.kv_cache_quant_algo else []
+        if unshared:
+            warnings.warn(f"{unshared[0]}{f' and {len(unshared) - 1} more' if len(unshared) > 1 else ''}: K and V "
+                          "have different cache scales, and TensorRT-LLM serves both with the larger, so the cache "
+                          "it holds is coarser than the one qframe evaluated; quantize with options.shared = true in "
+                          "the kv_cache stage to serve exactly that", stacklevel=2)
+        ranks = shard(checkpoint_pieces(description, layout, plan), opts.tp_size, opts.pp_size, layout.num_layers)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = checkpoint_config(layout, plan, opts)
@@ -137,7 +156,7 @@ class TensorRTLLMExporter:
         """The problems of a written checkpoint directory (empty when it is valid)."""
         from .validate import validate_checkpoint
 
-        return validate_checkpoint(Path(directory))
+        return validate_checkpoint(Path(directory), self.registry)
 
     def recognizes(self, directory: str | Path) -> bool:
         """Whether ``directory`` looks like a TensorRT-LLM checkpoint."""
@@ -152,15 +171,6 @@ class TensorRTLLMExporter:
         from .build import build_engine
 
         return build_engine(Path(directory), self.options.build_spec)
-
-
-def checkpoint_dtype(model: torch.nn.Module, dtype: str) -> torch.dtype:
-    """The checkpoint's dtype: the one asked for, or for ``auto`` the model's when it is
-    16-bit (quantized scales were made exact in it), else float16."""
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    model_dtype = next(model.parameters()).dtype
-    return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
 
 
 def checkpoint_config(layout: Any, plan: Any, options: TensorRTLLMOptions) -> dict[str, Any]:

@@ -20,11 +20,16 @@ NVFP4                  E2M1 codes packed along the input (uint8 [out, in/2]); E4
                        ``activation_scaling_factor`` (the static global scales) f32 [1]
 =====================  =================================================================
 
+A layer's KV cache adds ``attention.kv_cache_scaling_factor`` (f32 [1]: amax/448 for FP8,
+amax/127 for INT8, of the keys after RoPE and the values, as the cache holds them; one scale
+for both, the larger), and ``k_``/``v_cache_scaling_factor`` each.
+
 Example::
 
     >>> from qframe.scheme import QuantArgs
-    >>> algorithm(QuantArgs(bits=4, granularity="group", group_size=128), None, "q_proj")
-    'W4A16_AWQ'
+    >>> algorithm(LinearState("q_proj", 128, 128, False, QuantArgs(bits=4, granularity="group", group_size=128),
+    ...                       QuantArgs(type="float", bits=8)))
+    'W4A8_AWQ'
 """
 
 from __future__ import annotations
@@ -36,105 +41,39 @@ from typing import Callable
 import torch
 from torch import nn
 
-from qframe import numerics
+from qframe import formats, numerics
+from qframe.description import LinearState, ModelDescription
 from qframe.errors import ExportError
-from qframe.qlinear import QuantLinear
-from qframe.scheme import QuantArgs, describe
 
+from ..quant_algo import AWQ_ALGOS, NVFP4_BLOCK, Writer, choose, quant_algo, w4a8_weight_scale_2
 from .layout import Layout, LinearSpec, Part
 
-AWQ_ALGOS = ("W4A16_AWQ", "W4A8_AWQ")
-# Group sizes TensorRT-LLM's group-wise int4 kernels take.
-AWQ_GROUP_SIZES = {"W4A16_AWQ": (64, 128), "W4A8_AWQ": (128,)}
-FP8_MAX = 448.0
-CHECKPOINT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+WRITER = Writer("TensorRT-LLM", ("FP8", "NVFP4", "W4A16_AWQ", "W4A8_AWQ", "W8A16", "W8A8_SQ_PER_CHANNEL"),
+                ("FP8", "INT8"), elsewhere="another backend (hf, qframe)")
+# Algorithms whose linears carry a smoother (ones where it was folded into the layer before).
+PRESCALED_ALGOS = (*AWQ_ALGOS, "W8A8_SQ_PER_CHANNEL")
 
 
-def algorithm(weights: QuantArgs | None, acts: QuantArgs | None, where: str) -> str | None:
-    """TensorRT-LLM's ``quant_algo`` for a linear quantized with these args (``None``:
-    not quantized), or an :class:`~qframe.ExportError` that says what to change.
+def algorithm(state: LinearState) -> str | None:
+    """TensorRT-LLM's ``quant_algo`` for a linear (``None``: not quantized), or an
+    :class:`~qframe.ExportError` that says what to change.
 
     Example::
 
-        >>> algorithm(QuantArgs(type="float", bits=8, granularity="tensor"),
-        ...           QuantArgs(type="float", bits=8, granularity="tensor"), "q_proj")
-        'FP8'
+        >>> from qframe.scheme import QuantArgs
+        >>> algorithm(LinearState("q_proj", 128, 128, False, QuantArgs(bits=4, granularity="group", group_size=128)))
+        'W4A16_AWQ'
     """
-    def refuse(why: str) -> ExportError:
-        return ExportError(f"{where}: weights {describe(weights)}, activations {describe(acts)}: {why}")
-
-    if weights is None:
-        if acts is not None:
-            raise refuse("TensorRT-LLM has no activation-only quantization; quantize the weights too, or neither")
-        return None
-    if acts is not None and acts.dynamic and not (weights.type == "int" and weights.bits == 4):
-        raise refuse(
-            "TensorRT-LLM checkpoints take static activation scales only (per-token dynamic scales need the "
-            "*_PLUGIN variants, whose tensors have other names); calibrate static per-tensor activations "
-            "(activations = { ..., dynamic = false }), or export with another backend (hf, qframe)")
-    if weights.type == "int":
-        if not weights.symmetric:
-            raise refuse("TensorRT-LLM's int4/int8 kernels take symmetric weights (no zero points); "
-                         "set weights.symmetric = true")
-        if weights.bits == 4:
-            if weights.granularity != "group":
-                raise refuse("int4 weights are exported as W4A16_AWQ, which scales groups of 64 or 128 input "
-                             "channels; set weights.group_size = 64 or 128")
-            if acts is None:
-                algo = "W4A16_AWQ"
-            elif acts.type == "float" and acts.format == "e4m3" and not acts.dynamic:
-                algo = "W4A8_AWQ"
-            else:
-                raise refuse("int4 weights go with no activation quantization (W4A16_AWQ) or static FP8 E4M3 "
-                             "activations (W4A8_AWQ); change activations accordingly")
-            if weights.group_size not in AWQ_GROUP_SIZES[algo]:
-                sizes = " or ".join(map(str, AWQ_GROUP_SIZES[algo]))
-                raise refuse(f"TensorRT-LLM's {algo} takes group size {sizes}; set weights.group_size = {sizes}")
-            return algo
-        if weights.bits == 8:
-            if weights.granularity != "channel":
-                raise refuse("int8 weights are scaled per output channel in TensorRT-LLM (W8A16, "
-                             "W8A8_SQ_PER_CHANNEL); set weights.granularity = \"channel\"")
-            if acts is None:
-                return "W8A16"
-            if acts.type == "int" and acts.bits == 8 and acts.symmetric and acts.granularity == "tensor":
-                return "W8A8_SQ_PER_CHANNEL"
-            raise refuse("int8 weights go with no activation quantization (W8A16) or static symmetric int8 "
-                         "activations per tensor (W8A8_SQ_PER_CHANNEL)")
-        raise refuse("TensorRT-LLM checkpoints hold int4 or int8 weights; set weights.bits = 4 or 8")
-    if weights.format == "e4m3":
-        if weights.granularity != "tensor":
-            raise refuse("TensorRT-LLM's FP8 scales each weight per tensor; set weights.granularity = \"tensor\"")
-        if acts is None or acts.type != "float" or acts.format != "e4m3" or acts.granularity != "tensor":
-            raise refuse("TensorRT-LLM's FP8 needs static FP8 E4M3 activations per tensor; "
-                         "set activations = { type = \"float\", bits = 8 }")
-        return "FP8"
-    if weights.format == "nvfp4":
-        if acts is None or acts.format != "nvfp4":
-            raise refuse("TensorRT-LLM's NVFP4 quantizes activations to NVFP4 too, with a static global scale; "
-                         "set activations = { type = \"float\", bits = 4 }")
-        return "NVFP4"
-    raise refuse("TensorRT-LLM checkpoints hold FP8 E4M3 or NVFP4 floats; use format e4m3 or nvfp4")
-
-
-def kv_algorithm(outputs: QuantArgs, where: str) -> str:
-    """``kv_cache_quant_algo`` for a key/value projection's output args."""
-    if outputs.type == "int" and outputs.bits == 8 and outputs.symmetric:
-        return "INT8"
-    if outputs.type == "float" and outputs.format == "e4m3":
-        return "FP8"
-    raise ExportError(f"{where}: a {describe(outputs)} KV cache cannot be written for TensorRT-LLM, which "
-                      "stores FP8 E4M3 or symmetric INT8 caches; use activations = { type = \"float\", bits = 8 } "
-                      "or { bits = 8 } in the kv_cache stage")
+    return quant_algo(state.weights, state.activations, state.where, WRITER)
 
 
 # -- the plan: one algorithm for the whole model, checked against the shapes ----------------------
 
 @dataclass
-class Plan:
+class CheckpointPlan:
     """What is written: ``quant_algo`` (None: unquantized), its group size, whether
-    prequantization scales are written, the KV cache's algorithm, and the TensorRT-LLM
-    linears left in the checkpoint dtype."""
+    prequantization scales are written, the KV cache's algorithm, the checkpoint dtype, and the
+    TensorRT-LLM linears left in it."""
 
     quant_algo: str | None
     group_size: int | None
@@ -149,67 +88,49 @@ class Plan:
         if self.quant_algo in AWQ_ALGOS:
             out.update(group_size=self.group_size, has_zero_point=False, pre_quant_scale=self.pre_quant_scale)
         elif self.quant_algo == "NVFP4":
-            out["group_size"] = 16
+            out["group_size"] = NVFP4_BLOCK
         # An empty list means "defaults" in older TensorRT-LLM and "nothing" in newer: never empty.
         out["exclude_modules"] = ["lm_head", "*lm_head", "*vocab_embedding", "*position_embedding", *self.excluded]
         return out
 
 
-def _module(model: nn.Module, name: str) -> nn.Module:
+def _state(description: ModelDescription, name: str) -> LinearState:
     try:
-        return model.get_submodule(name)
-    except AttributeError:
-        raise ExportError(f"{name}: the model has no such module, which TensorRT-LLM's layout needs") from None
+        return description.linears[name]
+    except KeyError:
+        raise ExportError(f"{name}: the model has no such linear, which TensorRT-LLM's layout needs") from None
 
 
-def _args(module: nn.Module) -> tuple[QuantArgs | None, QuantArgs | None]:
-    if isinstance(module, QuantLinear):
-        return module.weight_args, module.input_args
-    return None, None
+def _fused_alike(description: ModelDescription, spec: LinearSpec) -> None:
+    states = [_state(description, p.module) for p in spec.parts]
+    kinds = {(s.weights, s.activations) for s in states}
+    if len(kinds) > 1:
+        first = states[0]
+        odd = [s.where for s in states if (s.weights, s.activations) != (first.weights, first.activations)]
+        raise ExportError(
+            f"{', '.join(odd)} and {first.where}: TensorRT-LLM runs {', '.join(p.module for p in spec.parts)} as one "
+            f"linear ({spec.name}), so they must be quantized alike; quantize all of them the same way, or none (a "
+            "recipe's ignore list must name all or none of them)")
 
 
-def make_plan(model: nn.Module, layout: Layout, dtype: torch.dtype, tp_size: int = 1, pp_size: int = 1) -> Plan:
-    """Read the decoder layers' linears into a :class:`Plan`, refusing what TensorRT-LLM's
-    format cannot express (mixed algorithms, fused parts quantized differently, shapes that
-    do not split)."""
-    algo, first, group, prescaled, kv = None, None, None, False, None
-    excluded = []
-    for i in range(layout.num_layers):
-        for spec in layout.linears(i):
-            modules = [_module(model, p.module) for p in spec.parts]
-            found = {_args(m) for m in modules}
-            if len(found) > 1:
-                raise ExportError(
-                    f"{', '.join(p.module for p in spec.parts)}: TensorRT-LLM runs these as one linear "
-                    f"({spec.name}), so they must be quantized alike; quantize all of them the same way, or none "
-                    "(a recipe's ignore list must name all or none of them)")
-            weights, acts = found.pop()
-            here = algorithm(weights, acts, spec.parts[0].module)
-            if here is None:
-                excluded.append(spec.name)
-                continue
-            if algo is None:
-                algo, first, group = here, spec.parts[0].module, weights.group_size
-            elif (here, weights.group_size) != (algo, group):
-                raise ExportError(
-                    f"{spec.parts[0].module} is {here}{_group(weights.group_size)} but {first} is {algo}{_group(group)}: "
-                    "a TensorRT-LLM checkpoint holds one quantization algorithm; quantize every decoder linear alike "
-                    "(or leave some unquantized through the recipe's ignore list)")
-            prescaled |= any(getattr(m, "has_prescale", False) for m in modules)
-        for name in layout.kv_projections(i):
-            module = _module(model, name)
-            outputs = getattr(module, "output_args", None)
-            here_kv = kv_algorithm(outputs, name) if outputs is not None else None
-            if kv is None and here_kv is not None and i == 0:
-                kv = here_kv
-            if here_kv != kv:
-                raise ExportError(f"{name}: its KV cache is {here_kv or 'not quantized'} but layer 0's is "
-                                  f"{kv or 'not quantized'}; TensorRT-LLM quantizes every layer's cache alike")
-    if algo in ("W8A8_SQ_PER_CHANNEL",):
-        prescaled = True  # SmoothQuant linears always carry a smoother (ones where it was folded)
-    plan = Plan(algo, group if algo in AWQ_ALGOS else None, prescaled and algo in (*AWQ_ALGOS, "W8A8_SQ_PER_CHANNEL"),
-                kv, dtype, excluded)
-    check_parallel(layout, plan, tp_size, pp_size)
+def make_plan(description: ModelDescription, layout: Layout, dtype: torch.dtype, tp_size: int = 1,
+              pp_size: int = 1) -> CheckpointPlan:
+    """Read the decoder layers' linears and caches into a :class:`CheckpointPlan`, refusing
+    what TensorRT-LLM's format cannot express (a format it lacks, mixed algorithms, fused parts
+    quantized differently, shapes that do not split). Works on a planned description (before
+    calibration) and on a quantized model's alike."""
+    specs = [spec for i in range(layout.num_layers) for spec in layout.linears(i)]
+    for spec in specs:
+        _fused_alike(description, spec)
+    chosen = choose(description, WRITER, [spec.parts[0].module for spec in specs])
+    excluded = [spec.name for spec in specs if spec.parts[0].module in chosen.excluded]
+    algo = chosen.quant_algo
+    # SmoothQuant linears always carry a smoother; AWQ's where qframe kept one.
+    prescaled = algo == "W8A8_SQ_PER_CHANNEL" or any(s.prescale for s in chosen.quantized.values())
+    plan = CheckpointPlan(algo, chosen.group_size, prescaled and algo in PRESCALED_ALGOS, chosen.kv_cache_quant_algo,
+                          dtype, excluded)
+    if description.shapes_known:
+        check_parallel(layout, plan, tp_size, pp_size)
     return plan
 
 
@@ -217,7 +138,7 @@ def _group(size: int | None) -> str:
     return f" (group {size})" if size else ""
 
 
-def check_parallel(layout: Layout, plan: Plan, tp_size: int, pp_size: int) -> None:
+def check_parallel(layout: Layout, plan: CheckpointPlan, tp_size: int, pp_size: int) -> None:
     """Refuse a tensor/pipeline split the model's shapes do not allow (ExportError)."""
     where = f"tp_size = {tp_size}"
     heads, kv = layout.heads, layout.kv_heads
@@ -287,7 +208,7 @@ def _pack_int4_rows_int8(codes: torch.Tensor) -> torch.Tensor:
 
 def pack_e2m1_columns(codes: torch.Tensor) -> torch.Tensor:
     """E2M1 codes ``[out, in]`` packed two a byte along the input, low nibble first (NVFP4)."""
-    return numerics.pack(codes, 4, format="nvfp4")
+    return formats.NVFP4.pack(codes)
 
 
 def _rows(t: torch.Tensor, part: Part) -> torch.Tensor:
@@ -301,7 +222,8 @@ def _same(values: list[torch.Tensor], what: str, where: str) -> torch.Tensor:
     return values[0]
 
 
-def _shared_per_tensor(spec: LinearSpec, modules: list[QuantLinear], algo: str) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+def _shared_per_tensor(spec: LinearSpec, modules: list[nn.Module], algo: str
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """Codes and per-row scales of each part under the one per-tensor weight scale TensorRT-LLM
     keeps for a fused linear (FP8's scale, NVFP4's global scale), and that scale. qframe's
     fp8/nvfp4 quantizers give q/k/v one scale already; otherwise the parts are re-quantized
@@ -329,9 +251,10 @@ def _shared_per_tensor(spec: LinearSpec, modules: list[QuantLinear], algo: str) 
     return codes, scales, joint
 
 
-def linear_pieces(model: nn.Module, spec: LinearSpec, plan: Plan, stage: int) -> dict[str, Piece]:
+def linear_pieces(description: ModelDescription, spec: LinearSpec, plan: CheckpointPlan, stage: int
+                  ) -> dict[str, Piece]:
     """The checkpoint tensors of one TensorRT-LLM linear, keyed by full name."""
-    modules = [_module(model, p.module) for p in spec.parts]
+    modules = [_state(description, p.module).module for p in spec.parts]
     algo = None if spec.name in plan.excluded else plan.quant_algo
     md, heads = plan.dtype, [p.heads for p in spec.parts]
     par = spec.parallel
@@ -359,8 +282,8 @@ def linear_pieces(model: nn.Module, spec: LinearSpec, plan: Plan, stage: int) ->
         out["weight"] = rows(lambda m, p: _rows(m.weight_codes, p), _pack_int4_rows_int8)
         out["weights_scaling_factor"] = rows(lambda m, p: _rows(m.weight_scale, p).float())
         if algo == "W4A8_AWQ":
-            amax = torch.stack([_rows(m.weight.detach().float(), p).abs().amax() for m, p in zip(modules, spec.parts)]).amax()
-            out["weights_scaling_factor_2"] = single(numerics._div(amax, FP8_MAX).reshape(1))
+            scale_2 = w4a8_weight_scale_2([_rows(m.weight, p) for m, p in zip(modules, spec.parts)])
+            out["weights_scaling_factor_2"] = single(scale_2.reshape(1))
             out["activation_scaling_factor"] = single(_same([m.input_scale.float().reshape(1) for m in modules],
                                                             "activation scales", spec.name))
     elif algo == "W8A8_SQ_PER_CHANNEL":
@@ -378,8 +301,9 @@ def linear_pieces(model: nn.Module, spec: LinearSpec, plan: Plan, stage: int) ->
     return {f"{spec.name}.{suffix}": piece for suffix, piece in out.items()}
 
 
-def checkpoint_pieces(model: nn.Module, layout: Layout, plan: Plan) -> dict[str, Piece]:
+def checkpoint_pieces(description: ModelDescription, layout: Layout, plan: CheckpointPlan) -> dict[str, Piece]:
     """Every tensor of the checkpoint, before it is split across ranks."""
+    model = description.model
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(dict(model.named_buffers(remove_duplicate=False)))
 
@@ -396,13 +320,24 @@ def checkpoint_pieces(model: nn.Module, layout: Layout, plan: Plan) -> dict[str,
         for entry in layout.layer_tensors(i):
             pieces[entry.name] = plain(entry, i)
         for spec in layout.linears(i):
-            pieces.update(linear_pieces(model, spec, plan, i))
+            pieces.update(linear_pieces(description, spec, plan, i))
         if plan.kv_cache_quant_algo is not None:
-            # TensorRT-LLM 0.17 reads one scale for both (the larger); newer versions, like
-            # modelopt, also write each. qframe's kv_cache gives K and V one scale already.
-            k, v = (_module(model, name).output_scale.float().reshape(1) for name in layout.kv_projections(i))
+            # TensorRT-LLM reads one scale for both (the larger: nothing saturates); modelopt
+            # also writes each, and so does qframe.
+            k, v = (s.reshape(1) for s in description.caches[i].scales())
             for what, scale in (("kv", torch.maximum(k, v)), ("k", k), ("v", v)):
-                pieces[f"transformer.layers.{i}.attention.{what}_cache_scaling_factor"] = Piece([scale], i)
+                pieces[f"transformer.layers.{i}.attention.{what}_cache_scaling_factor"] = Piece([scale.clone()], i)
     for entry in layout.last_tensors():
         pieces[entry.name] = plain(entry, "last")
     return pieces
+
+
+def unshared_caches(description: ModelDescription) -> list[str]:
+    """The attentions whose K and V scales differ: TensorRT-LLM serves both with the larger, so
+    the smaller-scaled one is stored more coarsely than it was evaluated."""
+    out = []
+    for cache in description.caches.values():
+        scales = cache.scales()
+        if scales is not None and not torch.equal(*scales):
+            out.append(cache.attention)
+    return out

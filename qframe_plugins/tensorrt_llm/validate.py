@@ -10,9 +10,14 @@ and its dtype for the ``quant_algo``; modules ``exclude_modules`` names must be 
 tensors nobody asks for are reported; scales must be finite and positive. Anything else in
 the directory (an ``engine/`` folder) is not looked at.
 
+Which tensors a family has (names, unsplit shapes, biases, fused parts) comes from its layout
+plugin (:mod:`.layout`), found in the registry by the config's ``architecture``; how they
+split across ranks and what each ``quant_algo`` stores for a linear is TensorRT-LLM's, and
+written here once for every family.
+
 Example::
 
-    >>> validate_checkpoint(Path("out/awq/tensorrt_llm"))  # doctest: +SKIP
+    >>> validate_checkpoint(Path("out/awq/tensorrt_llm"), registry)  # doctest: +SKIP
     ['rank1.safetensors: transformer.layers.0.attention.qkv.weight: shape [128, 256], expected [192, 256] ...']
 """
 
@@ -26,16 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qframe.errors import shorten
+from qframe.errors import ExportError, shorten
 
-# TensorRT-LLM model families this validator knows tensor by tensor (``MODEL_MAP`` names that
-# map to them; GPT2LMHeadModel only from v1.0 on, GPTForCausalLM in every version).
-LLAMA = ("LlamaForCausalLM", "MistralForCausalLM", "InternLMForCausalLM", "SkyworkForCausalLM")
-QWEN = ("Qwen2ForCausalLM",)
-GPT = ("GPTForCausalLM", "GPT2LMHeadModel")
-FAMILIES = {**{a: "llama" for a in LLAMA}, **{a: "qwen" for a in QWEN}, **{a: "gpt" for a in GPT}}
-# Further MODEL_MAP names: TensorRT-LLM builds them, but their tensors are not checked here.
-OTHER_ARCHITECTURES = (
+from .layout import BACKEND, Layout, LinearSpec, Plain, Sizes, layout_class
+
+# TensorRT-LLM's ``MODEL_MAP`` names (GPT2LMHeadModel only from v1.0 on): an architecture no
+# installed layout reads is still one TensorRT-LLM builds, only its tensors go unchecked. A
+# layout plugin may claim further names (a model registered into MODEL_MAP by its own package).
+TRTLLM_ARCHITECTURES = (
+    "LlamaForCausalLM", "MistralForCausalLM", "InternLMForCausalLM", "SkyworkForCausalLM", "Qwen2ForCausalLM",
+    "GPTForCausalLM", "GPT2LMHeadModel",
     "OPTForCausalLM", "BloomForCausalLM", "FalconForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM",
     "GPTNeoXForCausalLM", "GPTJForCausalLM", "MPTForCausalLM", "GemmaForCausalLM", "BaichuanForCausalLM",
     "ChatGLMForCausalLM", "MixtralForCausalLM", "QWenForCausalLM", "Qwen2MoeForCausalLM",
@@ -80,13 +85,15 @@ def recognizes(directory: Path) -> bool:
     return isinstance(config, dict) and "architecture" in config and (directory / "rank0.safetensors").is_file()
 
 
-def validate_checkpoint(directory: Path) -> list[str]:
+def validate_checkpoint(directory: Path, registry: Any) -> list[str]:
     """The problems of the TensorRT-LLM checkpoint in ``directory``, one readable line each
     (naming the file, the key or tensor, and what was expected); empty when it is valid.
+    ``registry`` (a :class:`qframe.plugins.Registry`) provides the layout plugins.
 
     Example::
 
-        >>> for line in validate_checkpoint(Path("out/fp8/tensorrt_llm")):  # doctest: +SKIP
+        >>> from qframe.plugins import build_registry
+        >>> for line in validate_checkpoint(Path("out/fp8/tensorrt_llm"), build_registry()):  # doctest: +SKIP
         ...     print(line)
         rank0.safetensors: transformer.layers.1.mlp.proj.weights_scaling_factor: missing (expected float32 [1])
     """
@@ -100,7 +107,7 @@ def validate_checkpoint(directory: Path) -> list[str]:
         return [f"config.json: not valid JSON ({shorten(str(exc))})"]
     if not isinstance(config, dict):
         return ["config.json: expected a JSON object"]
-    spec = _read_config(config, problems)
+    spec = _read_config(config, registry, problems)
     tp, pp = _read_mapping(config, [])
     if tp is not None:  # the rank files follow the mapping, whatever else is wrong
         problems += _check_rank_files(directory, tp * pp)
@@ -119,18 +126,11 @@ def validate_checkpoint(directory: Path) -> list[str]:
 
 @dataclass
 class Spec:
-    """What config.json says, as the sizes the tensors follow."""
+    """What config.json says: the family's layout (None when no installed layout reads the
+    architecture), the mapping and the quantization."""
 
-    family: str
+    layout: Layout | None
     dtype: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_size: int
-    intermediate: int
-    vocab: int
-    positions: int | None
     tp: int
     pp: int
     quant_algo: str | None
@@ -141,10 +141,6 @@ class Spec:
     parallel_embedding: bool
     embedding_dim: int
     share_embedding: bool
-    attn_bias: bool
-    dense_bias: bool
-    mlp_bias: bool
-    norm_bias: bool
     unchecked: str | None = None
 
     @property

@@ -1,0 +1,257 @@
+"""The quantization algorithms of NVIDIA's checkpoints (``quant_algo``), for every backend
+that writes one: TensorRT-LLM's checkpoint and the unified Hugging Face checkpoint share
+Model Optimizer's vocabulary, so the rules live here once and each backend names which
+algorithms it writes (a :class:`Writer`).
+
+=====================  ==========================================================  ===========
+quant_algo             weights / activations                                       group sizes
+=====================  ==========================================================  ===========
+FP8                    FP8 E4M3 per tensor / static FP8 E4M3 per tensor             —
+NVFP4                  NVFP4 / NVFP4 with a static global scale                     16
+W4A16_AWQ              symmetric int4 per group / none                              64, 128
+W4A8_AWQ               symmetric int4 per group / static FP8 E4M3 per tensor        128
+W8A16                  symmetric int8 per channel / none                            —
+W8A8_SQ_PER_CHANNEL    symmetric int8 per channel / static int8 per tensor          —
+=====================  ==========================================================  ===========
+
+KV caches (``kv_cache_quant_algo``): ``FP8`` (E4M3) and ``INT8`` (symmetric), one static
+scale per tensor.
+
+Example::
+
+    >>> from qframe.scheme import QuantArgs
+    >>> HF = Writer("the unified HF checkpoint", ("FP8", "NVFP4", "W4A16_AWQ", "W4A8_AWQ"), ("FP8",),
+    ...             elsewhere="--backend tensorrt-llm or qframe")
+    >>> quant_algo(QuantArgs(bits=4, granularity="group", group_size=128), None, "q_proj", HF)
+    'W4A16_AWQ'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from qframe import formats
+from qframe.description import CacheState, LinearState, ModelDescription
+from qframe.errors import ExportError
+from qframe.scheme import QuantArgs, describe
+
+# Group sizes of the group-wise int4 kernels that serve these checkpoints.
+AWQ_GROUP_SIZES = {"W4A16_AWQ": (64, 128), "W4A8_AWQ": (128,)}
+AWQ_ALGOS = tuple(AWQ_GROUP_SIZES)
+NVFP4_BLOCK = formats.NVFP4.block
+
+
+@dataclass(frozen=True)
+class Writer:
+    """A backend's share of the vocabulary: its ``title`` in messages, the ``algorithms`` and
+    ``kv_algorithms`` it writes, where to export what it cannot (``elsewhere``), and what its
+    KV cache scales are (``kv_note``)."""
+
+    title: str
+    algorithms: tuple[str, ...]
+    kv_algorithms: tuple[str, ...]
+    elsewhere: str
+    kv_note: str = "stores FP8 E4M3 or symmetric INT8 caches"
+
+
+def _static_fp8(args: QuantArgs | None) -> bool:
+    return (args is not None and formats.of(args) is formats.E4M3 and args.granularity == "tensor"
+            and not args.dynamic)
+
+
+def quant_algo(weights: QuantArgs | None, acts: QuantArgs | None, where: str, writer: Writer) -> str | None:
+    """The ``quant_algo`` of a linear quantized with these args (``None``: not quantized), or an
+    :class:`~qframe.ExportError` naming ``where`` and what to change.
+
+    Example::
+
+        >>> TRT = Writer("TensorRT-LLM", ("FP8", "W4A16_AWQ"), ("FP8",), elsewhere="--backend hf or qframe")
+        >>> quant_algo(QuantArgs(bits=4, granularity="group", group_size=32), None, "q_proj", TRT)
+        Traceback (most recent call last):
+        ...
+        qframe.errors.ExportError: q_proj: weights int4 group 32, activations none: the int4 kernels that serve W4A16_AWQ take groups of 64 or 128 input channels; set weights.group_size = 64 or 128
+    """
+    def refuse(why: str) -> ExportError:
+        return ExportError(f"{where}: weights {describe(weights)}, activations {describe(acts)}: {why}")
+
+    if weights is None:
+        if acts is not None:
+            raise refuse(f"{writer.title} has no activation-only quantization; quantize the weights too, or neither")
+        return None
+    fmt = formats.of(weights)
+    if isinstance(fmt, formats.IntFormat):
+        if fmt.bits == 8 and "W8A16" not in writer.algorithms:
+            raise refuse(f"{writer.title} holds no int8 weights (W8A16, W8A8_SQ_PER_CHANNEL); export them with "
+                         f"{writer.elsewhere}")
+        if not weights.symmetric:
+            raise refuse(f"the int4/int8 kernels that serve {writer.title} take symmetric weights (no zero points, "
+                         "has_zero_point is false); set weights.symmetric = true")
+    if acts is not None and acts.dynamic:
+        raise refuse(f"{writer.title} holds static activation scales only (dynamic per-token or per-block scales "
+                     f"need kernels whose tensors it does not name); calibrate them: set activations.dynamic = false "
+                     f"(not dynamic), or export with {writer.elsewhere}")
+    algo = _algorithm(weights, acts, fmt, refuse)
+    if algo not in writer.algorithms:
+        raise refuse(f"{writer.title} does not hold {algo}; export it with {writer.elsewhere}")
+    return algo
+
+
+def _algorithm(weights: QuantArgs, acts: QuantArgs | None, fmt: formats.NumberFormat, refuse) -> str:
+    if isinstance(fmt, formats.IntFormat) and fmt.bits == 4:
+        if weights.granularity != "group":
+            raise refuse("int4 weights are written as W4A16_AWQ/W4A8_AWQ, which scale groups of input channels; "
+                         "set weights.group_size = 64 or 128")
+        if acts is None:
+            algo = "W4A16_AWQ"
+        elif _static_fp8(acts):
+            algo = "W4A8_AWQ"
+        else:
+            raise refuse("int4 weights go with no activation quantization (W4A16_AWQ) or static FP8 E4M3 activations "
+                         "per tensor (W4A8_AWQ); set activations = { type = \"float\", bits = 8 } or remove them")
+        if weights.group_size not in AWQ_GROUP_SIZES[algo]:
+            sizes = " or ".join(map(str, AWQ_GROUP_SIZES[algo]))
+            raise refuse(f"the int4 kernels that serve {algo} take groups of {sizes} input channels; "
+                         f"set weights.group_size = {sizes}")
+        return algo
+    if isinstance(fmt, formats.IntFormat) and fmt.bits == 8:
+        if weights.granularity != "channel":
+            raise refuse("int8 weights are scaled per output channel (W8A16, W8A8_SQ_PER_CHANNEL); "
+                         "set weights.granularity = \"channel\"")
+        if acts is None:
+            return "W8A16"
+        if formats.of(acts) == formats.INT8 and acts.granularity == "tensor":
+            return "W8A8_SQ_PER_CHANNEL"
+        raise refuse("int8 weights go with no activation quantization (W8A16) or static symmetric int8 activations "
+                     "per tensor (W8A8_SQ_PER_CHANNEL)")
+    if isinstance(fmt, formats.IntFormat):
+        raise refuse("the checkpoint holds int4 or int8 weights; set weights.bits = 4 or 8")
+    if fmt is formats.E4M3:
+        if weights.granularity != "tensor":
+            raise refuse("FP8 scales each weight per tensor; set weights.granularity = \"tensor\"")
+        if not _static_fp8(acts):
+            raise refuse("FP8 needs static FP8 E4M3 activations with one calibrated scale per tensor (input_scale); "
+                         "set activations = { type = \"float\", bits = 8 }")
+        return "FP8"
+    if fmt is formats.NVFP4:
+        if acts is None or formats.of(acts) is not formats.NVFP4:
+            raise refuse("NVFP4 quantizes activations to NVFP4 too, with a static global scale (input_scale); "
+                         "set activations = { type = \"float\", bits = 4 }")
+        return "NVFP4"
+    raise refuse("the checkpoint holds FP8 E4M3 or NVFP4 floats; use format e4m3 or nvfp4")
+
+
+def kv_algo(cache: CacheState, writer: Writer) -> str:
+    """The ``kv_cache_quant_algo`` of a layer's cache, or an :class:`~qframe.ExportError`.
+
+    Example::
+
+        >>> TRT = Writer("TensorRT-LLM", ("FP8",), ("FP8", "INT8"), elsewhere="--backend qframe")
+        >>> kv_algo(CacheState(0, "model.layers.0.self_attn", QuantArgs(bits=8, granularity="tensor")), TRT)
+        'INT8'
+    """
+    fmt = formats.of(cache.args)
+    algo = "FP8" if fmt is formats.E4M3 else "INT8" if fmt == formats.INT8 else None
+    if algo is None or algo not in writer.kv_algorithms or cache.args.dynamic or cache.args.granularity != "tensor":
+        kinds = " or ".join(writer.kv_algorithms)
+        raise ExportError(f"{cache.where}: a {describe(cache.args)} KV cache cannot be written for {writer.title}, "
+                          f"which {writer.kv_note}; give the kv_cache stage a {kinds} cache format "
+                          "(activations = { type = \"float\", bits = 8 } for FP8)")
+    return algo
+
+
+@dataclass
+class Quantization:
+    """One algorithm for a whole model, as NVIDIA's checkpoints hold it: ``quant_algo`` (None:
+    nothing quantized) and its ``group_size``, the caches' ``kv_cache_quant_algo``, the
+    quantized linears and those left in float (``excluded``), by Hugging Face name."""
+
+    quant_algo: str | None
+    group_size: int | None
+    kv_cache_quant_algo: str | None
+    quantized: dict[str, LinearState] = field(default_factory=dict)
+    excluded: list[str] = field(default_factory=list)
+
+    @property
+    def awq(self) -> bool:
+        return self.quant_algo in AWQ_ALGOS
+
+
+def _group(size: int | None) -> str:
+    return f" (group {size})" if size else ""
+
+
+def choose(description: ModelDescription, writer: Writer, linears: list[str] | None = None) -> Quantization:
+    """The one algorithm of ``description``'s linears (``linears``: those the checkpoint holds,
+    default all) and its cache, refusing what ``writer`` cannot hold: a format it lacks,
+    different algorithms, a group that does not divide a linear's input, layers whose caches
+    differ. Errors name the module (and, before calibration, the stage that makes it).
+
+    Example::
+
+        >>> from qframe.testing import tiny_llama_model
+        >>> from qframe.plugins import build_registry
+        >>> from qframe.description import describe_model
+        >>> TRT = Writer("TensorRT-LLM", ("FP8",), ("FP8",), elsewhere="--backend qframe")
+        >>> choose(describe_model(tiny_llama_model(), build_registry(entry_points=False)), TRT).quant_algo is None
+        True
+    """
+    names = list(description.linears) if linears is None else linears
+    chosen: tuple[str | None, int | None, LinearState] | None = None
+    result = Quantization(None, None, None)
+    for name in names:
+        state = description.linears[name]
+        algo = quant_algo(state.weights, state.activations, state.where, writer)
+        if algo is None:
+            result.excluded.append(name)
+            continue
+        group = state.weights.group_size if algo in AWQ_ALGOS else None
+        if chosen is None:
+            chosen = (algo, group, state)
+        elif (algo, group) != chosen[:2]:
+            raise ExportError(
+                f"the model's linears would be quantized with different algorithms ({state.where}: {algo}{_group(group)}; "
+                f"{chosen[2].where}: {chosen[0]}{_group(chosen[1])}), but {writer.title} holds one quantization "
+                "algorithm for the whole model; quantize every linear alike (or leave some in float through the "
+                "recipe's ignore list)")
+        size = state.weights.group_size
+        if description.shapes_known and state.weights.granularity == "group" and state.in_features % size:
+            raise ExportError(f"{state.where}: its {state.in_features} input channels are not a whole number of groups "
+                              f"of {size}, which the packed format needs; choose a group size that divides "
+                              f"{state.in_features}")
+        result.quantized[name] = state
+    if chosen is not None:
+        result.quant_algo, result.group_size = chosen[0], chosen[1]
+    result.kv_cache_quant_algo = _kv_choice(description, writer)
+    return result
+
+
+def _kv_choice(description: ModelDescription, writer: Writer) -> str | None:
+    caches = description.caches
+    if not caches:
+        return None
+    algos = {layer: kv_algo(cache, writer) for layer, cache in caches.items()}
+    missing = [i for i in range(description.num_layers) if i not in caches]
+    if missing and description.shapes_known:
+        first = caches[min(caches)]
+        raise ExportError(f"{first.where} quantizes its KV cache but decoder layer(s) {missing[:5]} keep theirs in float; "
+                          f"{writer.title} quantizes every layer's cache alike; quantize all of them, or none")
+    if len(set(algos.values())) > 1:
+        described = "; ".join(f"{caches[i].where}: {a}" for i, a in sorted(algos.items())[:4])
+        raise ExportError(f"the layers' KV caches have different formats ({described}); {writer.title} quantizes every "
+                          "layer's cache alike")
+    return next(iter(algos.values()))
+
+
+def w4a8_weight_scale_2(weights: list[torch.Tensor]) -> torch.Tensor:
+    """W4A8_AWQ's per-tensor FP8 factor of linears served as one (their dequantized weights):
+    the largest magnitude over all of them, divided by E4M3's 448, as a float32 scalar.
+
+    Example::
+
+        >>> w4a8_weight_scale_2([torch.tensor([[-896.0]]), torch.tensor([[448.0]])]).item()
+        2.0
+    """
+    amax = torch.stack([w.detach().float().abs().amax() for w in weights]).amax()
+    return (amax / torch.full((), formats.E4M3.max, device=amax.device)).reshape(()).cpu()
