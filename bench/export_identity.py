@@ -113,7 +113,7 @@ def cases():
                 yield family, dtype, recipe, backends
 
 
-def run(write: Path) -> None:
+def run(write: Path, only: set[str] | None = None) -> None:
     import qframe
     from qframe.errors import QFrameError
     from qframe.recipe import load_recipe
@@ -134,6 +134,8 @@ def run(write: Path) -> None:
                 result[f"{family}/{str(dtype)[6:]}/{recipe}"] = f"refused: {exc}"
                 continue
             for backend, options in backends:
+                if only and backend not in only:
+                    continue
                 key = f"{family}/{str(dtype)[6:]}/{recipe}/{backend}/{json.dumps(options, sort_keys=True)}"
                 out = tmp / "out" / key.replace("/", "_").replace(" ", "")
                 try:
@@ -146,11 +148,24 @@ def run(write: Path) -> None:
     write.write_text(json.dumps(result, indent=1, sort_keys=True))
 
 
+def _differences(x, y, path: str = "") -> list[str]:
+    """Where two JSON values differ, as dotted paths."""
+    if isinstance(x, dict) and isinstance(y, dict):
+        out = []
+        for key in sorted(set(x) | set(y)):
+            if key not in x or key not in y:
+                out.append(f"{path}.{key} {'added' if key not in x else 'removed'}")
+            else:
+                out += _differences(x[key], y[key], f"{path}.{key}")
+        return out
+    return [] if x == y else [f"{path}: {json.dumps(x)[:120]} -> {json.dumps(y)[:120]}"]
+
+
 def compare(before: Path, after: Path) -> int:
     a, b = json.loads(before.read_text()), json.loads(after.read_text())
     same = differ = 0
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key), b.get(key)
+    for key in sorted(set(a) & set(b)):
+        x, y = a[key], b[key]
         if x == y:
             same += 1
             continue
@@ -166,8 +181,10 @@ def compare(before: Path, after: Path) -> int:
                 names = sorted(n for n in set(fx) | set(fy) if fx.get(n) != fy.get(n))
                 print(f"{key} {file}: {len(names)} tensors differ: {', '.join(names[:8])}")
             else:
-                print(f"{key} {file}:\n  before: {json.dumps(fx)[:400]}\n  after:  {json.dumps(fy)[:400]}")
-    print(f"{same} cases identical, {differ} differ")
+                found = _differences(fx, fy)
+                print(f"{key} {file}: {len(found)} differences: {'; '.join(found[:4])}")
+    only = len(set(a) ^ set(b))
+    print(f"{same} cases identical, {differ} differ" + (f", {only} in one file only" if only else ""))
     return 0 if differ == 0 else 1
 
 
@@ -175,9 +192,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", type=Path)
     parser.add_argument("--compare", nargs=2, type=Path)
+    parser.add_argument("--backends", help="comma-separated: only these (default: all)")
     args = parser.parse_args()
     if args.write:
-        run(args.write)
+        run(args.write, set(args.backends.split(",")) if args.backends else None)
     if args.compare:
         return compare(*args.compare)
     return 0

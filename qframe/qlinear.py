@@ -114,13 +114,10 @@ class QuantLinear(nn.Module):
         weight_ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
         input_range: tuple[torch.Tensor, torch.Tensor] | None = None,
         weight_global_scale: torch.Tensor | None = None,
-        served_dtype: torch.dtype | None = None,
     ) -> "QuantLinear":
         """Quantize ``linear``'s weight (ranges default to min/max; NVFP4's global scale to
-        the weight's, see :func:`qframe.numerics.quantize_weight`) and attach input scales.
-        ``served_dtype`` is the dtype the model computes in (default: the linear's), to
-        which group-wise int scales are rounded: an algorithm that hands in a float32 linear
-        for a 16-bit model passes the model's dtype."""
+        the weight's, see :func:`qframe.numerics.quantize_weight`; group-wise int scales
+        rounded to the linear's dtype when it is 16-bit) and attach input scales."""
         w = linear.weight.detach()
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, weights, activations, w.dtype)
         module.to(w.device)
@@ -129,7 +126,7 @@ class QuantLinear(nn.Module):
         if weights is None:
             module.weight.data.copy_(w)
         else:
-            module.set_weight(w, weight_ranges, weight_global_scale, served_dtype=served_dtype)
+            module.set_weight(w, weight_ranges, weight_global_scale)
         if input_range is not None:  # NVFP4 keeps its static global scale as input_scale
             scale, zero = numerics.input_qparams(*input_range, activations)
             module.input_scale.copy_(scale.reshape(()))
@@ -170,6 +167,28 @@ class QuantLinear(nn.Module):
         if q.global_scale is not None:
             self.weight_global_scale.copy_(q.global_scale.reshape(()))
         self.refresh()
+
+    def serve_scales(self, dtype: torch.dtype) -> None:
+        """Round group-wise int weight scales to ``dtype`` as a 16-bit kernel reads them
+        (:func:`qframe.numerics.served_scale`), keeping the codes: for an algorithm whose own
+        rounding fixed the codes in float32 for a model in ``dtype`` (GPTQ). A no-op for
+        other formats and dtypes. Casts never do this (a cast changes no quantized value).
+
+        Example::
+
+            >>> from qframe.scheme import QuantArgs
+            >>> layer = QuantLinear.from_linear(torch.nn.Linear(2, 1), QuantArgs(bits=4, granularity="group", group_size=2))
+            >>> _ = layer.weight_scale.fill_(0.1)
+            >>> layer.serve_scales(torch.bfloat16)
+            >>> layer.weight_scale.item(), layer.weight.dtype
+            (0.10009765625, torch.float32)
+        """
+        if self.weight_args is None:
+            return
+        served = numerics.served_scale(self.weight_scale, self.weight_args, dtype)
+        if served is not self.weight_scale and not torch.equal(served, self.weight_scale):
+            self.weight_scale.copy_(served)
+            self.refresh()
 
     def refresh(self) -> None:
         """Recompute the dequantized weight from codes and scales (after loading them)."""

@@ -1,10 +1,9 @@
-"""pytest helpers for people who write qframe plugins (and for qframe's own tests).
+"""Helpers for people who write qframe plugins (and for qframe's own tests): fresh plugin
+registries and tiny real models. Import what you need (``from qframe.testing import
+make_registry, tiny_llama_model``); this module needs no pytest. Its pytest fixtures live in
+:mod:`qframe.pytest_plugin`; load them in a test suite's ``conftest.py``::
 
-Load them in a test suite's ``conftest.py``::
-
-    pytest_plugins = ["qframe.testing"]
-
-or import what you need: ``from qframe.testing import make_registry, tiny_llama_model``.
+    pytest_plugins = ["qframe.pytest_plugin"]
 
 Fixtures:
 
@@ -41,8 +40,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable
 
-import pytest
-
 if TYPE_CHECKING:
     import torch
 
@@ -50,7 +47,7 @@ from .errors import PluginError
 from .hookspecs import HOOKS, PROJECT
 from .plugins import Registry, build_registry
 
-__all__ = ["make_registry", "qframe_registry", "tiny_llama", "tiny_llama_config", "tiny_llama_model"]
+__all__ = ["make_registry", "tiny_llama_config", "tiny_llama_model"]
 
 
 def _unknown_hooks(plugin: object) -> list[str]:
@@ -108,20 +105,6 @@ def make_registry(
     return registry
 
 
-@pytest.fixture
-def qframe_registry():
-    """A factory for fresh plugin registries: ``qframe_registry(*plugins, builtins=True,
-    entry_points=False, disabled=(), strict=True)``; see :func:`make_registry`.
-
-    Example::
-
-        def test_my_calibrator(qframe_registry):
-            registry = qframe_registry(my_plugin_module)
-            calibrator = registry.get("calibrator", "absmean").factory(QuantArgs(bits=8))
-    """
-    return make_registry
-
-
 def tiny_llama_config(**overrides: Any):
     """A ``transformers.LlamaConfig`` small enough for unit tests: 2 layers, hidden size 64,
     4 attention heads over 2 key/value heads, MLP width 128, 256 tokens.
@@ -168,19 +151,6 @@ def tiny_llama_model(*, seed: int = 0, **config: Any):
         model = LlamaForCausalLM(tiny_llama_config(**config))
     model.config.use_cache = False
     return model.eval()
-
-
-@pytest.fixture
-def tiny_llama():
-    """A fresh :func:`tiny_llama_model` for each test (quantizing it in place is fine).
-
-    Example::
-
-        def test_rtn_replaces_linears(tiny_llama, qframe_registry):
-            qmodel = qframe.quantize(tiny_llama, "recipes/rtn_w4a16.toml",
-                                     registry=qframe_registry(), device="cpu")
-    """
-    return tiny_llama_model()
 
 
 def random_tokens(n: int, length: int, vocab: int, seed: int = 0) -> "torch.Tensor":

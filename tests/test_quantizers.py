@@ -5,7 +5,9 @@ import torch
 
 import qframe
 from qframe.checkpoint import load_native, save_native
+from qframe.plugins import build_registry
 from qframe.cli import main
+from qframe.kvcache import cache_quantizers
 from qframe.testing import logits, random_tokens, relative_error, tiny_llama_model
 
 ROOT_RECIPES = ["fp8", "fp8_kv", "int8_kv", "nvfp4", "mxfp4", "w8a8_int8"]
@@ -25,7 +27,7 @@ def test_ready_recipes_quantize_and_reload_exactly(name, tmp_path):
     after = logits(model, ids)
     assert 0 < relative_error(after, before) < 0.5
     save_native(qmodel, tmp_path)
-    assert torch.equal(logits(load_native(tmp_path).model, ids), after)
+    assert torch.equal(logits(load_native(tmp_path, build_registry(entry_points=False)).model, ids), after)
 
 
 def test_fp8_weights_sit_on_the_e4m3_grid():
@@ -39,23 +41,20 @@ def test_fp8_weights_sit_on_the_e4m3_grid():
     assert q.input_scale.item() > 0
 
 
-def test_kv_cache_quantizes_only_key_and_value_outputs():
+def test_kv_cache_quantizes_the_cache_and_leaves_the_linears():
     model = tiny_llama_model(hidden_size=64, intermediate_size=128, vocab_size=256)
     ids = tokens()
+    before = logits(model, ids)
     recipe = qframe.recipe.parse_recipe({"stage": [{"quantizer": "kv_cache", "activations": {"bits": 8}}]})
     qmodel = qframe.quantize(model, recipe, calibration=ids, device="cpu")
-    modules = qmodel.quantized_modules()
-    assert sorted(n.rsplit(".", 1)[-1] for n in modules if n.startswith("model.layers.0.")) == ["k_proj", "v_proj"]
-    k = modules["model.layers.0.self_attn.k_proj"]
-    assert k.weight_args is None  # the weights stay as they were: only the cache is quantized
-    assert qmodel.layers[0]["modules"]["model.layers.0.self_attn.k_proj"]["kv_scale"] == pytest.approx(float(k.output_scale))
-    # the k_proj output the attention sees is on the int8 grid of that scale
-    seen = []
-    hook = k.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
-    logits(model, ids)
-    hook.remove()
-    codes = seen[0] / k.output_scale
-    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.abs().max() <= 128
+    assert qmodel.quantized_modules() == {}  # the weights stay as they were: only the cache is quantized
+    caches = cache_quantizers(model)
+    assert list(caches) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    cache = caches["model.layers.0.self_attn"]
+    assert cache.args.name == "int8" and not cache.shared
+    figures = qmodel.layers[0]["modules"]["model.layers.0.self_attn"]
+    assert figures == {"k_scale": pytest.approx(float(cache.k_scale)), "v_scale": pytest.approx(float(cache.v_scale))}
+    assert 0 < relative_error(logits(model, ids), before) < 0.01
 
 
 def test_kv_cache_composes_with_a_weight_stage():
@@ -63,7 +62,7 @@ def test_kv_cache_composes_with_a_weight_stage():
     recipe = qframe.load_recipe("recipes/int8_kv.toml")
     qmodel = qframe.quantize(model, recipe, calibration=tokens(), device="cpu")
     k = qmodel.quantized_modules()["model.layers.1.self_attn.k_proj"]
-    assert k.weight_args.bits == 4 and k.output_args.bits == 8
+    assert k.weight_args.bits == 4 and cache_quantizers(model)["model.layers.1.self_attn"].args.bits == 8
 
 
 @pytest.mark.parametrize("override, key, allowed", [

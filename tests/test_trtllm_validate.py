@@ -13,12 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from qframe.testing import make_registry
 from qframe_plugins.tensorrt_llm.validate import recognizes, validate_checkpoint
 
 from peer import run_peer_script
 from test_trtllm_export import AWQ, FP8, NVFP4, SMOOTHQUANT, W8A16, quantized, tiny, write
 
 ROOT = Path(__file__).resolve().parents[1]
+REGISTRY = make_registry()  # built-ins only: the layouts the validator reads with
 
 # modelopt's checkpoints of one tiny Llama (vocab 250: lm_head rows are padded at tp 4; 2 kv heads:
 # repeated at tp 4), written by one peer process: (algorithm, tp, pp). test_trtllm_export.py
@@ -68,14 +70,14 @@ def modelopt_checkpoints(tmp_path_factory):
 def test_modelopts_checkpoints_are_valid(modelopt_checkpoints, case):
     directory = modelopt_checkpoints[case]
     assert recognizes(directory)
-    assert validate_checkpoint(directory) == []
+    assert validate_checkpoint(directory, REGISTRY) == []
 
 
 def test_modelopts_awq_split_of_an_odd_vocabulary_is_caught(modelopt_checkpoints):
     """modelopt 0.47 pads vocab_size to 256 in config.json for AWQ, but splits the unpadded 250
     rows across 2 ranks (125 each): TensorRT-LLM's loader asserts every parameter's shape, and
     its embedding and lm_head take ceil(256 / 2) = 128 rows per rank."""
-    problems = validate_checkpoint(modelopt_checkpoints[("W4A16_AWQ", 2, 1)])
+    problems = validate_checkpoint(modelopt_checkpoints[("W4A16_AWQ", 2, 1)], REGISTRY)
     assert any(p.startswith("rank1.safetensors: lm_head.weight: shape [125, 256], expected [128, 256]")
                for p in problems), problems
     assert len(problems) == 4  # vocab_embedding and lm_head, on both ranks
@@ -100,7 +102,7 @@ def checkpoints(tmp_path_factory):
                                   "gpt2-nvfp4-tp2-pp2"])
 def test_qframes_checkpoints_are_valid(checkpoints, name):
     assert recognizes(checkpoints[name])
-    assert validate_checkpoint(checkpoints[name]) == []
+    assert validate_checkpoint(checkpoints[name], REGISTRY) == []
 
 
 def test_an_engine_folder_beside_the_ranks_is_not_looked_at(checkpoints, tmp_path):
@@ -108,7 +110,7 @@ def test_an_engine_folder_beside_the_ranks_is_not_looked_at(checkpoints, tmp_pat
     (directory / "engine").mkdir()
     (directory / "engine" / "rank0.engine").write_bytes(b"\0" * 16)
     (directory / "engine" / "config.json").write_text("{not json")
-    assert validate_checkpoint(directory) == []
+    assert validate_checkpoint(directory, REGISTRY) == []
 
 
 def corrupt(source: Path, target: Path, edit) -> Path:
@@ -212,7 +214,7 @@ CORRUPTIONS = {
 @pytest.mark.parametrize("edit, needle", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
 def test_each_problem_is_named(checkpoints, tmp_path, edit, needle):
     broken = corrupt(checkpoints["llama-fp8-kv-tp2"], tmp_path / "broken", edit)
-    problems = validate_checkpoint(broken)
+    problems = validate_checkpoint(broken, REGISTRY)
     assert any(needle in p for p in problems), problems
     assert all("\n" not in p for p in problems)
 
@@ -220,7 +222,8 @@ def test_each_problem_is_named(checkpoints, tmp_path, edit, needle):
 def test_awq_group_size_must_be_one_tensorrt_llm_has(checkpoints, tmp_path):
     broken = corrupt(checkpoints["llama-awq64-pp2"], tmp_path / "g32",
                      edit_config(lambda c: c["quantization"].update(group_size=32)))
-    assert "config.json: quantization.group_size: 32 for W4A16_AWQ, expected 64 or 128" in validate_checkpoint(broken)
+    problems = validate_checkpoint(broken, REGISTRY)
+    assert "config.json: quantization.group_size: 32 for W4A16_AWQ, expected 64 or 128" in problems
 
 
 def test_awq_prequant_scales_follow_pre_quant_scale(checkpoints, tmp_path):
@@ -230,7 +233,7 @@ def test_awq_prequant_scales_follow_pre_quant_scale(checkpoints, tmp_path):
     assert json.loads((source / "config.json").read_text())["quantization"]["pre_quant_scale"] is True
     broken = corrupt(source, tmp_path / "nopre", edit_config(lambda c: c["quantization"].update(pre_quant_scale=False)))
     assert ("rank1.safetensors: transformer.layers.0.attention.dense.prequant_scaling_factor: unexpected tensor "
-            "(not part of the W4A16_AWQ layout; TensorRT-LLM would ignore it)") in validate_checkpoint(broken)
+            "(not part of the W4A16_AWQ layout; TensorRT-LLM would ignore it)") in validate_checkpoint(broken, REGISTRY)
 
 
 def test_pipeline_stages_hold_embedding_first_and_head_last(checkpoints, tmp_path):
@@ -240,7 +243,7 @@ def test_pipeline_stages_hold_embedding_first_and_head_last(checkpoints, tmp_pat
         save_file(first, str(d / "rank0.safetensors"))
         save_file(last, str(d / "rank2.safetensors"))
 
-    problems = validate_checkpoint(corrupt(checkpoints["gpt2-nvfp4-tp2-pp2"], tmp_path / "moved", move_head))
+    problems = validate_checkpoint(corrupt(checkpoints["gpt2-nvfp4-tp2-pp2"], tmp_path / "moved", move_head), REGISTRY)
     assert "rank0.safetensors: lm_head.weight: unexpected tensor (only the last pipeline stage holds it)" in problems
     assert any(p.startswith("rank2.safetensors: lm_head.weight: missing") for p in problems), problems
 
@@ -250,7 +253,7 @@ def test_a_scalar_scale_is_taken_for_a_one_element_one(checkpoints, tmp_path):
     name = f"{QKV}.activation_scaling_factor"
     fine = corrupt(checkpoints["llama-fp8-kv-tp2"], tmp_path / "scalar",
                    edit_tensors("rank0.safetensors", lambda t: t.update({name: t[name].reshape(())})))
-    assert validate_checkpoint(fine) == []
+    assert validate_checkpoint(fine, REGISTRY) == []
 
 
 def test_recognizes_only_checkpoints(checkpoints, tmp_path):

@@ -28,7 +28,7 @@ Example::
 
     >>> from qframe.scheme import QuantArgs
     >>> algorithm(LinearState("q_proj", 128, 128, False, QuantArgs(bits=4, granularity="group", group_size=128),
-    ...                       QuantArgs(type="float", bits=8)))
+    ...                       QuantArgs(type="float", bits=8, granularity="tensor")))
     'W4A8_AWQ'
 """
 

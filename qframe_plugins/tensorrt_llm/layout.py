@@ -336,11 +336,11 @@ class LlamaLayout(Layout):
 
     def linears(self, i: int) -> list[LinearSpec]:
         hf, trt = self.layer(i), f"transformer.layers.{i}"
-        h, hd, inter = self.hidden, self.head_size, self.intermediate
+        h, hd, inter, nq, nkv = self.hidden, self.head_size, self.intermediate, self.heads, self.kv_heads
         return [
-            LinearSpec(f"{trt}.attention.qkv", (Part(f"{hf}.self_attn.q_proj", heads=self.heads, width=self.heads * hd),
-                                                 Part(f"{hf}.self_attn.k_proj", heads=self.kv_heads, width=self.kv_heads * hd),
-                                                 Part(f"{hf}.self_attn.v_proj", heads=self.kv_heads, width=self.kv_heads * hd)),
+            LinearSpec(f"{trt}.attention.qkv", (Part(f"{hf}.self_attn.q_proj", heads=nq, width=nq * hd),
+                                                 Part(f"{hf}.self_attn.k_proj", heads=nkv, width=nkv * hd),
+                                                 Part(f"{hf}.self_attn.v_proj", heads=nkv, width=nkv * hd)),
                        "column", h, self.qkv_bias),
             LinearSpec(f"{trt}.attention.dense", (Part(f"{hf}.self_attn.o_proj", width=h),), "row", self.heads * hd,
                        self.dense_bias),
@@ -356,8 +356,8 @@ class LlamaLayout(Layout):
                 Plain(f"{trt}.post_layernorm.weight", f"{hf}.post_attention_layernorm.weight", shape=h, what="norm")]
 
     def first_tensors(self) -> list[Plain]:
-        return [Plain("transformer.vocab_embedding.weight", "model.embed_tokens.weight", shape=(self.vocab, self.hidden),
-                      parallel_embedding=True, what="embedding")]
+        return [Plain("transformer.vocab_embedding.weight", "model.embed_tokens.weight",
+                      shape=(self.vocab, self.hidden), parallel_embedding=True, what="embedding")]
 
     def last_tensors(self) -> list[Plain]:
         # Written even when tied to the embedding: TensorRT-LLM loads lm_head by name.
@@ -499,7 +499,8 @@ def layout_for(model: Any, registry: Any) -> Layout:
     model_type = getattr(hf, "model_type", None)
     entry = registry.layout(BACKEND, model_type=model_type) if isinstance(model_type, str) else None
     if entry is None:
-        served = sorted(t for e in registry.entries("layout") if e.record.backend == BACKEND for t in e.record.model_types)
+        served = sorted(t for e in registry.entries("layout") if e.record.backend == BACKEND
+                        for t in e.record.model_types)
         raise ExportError(
             f"the {BACKEND} backend has no layout for model_type {model_type!r} ({type(model).__name__}); the "
             f"installed layouts write {', '.join(served) or 'nothing'}. Export this model with another backend "

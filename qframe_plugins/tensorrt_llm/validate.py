@@ -170,45 +170,28 @@ def _flag(config: dict, key: str, default: bool, problems: list[str], where: str
     return value
 
 
-def _read_config(config: dict, problems: list[str]) -> Spec | None:
-    """Check config.json's keys; the sizes, or None when the tensors cannot be predicted."""
+def _read_config(config: dict, registry: Any, problems: list[str]) -> Spec | None:
+    """Check config.json's keys; the layout and the rest, or None when the tensors cannot be predicted."""
     start = len(problems)
     for key in ("architecture", "dtype", "hidden_size", "num_hidden_layers", "num_attention_heads"):
         if key not in config:
             problems.append(f"config.json: {key}: missing (required by TensorRT-LLM's PretrainedConfig)")
     arch = config.get("architecture")
-    family = FAMILIES.get(arch) if isinstance(arch, str) else None
+    entry = registry.layout(BACKEND, architecture=arch) if isinstance(arch, str) else None
     unchecked = None
-    if "architecture" in config and family is None:
-        if arch in OTHER_ARCHITECTURES:
+    if "architecture" in config and entry is None:
+        if arch in TRTLLM_ARCHITECTURES:
             unchecked = f"architecture {arch!r} is one TensorRT-LLM builds, but this validator has no tensor layout for it"
         else:
-            problems.append(f"config.json: architecture: {arch!r} is not a TensorRT-LLM architecture; known: "
-                            + ", ".join((*FAMILIES, *OTHER_ARCHITECTURES)))
+            problems.append(f"config.json: architecture: {shorten(arch)} is not a TensorRT-LLM architecture; known: "
+                            + ", ".join(dict.fromkeys((*_layout_architectures(registry), *TRTLLM_ARCHITECTURES))))
     dtype = config.get("dtype")
     if "dtype" in config and (not isinstance(dtype, str) or dtype not in DTYPES):  # a list is unhashable
         problems.append(f"config.json: dtype: {shorten(dtype)}, expected one of {', '.join(DTYPES)}")
     logits = config.get("logits_dtype", "float32")
     if not isinstance(logits, str) or logits not in DTYPES:
         problems.append(f"config.json: logits_dtype: {shorten(logits)}, expected one of {', '.join(DTYPES)}")
-    hidden = _positive(config, "hidden_size", problems) if "hidden_size" in config else None
-    layers = _positive(config, "num_hidden_layers", problems) if "num_hidden_layers" in config else None
-    heads = _positive(config, "num_attention_heads", problems) if "num_attention_heads" in config else None
-    kv_heads = _positive(config, "num_key_value_heads", problems, heads or 1)
-    head_size = _positive(config, "head_size", problems, (hidden // heads) if hidden and heads else 1)
-    intermediate = _positive(config, "intermediate_size", problems, 4 * hidden if hidden else 1)
-    vocab = config.get("vocab_size")
-    if not _is_int(vocab) or vocab < 1:
-        problems.append(f"config.json: vocab_size: {vocab!r}, expected a positive integer (lm_head's rows follow it)")
-        vocab = None
-    positions = config.get("max_position_embeddings")
-    if positions is not None and (not _is_int(positions) or positions < 1):
-        problems.append(f"config.json: max_position_embeddings: {positions!r}, expected a positive integer")
-        positions = None
-    if family == "gpt" and positions is None:
-        problems.append("config.json: max_position_embeddings: missing; GPT's position_embedding has that many rows")
-    if heads and kv_heads and heads % kv_heads:
-        problems.append(f"config.json: num_key_value_heads: {kv_heads} does not divide num_attention_heads {heads}")
+    sizes = _read_sizes(config, problems)
     parallel_embedding = _flag(config, "use_parallel_embedding", False, problems)
     embedding_dim = config.get("embedding_sharding_dim", 0)
     if embedding_dim not in (0, 1) or isinstance(embedding_dim, bool):
@@ -217,16 +200,26 @@ def _read_config(config: dict, problems: list[str]) -> Spec | None:
     share_embedding = _flag(config, "share_embedding_table", False, problems)
     tp, pp = _read_mapping(config, problems)
     quant = _read_quantization(config, problems)
-    if tp and heads and heads % tp:
-        problems.append(f"config.json: mapping.tp_size: {tp} does not divide num_attention_heads {heads}")
-    if tp and kv_heads and kv_heads % tp and tp % kv_heads:
-        problems.append(f"config.json: mapping.tp_size: {tp} and num_key_value_heads {kv_heads}: one must divide the "
-                        "other (TensorRT-LLM splits or repeats whole key/value heads)")
-    if tp and intermediate and intermediate % tp:
-        problems.append(f"config.json: mapping.tp_size: {tp} does not divide intermediate_size {intermediate}")
-    if pp and layers and layers % pp:
-        problems.append(f"config.json: mapping.pp_size: {pp} does not divide num_hidden_layers {layers} (TensorRT-LLM "
-                        "before v1.0 drops the remainder; later versions give the first stages one more)")
+    if sizes is not None:
+        heads, kv_heads = sizes.heads, sizes.kv_heads
+        if tp and heads % tp:
+            problems.append(f"config.json: mapping.tp_size: {tp} does not divide num_attention_heads {heads}")
+        if tp and kv_heads % tp and tp % kv_heads:
+            problems.append(f"config.json: mapping.tp_size: {tp} and num_key_value_heads {kv_heads}: one must divide "
+                            "the other (TensorRT-LLM splits or repeats whole key/value heads)")
+        if tp and sizes.intermediate % tp:
+            problems.append(f"config.json: mapping.tp_size: {tp} does not divide intermediate_size "
+                            f"{sizes.intermediate}")
+        if pp and sizes.num_layers % pp:
+            problems.append(f"config.json: mapping.pp_size: {pp} does not divide num_hidden_layers {sizes.num_layers} "
+                            "(TensorRT-LLM before v1.0 drops the remainder; later versions give the first stages one "
+                            "more)")
+    layout = None
+    if entry is not None and sizes is not None:
+        try:
+            layout = layout_class(entry).from_checkpoint(config)
+        except ExportError as exc:  # the family needs a key this config lacks
+            problems.append(f"config.json: {exc}")
     if len(problems) > start or quant is None:
         return None
     algo, kv_algo, group, pre_quant, exclude = quant
@@ -234,19 +227,42 @@ def _read_config(config: dict, problems: list[str]) -> Spec | None:
         unchecked = f"quant_algo {algo!r} is valid, but this validator has no tensor layout for it"
     if unchecked is None and kv_algo not in (None, "FP8", "INT8"):
         unchecked = f"kv_cache_quant_algo {kv_algo!r} is valid, but this validator has no tensor layout for it"
-    llama_attn_bias = bool(config.get("attn_bias", False))
-    gpt_bias = bool(config.get("bias", True))
     return Spec(
-        family=family or "", dtype=dtype, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
-        head_size=head_size, intermediate=intermediate, vocab=vocab, positions=positions, tp=tp, pp=pp,
-        quant_algo=None if algo == "NO_QUANT" else algo, kv_algo=kv_algo, group_size=group,
-        pre_quant_scale=pre_quant, exclude=exclude, parallel_embedding=parallel_embedding,
-        embedding_dim=embedding_dim, share_embedding=share_embedding,
-        # TensorRT-LLM's LLaMA: attn_bias on both qkv and dense; QWen: qkv only; GPT: `bias` everywhere
-        attn_bias={"llama": llama_attn_bias, "qwen": True, "gpt": gpt_bias}.get(family or "", False),
-        dense_bias={"llama": llama_attn_bias, "qwen": False, "gpt": gpt_bias}.get(family or "", False),
-        mlp_bias={"llama": bool(config.get("mlp_bias", False)), "qwen": False, "gpt": gpt_bias}.get(family or "", False),
-        norm_bias=family == "gpt", unchecked=unchecked)
+        layout=layout, dtype=dtype, tp=tp, pp=pp, quant_algo=None if algo == "NO_QUANT" else algo, kv_algo=kv_algo,
+        group_size=group, pre_quant_scale=pre_quant, exclude=exclude, parallel_embedding=parallel_embedding,
+        embedding_dim=embedding_dim, share_embedding=share_embedding, unchecked=unchecked)
+
+
+def _layout_architectures(registry: Any) -> list[str]:
+    return [a for e in registry.entries("layout") if e.record.backend == BACKEND for a in e.record.architectures]
+
+
+def _read_sizes(config: dict, problems: list[str]) -> Sizes | None:
+    """Check the size keys; the sizes (with TensorRT-LLM's defaults), or None when one is wrong."""
+    start = len(problems)
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_size",
+                "intermediate_size"):
+        if key in config:
+            _positive(config, key, problems)
+    vocab = config.get("vocab_size")
+    if not _is_int(vocab) or vocab < 1:
+        problems.append(f"config.json: vocab_size: {vocab!r}, expected a positive integer (lm_head's rows follow it)")
+    positions = config.get("max_position_embeddings")
+    if positions is not None and (not _is_int(positions) or positions < 1):
+        problems.append(f"config.json: max_position_embeddings: {positions!r}, expected a positive integer")
+    required = ("hidden_size", "num_hidden_layers", "num_attention_heads")  # reported missing by the caller
+    if len(problems) > start or not all(k in config for k in required):
+        return None
+    sizes = Sizes.from_checkpoint(config)
+    if sizes.head_size < 1:  # derived: hidden_size // num_attention_heads
+        problems.append(f"config.json: head_size: missing, and hidden_size {sizes.hidden} // num_attention_heads "
+                        f"{sizes.heads} is 0; expected a positive integer")
+        return None
+    if sizes.heads % sizes.kv_heads:
+        problems.append(f"config.json: num_key_value_heads: {sizes.kv_heads} does not divide num_attention_heads "
+                        f"{sizes.heads}")
+        return None
+    return sizes
 
 
 def _read_mapping(config: dict, problems: list[str]) -> tuple[int | None, int | None]:
@@ -417,41 +433,23 @@ def _shape_problems(spec: Spec, name: str, out: int, inp: int) -> list[str]:
 
 def expected_tensors(spec: Spec, rank: int) -> tuple[dict[str, Expect], list[str]]:
     """Every tensor ``rank{rank}.safetensors`` must hold, and widths its layout cannot take."""
-    pp_rank, tp = rank // spec.tp, spec.tp
-    md, h, hd = DTYPES[spec.dtype], spec.hidden, spec.head_size
+    layout = spec.layout
+    assert layout is not None, "the tensors of an architecture without a layout are not predicted"
+    pp_rank = rank // spec.tp
+    first, last = pp_rank == 0, pp_rank == spec.pp - 1
     expect: dict[str, Expect] = {}
     impossible: list[str] = []
-    norm = {"weight": (h,)} | ({"bias": (h,)} if spec.norm_bias else {})
-    first, last = pp_rank == 0, pp_rank == spec.pp - 1
     if first:
-        embeddings = [("transformer.vocab_embedding", spec.vocab)]
-        if spec.family == "gpt":
-            embeddings.append(("transformer.position_embedding", spec.positions))
-        for name, rows in embeddings:
-            shape = (rows, h)
-            if spec.parallel_embedding and tp > 1:
-                shape = (math.ceil(rows / tp), h) if spec.embedding_dim == 0 else (rows, h // tp)
-            expect[f"{name}.weight"] = Expect(shape, (md,), "embedding")
+        for plain in layout.first_tensors():
+            expect.update(_plain(spec, plain, first, impossible))
     # Layers are numbered from 0 on every pipeline stage; TensorRT-LLM >= v1.0 splits like tensor_split.
-    count = _stage_layers(spec, pp_rank)
-    q_rows, kv_rows = spec.heads // tp * hd, math.ceil(spec.kv_heads / tp) * hd  # kv heads repeat when fewer than tp
-    inter = spec.intermediate // tp
-    linears = [("attention.qkv", q_rows + 2 * kv_rows, h, spec.attn_bias, "column", None),
-               ("attention.dense", h, spec.heads * hd // tp, spec.dense_bias, "row", h),
-               ("mlp.fc", inter, h, spec.mlp_bias, "column", None)]
-    if spec.family != "gpt":
-        linears.append(("mlp.gate", inter, h, spec.mlp_bias, "column", None))
-    linears.append(("mlp.proj", h, inter, spec.mlp_bias, "row", h))
-    for i in range(count):
-        prefix = f"transformer.layers.{i}"
-        for norm_name in ("input_layernorm", "post_layernorm"):
-            for key, shape in norm.items():
-                expect[f"{prefix}.{norm_name}.{key}"] = Expect(shape, (md,), "norm")
-        for suffix, out, inp, bias, parallel, full in linears:
-            name = f"{prefix}.{suffix}"
-            impossible += [f"{name}: {p}" for p in _shape_problems(spec, name, out, inp)]
-            expect.update(_linear(spec, name, out, inp, bias, parallel, full or out))
+    for i in range(_stage_layers(spec, pp_rank)):
+        for plain in layout.layer_tensors(i):
+            expect.update(_plain(spec, plain, first, impossible))
+        for linear in layout.linears(i):
+            expect.update(_linear_spec(spec, linear, impossible))
         if spec.kv_algo is not None:
+            prefix = f"transformer.layers.{i}"
             why = f"{spec.kv_algo} key/value cache"
             expect[f"{prefix}.attention.kv_cache_scaling_factor"] = Expect((1,), (F32,), why, scale=True)
             # modelopt also writes K's and V's own (TensorRT-LLM >= v1.0 takes their max); optional, as a pair
@@ -460,19 +458,43 @@ def expected_tensors(spec: Spec, rank: int) -> tuple[dict[str, Expect], list[str
                     (1,), (F32,), why, optional=True, scale=True)
             expect[f"{prefix}.attention.kv_cache_rcp_scaling_factor"] = Expect((1,), (F32,), why, optional=True, scale=True)
     if last:
-        for key, shape in norm.items():
-            expect[f"transformer.ln_f.{key}"] = Expect(shape, (md,), "final norm")
-        rows = math.ceil(spec.vocab / tp)  # pad(vocab, tp) / tp: the padding rows are zeros
-        impossible += [f"lm_head: {p}" for p in _shape_problems(spec, "lm_head", rows, h)]
-        head = _linear(spec, "lm_head", rows, h, False, "column", rows)
-        if spec.share_embedding and first:  # the loader takes vocab_embedding for a missing lm_head
-            head = {k: Expect(v.shape, v.dtypes, v.why, True, v.scale, v.per_block) for k, v in head.items()}
-        expect.update(head)
+        for plain in layout.last_tensors():
+            expect.update(_plain(spec, plain, first, impossible))
     return expect, impossible
 
 
+def _linear_spec(spec: Spec, linear: LinearSpec, impossible: list[str]) -> dict[str, Expect]:
+    """A layout's linear on this rank: split by TensorRT-LLM's rules (column: output rows, by
+    head where the parts hold heads; row: input columns, per-row tensors kept whole)."""
+    out, inp = linear.rank_shape(spec.tp)
+    impossible += [f"{linear.name}: {p}" for p in _shape_problems(spec, linear.name, out, inp)]
+    return _linear(spec, linear.name, out, inp, linear.bias, linear.parallel, linear.out_features)
+
+
+def _plain(spec: Spec, plain: Plain, first: bool, impossible: list[str]) -> dict[str, Expect]:
+    """A layout's plain tensor on this rank (an output head: a linear, which may be quantized)."""
+    md, tp = DTYPES[spec.dtype], spec.tp
+    rows, *rest = plain.shape or (0,)
+    if plain.head:
+        prefix = plain.name.removesuffix(".weight")
+        rows = math.ceil(rows / tp)  # pad(vocab, tp) / tp: the padding rows are zeros
+        inp = rest[0]
+        impossible += [f"{prefix}: {p}" for p in _shape_problems(spec, prefix, rows, inp)]
+        head = _linear(spec, prefix, rows, inp, False, "column", rows)
+        if spec.share_embedding and first:  # the loader takes vocab_embedding for a missing lm_head
+            head = {k: Expect(v.shape, v.dtypes, v.why, True, v.scale, v.per_block) for k, v in head.items()}
+        return head
+    shape = plain.shape
+    if plain.split == "vocab":
+        shape = (math.ceil(rows / tp), *rest)
+    elif plain.parallel_embedding and spec.parallel_embedding and tp > 1:
+        shape = (math.ceil(rows / tp), *rest) if spec.embedding_dim == 0 else (rows, rest[0] // tp)
+    return {plain.name: Expect(tuple(shape), (md,), plain.what or "plain tensor")}
+
+
 def _stage_layers(spec: Spec, pp_rank: int) -> int:
-    base, extra = divmod(spec.layers, spec.pp)
+    assert spec.layout is not None
+    base, extra = divmod(spec.layout.num_layers, spec.pp)
     return base + (1 if pp_rank < extra else 0)
 
 
@@ -529,16 +551,28 @@ def _scale_problems(name: str, tensor, want: Expect) -> list[str]:
 
 
 def _unexpected_hint(spec: Spec, name: str, rank: int) -> str:
+    assert spec.layout is not None
     layer = re.match(r"transformer\.layers\.(\d+)\.", name)
     if layer:
         count = _stage_layers(spec, rank // spec.tp)
         if int(layer.group(1)) >= count:
             return f"pipeline stage {rank // spec.tp} holds {count} layers, numbered from 0"
         return f"not part of the {spec.quant_algo or 'unquantized'} layout; TensorRT-LLM would ignore it"
-    if name.startswith(("lm_head", "transformer.ln_f")) and rank // spec.tp != spec.pp - 1:
+    if _held_by(spec.layout.last_tensors(), name) and rank // spec.tp != spec.pp - 1:
         return "only the last pipeline stage holds it"
-    if name.startswith(("transformer.vocab_embedding", "transformer.position_embedding")) and rank >= spec.tp:
+    if _held_by(spec.layout.first_tensors(), name) and rank >= spec.tp:
         return "only the first pipeline stage holds it"
-    if name.startswith("lm_head.") and _excluded(spec, "lm_head"):
-        return f"lm_head is excluded by {_excluded(spec, 'lm_head')!r}, so it takes no scales"
+    head = _held_by([p for p in spec.layout.last_tensors() if p.head], name)
+    if head is not None and _excluded(spec, head):
+        return f"{head} is excluded by {_excluded(spec, head)!r}, so it takes no scales"
     return "TensorRT-LLM does not ask for it and would ignore it"
+
+
+def _held_by(plains: list[Plain], name: str) -> str | None:
+    """The tensor (an output head: its linear's prefix) among ``plains`` that ``name`` belongs to."""
+    for plain in plains:
+        if name == plain.name:
+            return plain.name.removesuffix(".weight") if plain.head else plain.name
+        if plain.head and name.startswith(plain.name.removesuffix("weight")):
+            return plain.name.removesuffix(".weight")
+    return None
