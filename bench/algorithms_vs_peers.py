@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""SmoothQuant, AWQ and GPTQ: qframe against modelopt and llm-compressor, side by side.
+"""SmoothQuant, AWQ, GPTQ and the FP8 KV cache: qframe against modelopt and llm-compressor, side by side.
 
 One script, the same model file, the same calibration windows and the same evaluation
 windows for every method (identified by their sha256). qframe's methods run in this
@@ -18,14 +18,22 @@ Methods (``--methods``, comma-separated; default all):
 ``qframe-smoothquant``         ``recipes/smoothquant_w8a8.toml`` (int8 per channel, static per tensor)
 ``qframe-smoothquant-a{A}``    the same with ``options.alpha = A`` (0.5, 0.8, 0.9, 0.95)
 ``qframe-gptq-actorder-g64``   ``recipes/gptq_w4a16.toml`` with ``act_order = true`` (static groups)
+``qframe-fp8-kv``              ``recipes/fp8_kv_cache.toml``: only the KV cache, FP8, a scale for K and one for V
+``qframe-fp8-kv-shared``       the same with ``options.shared = true`` (one scale per layer, TensorRT-LLM's)
+``qframe-int8-kv``             the same in INT8 (no peer has one)
 ``modelopt-awq-g{64,128}``     ``INT4_AWQ_CFG`` with that block size (``--modelopt-python``)
 ``modelopt-smoothquant``       ``INT8_SMOOTHQUANT_CFG`` (``--modelopt-python``)
+``modelopt-fp8-kv``            ``FP8_KV_CFG`` alone, every other quantizer off (``--modelopt-python``)
 ``llmcompressor-gptq-g{64,128}``  ``GPTQModifier``, int4 symmetric groups (``--llmcompressor-python``)
 ``llmcompressor-awq-g{64,128}``   ``AWQModifier``, int4 symmetric groups (``--llmcompressor-python``)
 =============================  ==============================================================
 
     python bench/algorithms_vs_peers.py --model M --calib-data text:plays/ --eval-data text:essay.txt \\
         --modelopt-python .peer/bin/python --llmcompressor-python /work/lcvenv/bin/python
+
+The KV cache methods leave the weights unquantized; with ``qframe-fp8-kv`` and ``modelopt-fp8-kv``
+in one run the report also holds ``kv_scale_agreement``: the largest relative difference of a
+layer's k or v scale (qframe's ``k_scale * 448`` against modelopt's ``k_bmm_quantizer`` amax).
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ import qframe  # noqa: E402
 from qframe.api import pick_device  # noqa: E402
 from qframe.data import DataContext, calibration_windows, evaluation_windows  # noqa: E402
 from qframe.evaluate import perplexity  # noqa: E402
+from qframe.kvcache import cache_quantizers  # noqa: E402
 from qframe.model import load_model, resolve_source  # noqa: E402
 from qframe.plugins import default_registry  # noqa: E402
 
@@ -61,10 +70,14 @@ QFRAME = {
     "qframe-smoothquant": ("smoothquant_w8a8.toml", None),
     **{f"qframe-smoothquant-a{a}": ("smoothquant_w8a8.toml", None, {"stage.0.options.alpha": a}) for a in (0.5, 0.8, 0.9, 0.95)},
     "qframe-gptq-actorder-g64": ("gptq_w4a16.toml", 64, {"stage.0.options.act_order": True}),
+    "qframe-fp8-kv": ("fp8_kv_cache.toml", None),
+    "qframe-fp8-kv-shared": ("fp8_kv_cache.toml", None, {"stage.0.options.shared": True}),
+    "qframe-int8-kv": ("fp8_kv_cache.toml", None, {"stage.0.activations.type": "int"}),
 }
 PEERS = {
     **{f"modelopt-awq-g{g}": "modelopt" for g in GROUPS},
     "modelopt-smoothquant": "modelopt",
+    "modelopt-fp8-kv": "modelopt",
     **{f"llmcompressor-{a}-g{g}": "llmcompressor" for a in ("gptq", "awq") for g in GROUPS},
 }
 
@@ -137,8 +150,9 @@ def main() -> None:
             started = time.perf_counter()
             qframe.quantize(model, recipe, calibration=calib, device=device)
             seconds = time.perf_counter() - started
+            caches = {n: [float(c.k_scale), float(c.v_scale)] for n, c in cache_quantizers(model).items()}
             record(name, {"perplexity": perplexity(model, held_out, device).perplexity, "quantize_s": round(seconds, 2),
-                          "recipe": recipe.to_dict()})
+                          "recipe": recipe.to_dict(), **({"kv_scales": caches} if caches else {})})
         except Exception as exc:  # noqa: BLE001 - one method's failure never stops the others
             report["results"][name] = {"error": f"{type(exc).__name__}: {exc}"}
             log(f"{name:28s} failed: {type(exc).__name__}: {exc}")
@@ -167,9 +181,30 @@ def main() -> None:
                 if entry["eval_sha256"] != held_out.sha256:
                     raise RuntimeError(f"{name} scored other windows")
                 record(name, entry)
+    agreement = kv_scale_agreement(report["results"])
+    if agreement is not None:
+        report["kv_scale_agreement"] = agreement
+        log(f"KV scales, qframe-fp8-kv against modelopt-fp8-kv: largest relative difference {agreement['max_rel_diff']:.3g} "
+            f"({agreement['where']}) over {agreement['layers']} layers")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2, default=str) + "\n")
         log(f"wrote {args.json_out}")
+
+
+def kv_scale_agreement(results: dict) -> dict | None:
+    """The largest relative difference between qframe's FP8 KV amax (``scale * 448``) and
+    modelopt's ``k/v_bmm_quantizer`` amax, over layers and K/V, when both methods ran."""
+    ours, theirs = (results.get(m, {}).get(key) for m, key in (("qframe-fp8-kv", "kv_scales"),
+                                                               ("modelopt-fp8-kv", "kv_amax")))
+    if not ours or not theirs:
+        return None
+    worst, where = 0.0, ""
+    for attention, scales in ours.items():
+        for role, scale, amax in zip("kv", scales, theirs[attention]):
+            diff = abs(scale * 448 / amax - 1)
+            if diff >= worst:
+                worst, where = diff, f"{attention} {role}"
+    return {"max_rel_diff": worst, "where": where, "layers": len(ours)}
 
 
 if __name__ == "__main__":

@@ -48,6 +48,10 @@ def modelopt(method: str, model, calib: torch.Tensor, device: torch.device, batc
         described = f"INT4_AWQ_CFG, block_sizes[-1] = {group}"
     elif method == "modelopt-smoothquant":
         cfg, described = copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG), "INT8_SMOOTHQUANT_CFG"
+    elif method == "modelopt-fp8-kv":  # the cache alone: every other quantizer off, as qframe's kv_cache stage
+        cfg = {"quant_cfg": [{"quantizer_name": "*", "enable": False}, *copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"])],
+               "algorithm": "max"}
+        described = "FP8_KV_CFG alone (every other quantizer disabled), max calibration"
     else:
         raise SystemExit(f"unknown modelopt method {method}")
 
@@ -59,7 +63,10 @@ def modelopt(method: str, model, calib: torch.Tensor, device: torch.device, batc
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         model = mtq.quantize(model, cfg, loop)
-    return model, {"config": described, "quant_cfg": cfg}
+    found = {"config": described, "quant_cfg": cfg}
+    amax = {n: [float(m.k_bmm_quantizer.amax), float(m.v_bmm_quantizer.amax)] for n, m in model.named_modules()
+            if getattr(getattr(m, "k_bmm_quantizer", None), "is_enabled", False)}
+    return model, {**found, **({"kv_amax": amax} if amax else {})}
 
 
 def llmcompressor(method: str, model, calib: torch.Tensor, device: torch.device, batch: int, tokenizer=None):

@@ -198,7 +198,12 @@ def check_export(plan: Plan, model: str | ModelSource | None = None, *,
     source = resolve_source(model) if isinstance(model, str) and model else model or None
     skeleton, known = stand_in(source)
     description = check_plan(skeleton, plan, registry, stand_in=not known).description
-    exporter.check(description)
+    try:
+        exporter.check(description)
+    except ExportError as exc:
+        where = f"{plan.recipe.source}: " if plan.recipe.source else ""
+        raise ExportError(f"{where}export.backend {plan.backend.name!r} cannot write what this recipe makes: "
+                          f"{exc}") from None
     return description
 
 

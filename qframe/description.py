@@ -204,8 +204,7 @@ def linear_state(name: str, module: nn.Module) -> LinearState:
 def describe_model(model: nn.Module, registry: Any) -> ModelDescription:
     """The description of a (quantized) model as it is now: each linear's formats and each
     attention's KV cache, read off the modules. The architecture adapter comes from
-    ``registry``; the model must have been prepared by it (as the pipeline and
-    :func:`qframe.checkpoint.load_native` do).
+    ``registry``, and prepares the model as the pipeline does (exactly; a no-op once done).
 
     Example::
 
@@ -223,6 +222,7 @@ def describe_model(model: nn.Module, registry: Any) -> ModelDescription:
     from .model import find_architecture
 
     arch = find_architecture(model, registry)
+    arch.prepare(model)  # as the pipeline did (exact, idempotent): e.g. GPT-2's Conv1D become nn.Linear
     linears = {n: linear_state(n, m) for n, m in model.named_modules() if n and is_linear(m)}
     return ModelDescription(model, arch, _layers_first(linears, arch), _caches(model, arch))
 

@@ -71,7 +71,7 @@ class Quantizer(ABC):
     def takes(self, work: "LayerWork", targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
         """Which of ``targets`` (the layer's modules this stage accepts and its scheme selects)
         the stage changes: all of them by default. A stage that uses only some narrows them
-        (``kv_cache``: the key/value projections). The pipeline asks before calibrating, with
+        (``kv_cache``: those of the layer's attention). The pipeline asks before calibrating, with
         no inputs in ``work``, to refuse a stage that would change nothing (:func:`check_stages`).
         """
         return targets

@@ -346,25 +346,6 @@ def probe_names(family: str | None = None, patterns: Iterable[str] = ()) -> list
     return list(dict.fromkeys(names))
 
 
-def first_claims(schemes: Mapping[int, "QuantScheme"], modules: Iterable[tuple[str, object]]) -> dict[str, int]:
-    """Which of ``schemes`` (stage index -> scheme, in stage order) takes each of ``modules``
-    (name, module): the first that selects it, since later stages leave quantized linears
-    alone. Modules no scheme selects are left out.
-
-    Example::
-
-        >>> first_claims({0: QuantScheme(targets=("*.mlp.*",)), 2: QuantScheme()},
-        ...              [(n, PROBE_LINEAR) for n in ("model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_proj")])
-        {'model.layers.0.mlp.up_proj': 0, 'model.layers.0.self_attn.q_proj': 2}
-    """
-    claims = {}
-    for name, module in modules:
-        taker = next((i for i, scheme in schemes.items() if scheme.matches(name, module)), None)
-        if taker is not None:
-            claims[name] = taker
-    return claims
-
-
 def _pattern_matches(pattern: str, name: str, module: object) -> bool:
     if pattern.startswith("re:"):
         return re.search(pattern[3:], name) is not None

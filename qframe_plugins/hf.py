@@ -52,7 +52,8 @@ from qframe import BackendPlugin, formats, hookimpl, numerics
 from qframe.description import LinearState, ModelDescription
 from qframe.errors import ExportError, RecipeError, shorten
 
-from .quant_algo import AWQ_ALGOS, NVFP4_BLOCK, Quantization, Writer, choose, w4a8_weight_scale_2
+from .quant_algo import (AWQ_ALGOS, NVFP4_BLOCK, Quantization, Writer, choose, w4a8_weight_scale_2,
+                         warn_inexact_group_scales)
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 WEIGHTS = "model.safetensors"
@@ -336,6 +337,7 @@ class HFExporter:
         quantization = check_description(description)
         model = description.model
         dtype = description.serving_dtype(self.options.dtype)
+        warn_inexact_group_scales(quantization, dtype, "vLLM's and TensorRT-LLM")
         tensors = checkpoint_tensors(description, quantization, dtype)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -600,9 +602,5 @@ def _model_problems(directory: Path, specs: dict, algo: str | None, quantized: s
 
 @hookimpl
 def qframe_backends():
-    yield BackendPlugin(
-        name="hf",
-        summary="unified Hugging Face checkpoint (safetensors + hf_quant_config.json) for TensorRT-LLM, vLLM, SGLang",
-        factory=HFExporter,
-        options=HFOptions,
-    )
+    summary = "unified Hugging Face checkpoint (safetensors + hf_quant_config.json) for TensorRT-LLM, vLLM, SGLang"
+    yield BackendPlugin(name="hf", summary=summary, factory=HFExporter, options=HFOptions)

@@ -28,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -255,3 +256,25 @@ def w4a8_weight_scale_2(weights: list[torch.Tensor]) -> torch.Tensor:
     """
     amax = torch.stack([w.detach().float().abs().amax() for w in weights]).amax()
     return (amax / torch.full((), formats.E4M3.max, device=amax.device)).reshape(()).cpu()
+
+
+def warn_inexact_group_scales(quantization: Quantization, dtype: torch.dtype, title: str) -> None:
+    """Warn when int4 group scales are not exact in the serving ``dtype``: the group-wise int4
+    kernels take their scales in the model's dtype and round them, so the served weights would
+    differ from the evaluated ones (a model quantized in float32, or cast after quantizing).
+
+    Example::
+
+        >>> from qframe.scheme import QuantArgs
+        >>> warn_inexact_group_scales(Quantization("FP8", None, None), torch.float16, "TensorRT-LLM")  # nothing to say
+    """
+    if not quantization.awq:
+        return
+    inexact = [n for n, s in quantization.quantized.items()
+               if not torch.equal(s.module.weight_scale.to(dtype).float(), s.module.weight_scale.float())]
+    if inexact:
+        warnings.warn(f"{inexact[0]}{f' and {len(inexact) - 1} more linears' if len(inexact) > 1 else ''}: int4 group "
+                      f"scales are not exact in {str(dtype).removeprefix('torch.')}, in which {title}'s kernels take "
+                      "them, so the served weights differ slightly from the evaluated ones; quantize the model in its "
+                      "serving dtype ([model] dtype = \"bfloat16\" or \"float16\")", stacklevel=3)
+

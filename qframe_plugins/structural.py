@@ -36,7 +36,9 @@ TRACE_TOKENS = 8
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, QuantLinear)) or type(module).__name__ == "Conv1D"
+    from transformers.pytorch_utils import Conv1D  # a linear with its weight stored [in, out]
+
+    return isinstance(module, (nn.Linear, QuantLinear, Conv1D))
 
 
 def find_layers(model: nn.Module) -> str:

@@ -182,8 +182,10 @@ def test_unpacking_reproduces_the_fake_quantized_weights_bit_for_bit(both, algo)
             assert not module.has_prescale, name
         if module.input_args is not None:
             assert torch.equal(tensors[f"{name}.input_scale"], module.input_scale.float()), name
-        if name.endswith(("k_proj", "v_proj")) and algo == "FP8":
-            assert torch.equal(tensors[f"{name}.{name[-6]}_scale"], module.output_scale.float()), name
+        if name.endswith(("k_proj", "v_proj")) and algo == "FP8":  # the attention's cache scales
+            cache = qmodel.model.get_submodule(name.rpartition(".")[0]).kv_cache_quant
+            role = name[-6]
+            assert torch.equal(tensors[f"{name}.{role}_scale"], getattr(cache, f"{role}_scale").float()), name
     if algo == "W4A8_AWQ":  # one FP8 factor for linears that read one input (engines fuse them)
         for layer in ("model.layers.0", "model.layers.1"):
             qkv = [tensors[f"{layer}.self_attn.{p}_proj.weight_scale_2"] for p in "qkv"]

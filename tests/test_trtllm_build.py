@@ -17,8 +17,11 @@ from qframe.errors import ExportError, RecipeError
 from qframe_plugins.tensorrt_llm.build import parse_build
 from qframe_plugins.tensorrt_llm.validate import validate_checkpoint
 from qframe.output import RECORD
+from qframe.plugins import build_registry
 
 from test_trtllm_export import FP8, quantized, tiny
+
+REGISTRY = build_registry(entry_points=False)
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE = """#!{python}
@@ -81,7 +84,7 @@ def test_the_build_table_becomes_the_exact_command_line(fake_trtllm_build, qmode
     assert sorted(p.name for p in (out / "engine").iterdir()) == [RECORD, "config.json", "rank0.engine"]
     assert leftovers(out) == []
     assert "[TRT-LLM] building the engine" in capfd.readouterr().err  # streamed to the user
-    assert validate_checkpoint(out) == []  # engine/ beside the ranks does not disturb the validator
+    assert validate_checkpoint(out, REGISTRY) == []  # engine/ beside the ranks does not disturb the validator
 
 
 def test_a_failed_build_says_why_and_leaves_no_engine(fake_trtllm_build, qmodel, tmp_path, monkeypatch):
@@ -97,7 +100,7 @@ def test_a_failed_build_says_why_and_leaves_no_engine(fake_trtllm_build, qmodel,
     assert "is written and valid" in message and "--max_batch_size 4" in message
     assert not (out / "engine").exists()  # neither the half-built one nor the stale one
     assert leftovers(out) == []
-    assert validate_checkpoint(out) == []  # the checkpoint itself is kept
+    assert validate_checkpoint(out, REGISTRY) == []  # the checkpoint itself is kept
 
 
 def native(qmodel, tmp_path: Path) -> Path:
@@ -118,7 +121,7 @@ def test_build_true_without_trtllm_build_is_an_error_with_guidance(qmodel, tmp_p
     assert "trtllm-build is not on PATH" in proc.stderr
     assert "pip install tensorrt-llm" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert validate_checkpoint(directory / "tensorrt_llm") == []  # the checkpoint is not lost
+    assert validate_checkpoint(directory / "tensorrt_llm", REGISTRY) == []  # the checkpoint is not lost
 
 
 def test_build_auto_without_trtllm_build_says_so_and_succeeds(qmodel, tmp_path, monkeypatch, capfd):
@@ -126,7 +129,7 @@ def test_build_auto_without_trtllm_build_says_so_and_succeeds(qmodel, tmp_path, 
     out = qframe.export(qmodel, "tensorrt-llm", tmp_path / "trt", options={"build": "auto"})
     err = capfd.readouterr().err
     assert "trtllm-build is not on PATH, so no engine was built" in err and len(err.strip().splitlines()) == 1
-    assert not (out / "engine").exists() and validate_checkpoint(out) == []
+    assert not (out / "engine").exists() and validate_checkpoint(out, REGISTRY) == []
 
 
 def test_the_cli_surfaces_a_failed_build(fake_trtllm_build, qmodel, tmp_path):
@@ -139,7 +142,7 @@ def test_the_cli_surfaces_a_failed_build(fake_trtllm_build, qmodel, tmp_path):
     assert "exit status 7" in failing.stderr and "Traceback" not in failing.stderr
     assert calls(fake_trtllm_build)[-1][-2:] == ["--max_batch_size", "2"]
     assert not (directory / "tensorrt_llm" / "engine").exists()
-    assert validate_checkpoint(directory / "tensorrt_llm") == []
+    assert validate_checkpoint(directory / "tensorrt_llm", REGISTRY) == []
 
 
 def test_check_available_refuses_build_true_before_any_work(tmp_path, monkeypatch):

@@ -24,8 +24,11 @@ from qframe.testing import random_tokens, tiny_llama_model, tiny_model
 from qframe_plugins.tensorrt_llm import TensorRTLLMExporter, TensorRTLLMOptions
 from qframe_plugins.tensorrt_llm.validate import validate_checkpoint
 from qframe.output import RECORD
+from qframe.plugins import build_registry
 
 from peer import run_peer_script
+
+REGISTRY = build_registry(entry_points=False)
 
 FP8 = """
 [[stage]]
@@ -204,8 +207,8 @@ def test_tensors_and_quantization_config_equal_modelopts(both, algo):
     assert config(ours)["architecture"] == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                                             "gpt2": "GPTForCausalLM"}[family]
     # The validator, written from the format's description, accepts both tools' checkpoints.
-    assert validate_checkpoint(ours) == []
-    assert validate_checkpoint(theirs) == []
+    assert validate_checkpoint(ours, REGISTRY) == []
+    assert validate_checkpoint(theirs, REGISTRY) == []
 
 
 # -- bit-exact unpacking ---------------------------------------------------------------------------
@@ -260,9 +263,12 @@ def test_unpacking_reproduces_the_fake_quantized_weights_bit_for_bit(algo, text,
             if f"{prefix}.activation_scaling_factor" in tensors:
                 assert torch.equal(tensors[f"{prefix}.activation_scaling_factor"], module.input_scale.reshape(1)), prefix
         kv = tensors.get(f"{trt}.attention.kv_cache_scaling_factor")
-        if kv is not None:  # K and V share the one scale TensorRT-LLM keeps
-            k, v = (model.get_submodule(f"{layer}.self_attn.{p}_proj").output_scale for p in "kv")
-            assert torch.equal(k, v) and torch.equal(kv, k.reshape(1))
+        if kv is not None:  # the one scale TensorRT-LLM keeps: the larger of K's and V's
+            cache = model.get_submodule(f"{layer}.self_attn").kv_cache_quant
+            k, v = cache.k_scale.reshape(1), cache.v_scale.reshape(1)
+            assert torch.equal(kv, torch.maximum(k, v))
+            assert torch.equal(tensors[f"{trt}.attention.k_cache_scaling_factor"], k)
+            assert torch.equal(tensors[f"{trt}.attention.v_cache_scaling_factor"], v)
 
 
 def test_awq_scales_are_exact_in_the_models_16bit_dtype(tmp_path):
@@ -379,7 +385,7 @@ def test_mixed_algorithms_across_layers_are_refused(tmp_path):
 
 
 def test_a_family_tensorrt_llm_lacks_here_is_refused_naming_what_to_do(tmp_path):
-    with pytest.raises(ExportError, match="cannot write model_type 'gpt_neox'.*--backend"):
+    with pytest.raises(ExportError, match="no layout for model_type 'gpt_neox'.*--backend.*qframe_layouts"):
         TensorRTLLMExporter().check(qframe.describe(tiny_model("gpt_neox"), load_recipe(recipe_file(tmp_path, FP8))))
 
 

@@ -2,7 +2,8 @@
 what cannot be expressed (refused before anything is written), and the checkpoint's tensors
 at tensor-parallel size 1 (:mod:`.shard` splits them across ranks).
 
-The spec is ``shared/TRTLLM_CHECKPOINT.md``. Per linear (``md`` is the checkpoint dtype):
+The format is TensorRT-LLM's (its ``tensorrt_llm/models/modeling_utils.py`` loads it; docs/tensorrt_llm.md
+says how qframe checks it). Per linear (``md`` is the checkpoint dtype):
 
 =====================  =================================================================
 quant_algo             tensors beside ``weight``
@@ -45,7 +46,8 @@ from qframe import formats, numerics
 from qframe.description import LinearState, ModelDescription
 from qframe.errors import ExportError
 
-from ..quant_algo import AWQ_ALGOS, NVFP4_BLOCK, Writer, choose, quant_algo, w4a8_weight_scale_2
+from ..quant_algo import (AWQ_ALGOS, NVFP4_BLOCK, Writer, choose, quant_algo, w4a8_weight_scale_2,
+                          warn_inexact_group_scales)
 from .layout import Layout, LinearSpec, Part
 
 WRITER = Writer("TensorRT-LLM", ("FP8", "NVFP4", "W4A16_AWQ", "W4A8_AWQ", "W8A16", "W8A8_SQ_PER_CHANNEL"),
@@ -123,6 +125,8 @@ def make_plan(description: ModelDescription, layout: Layout, dtype: torch.dtype,
     for spec in specs:
         _fused_alike(description, spec)
     chosen = choose(description, WRITER, [spec.parts[0].module for spec in specs])
+    if description.calibrated:
+        warn_inexact_group_scales(chosen, dtype, WRITER.title)
     excluded = [spec.name for spec in specs if spec.parts[0].module in chosen.excluded]
     algo = chosen.quant_algo
     # SmoothQuant linears always carry a smoother; AWQ's where qframe kept one.

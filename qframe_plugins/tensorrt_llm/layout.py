@@ -207,6 +207,16 @@ class Layout(ABC):
     Hugging Face config), and the ``architecture`` it writes. Built with :meth:`from_hf`
     (writer) or :meth:`from_checkpoint` (validator); both hold :class:`Sizes` and the family
     keys, and every tensor follows from them.
+
+    Example::
+
+        >>> from qframe.testing import tiny_llama_config
+        >>> written = LlamaLayout.from_hf(tiny_llama_config())
+        >>> config = {"architecture": written.architecture, "vocab_size": written.vocab, "hidden_size": written.hidden,
+        ...           "num_hidden_layers": written.num_layers, "num_attention_heads": written.heads,
+        ...           "num_key_value_heads": written.kv_heads, **written.config()}
+        >>> LlamaLayout.from_checkpoint(config).linears(0) == written.linears(0)
+        True
     """
 
     architecture: ClassVar[str] = ""  # written to config.json; an instance read back keeps the checkpoint's

@@ -1,6 +1,7 @@
 """Check a TensorRT-LLM checkpoint directory the way ``trtllm-build`` will read it.
 
-Written from ``TRTLLM_CHECKPOINT.md`` and TensorRT-LLM's loader, not from qframe's writer, so
+Written from TensorRT-LLM's own checkpoint loader (``tensorrt_llm/models/modeling_utils.py``,
+``tensorrt_llm/quantization/mode.py``), not from qframe's writer, so
 that it catches the writer's mistakes: ``config.json`` (required keys and their types, a known
 architecture, the dtype, ``mapping`` and ``quantization``), one ``rank{N}.safetensors`` per
 rank, and in every rank each tensor TensorRT-LLM will ask for, by name, with its exact shape on
@@ -52,7 +53,7 @@ DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 MAX_SIZE = 1 << 20
 F32, I8, U8, FP8 = "F32", "I8", "U8", "F8_E4M3"
 
-# quantization.mode.QuantAlgo across versions (see TRTLLM_CHECKPOINT.md), and those checked here.
+# quantization.mode.QuantAlgo across versions (TensorRT-LLM's tensorrt_llm/quantization/mode.py), and those checked here.
 QUANT_ALGOS = (
     "W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ", "W4A16_GPTQ", "W8A16_GPTQ", "W8A8_SQ_PER_CHANNEL",
     "W8A8_SQ_PER_TENSOR_PLUGIN", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN",
@@ -61,7 +62,7 @@ QUANT_ALGOS = (
 )
 CHECKED_ALGOS = (None, "NO_QUANT", "W8A16", "W4A16", "FP8", "W4A16_AWQ", "W4A8_AWQ", "W8A8_SQ_PER_CHANNEL", "NVFP4")
 KV_ALGOS = ("FP8", "INT8", "NVFP4")
-# The keys QuantConfig takes (it raises on others); TRTLLM_CHECKPOINT.md: write only the first six.
+# The keys QuantConfig takes (it raises on others; tensorrt_llm/models/modeling_utils.py); qframe writes only the first six.
 QUANT_KEYS = ("quant_algo", "kv_cache_quant_algo", "group_size", "has_zero_point", "pre_quant_scale",
               "exclude_modules", "smoothquant_val", "clamp_val", "use_meta_recipe")
 MAPPING_KEYS = ("world_size", "tp_size", "pp_size")
