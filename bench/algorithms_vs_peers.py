@@ -43,6 +43,7 @@ import copy
 import json
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -169,7 +170,8 @@ def main() -> None:
                     log(f"{name:28s} skipped: no --{PEERS[name]}-python")
                     continue
                 command = [python, str(HERE / "peer_worker.py"), "--method", name, "--model", str(source.location),
-                           "--windows", str(windows), "--device", str(device), "--batch-size", str(args.batch_size)]
+                           "--windows", str(windows), "--device", str(device), "--batch-size", str(args.batch_size),
+                           "--fallback-path", sysconfig.get_paths()["purelib"]]
                 done = subprocess.run(command, capture_output=True, text=True)
                 lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
                 if done.returncode != 0 or not lines:

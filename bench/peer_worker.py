@@ -24,6 +24,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+# Packages qframe needs that the peer's environment lacks (pluggy, ...) come from qframe's own
+# environment, after the peer's: the peer keeps its pinned versions.
+if "--fallback-path" in sys.argv[:-1]:
+    sys.path.append(sys.argv[sys.argv.index("--fallback-path") + 1])
 
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -104,6 +108,7 @@ def main() -> None:
     p.add_argument("--windows", required=True, help="safetensors with 'calibration' and 'evaluation' int64 ids")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--fallback-path", help="site-packages searched after the peer's own (qframe's dependencies)")
     args = p.parse_args()
     device = torch.device(args.device)
     windows = load_file(args.windows)

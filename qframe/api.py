@@ -11,7 +11,9 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import os
 import platform
 import time
@@ -131,7 +133,7 @@ def describe(
     Example::
 
         >>> from qframe.testing import tiny_llama_model
-        >>> d = describe(tiny_llama_model(), "recipes/fp8.toml")
+        >>> d = describe(tiny_llama_model(), "recipes/fp8_kv.toml")
         >>> d.linears["model.layers.0.self_attn.q_proj"].weights.name, d.caches[0].args.name
         ('e4m3', 'e4m3')
     """
@@ -148,10 +150,10 @@ def stand_in(source: ModelSource | None) -> tuple[nn.Module, bool]:
     """A weightless (meta-device) model to check a recipe against before loading anything: the
     named model's own, built from its config, or — with no model named — a Llama-shaped stand-in
     (then ``False``: its widths say nothing about the model the recipe will meet)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from .errors import ModelError
-    from .model import from_pretrained_args, in_hub_cache, quiet_transformers
+    from .model import from_pretrained_args, in_hub_cache, quiet_transformers, require_sane_depth
 
     if source is not None and source.kind == "hub" and not in_hub_cache(source.location):
         source = None  # offline, or not downloaded yet: the loader says so when it is needed
@@ -159,10 +161,12 @@ def stand_in(source: ModelSource | None) -> tuple[nn.Module, bool]:
         config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,
                              num_key_value_heads=8, vocab_size=32000)
     else:
+        if source.kind == "dir":
+            require_sane_depth(Path(source.location) / "config.json")  # before anything builds its layers
         where, kwargs = from_pretrained_args(source)
         try:
-            with quiet_transformers(stderr=source.kind != "hub"):
-                config = AutoConfig.from_pretrained(where, **kwargs)
+            stamp = Path(source.location).stat().st_mtime_ns if source.kind != "hub" else None
+            config = copy.deepcopy(_read_config(where, tuple(sorted(kwargs.items())), stamp, source.kind != "hub"))
         except Exception as exc:  # transformers raises many types for an unusable config
             raise ModelError(f"model {source.spec!r}: cannot read its config ({' '.join(str(exc).split())[:300]})") from None
     if getattr(config, "quantization_config", None) is not None:
@@ -176,6 +180,18 @@ def stand_in(source: ModelSource | None) -> tuple[nn.Module, bool]:
     return model, source is not None
 
 
+@functools.lru_cache(maxsize=8)
+def _read_config(where: str, kwargs: tuple, stamp: int | None, quiet: bool) -> Any:
+    """A model's config, read once per process while its file is unchanged (a GGUF's takes
+    seconds to parse: its metadata holds the whole tokenizer)."""
+    from transformers import AutoConfig
+
+    from .model import quiet_transformers
+
+    with quiet_transformers(stderr=quiet):
+        return AutoConfig.from_pretrained(where, **dict(kwargs))
+
+
 def check_export(plan: Plan, model: str | ModelSource | None = None, *,
                  registry: Registry | None = None) -> ModelDescription | None:
     """Refuse, before any weights are read, what the recipe's export backend could not write:
@@ -187,9 +203,9 @@ def check_export(plan: Plan, model: str | ModelSource | None = None, *,
     Example::
 
         >>> from qframe.recipe import load_recipe
-        >>> check_export(resolve(load_recipe("recipes/awq_w4a16.toml"), default_registry())).quantized()[
-        ...     "model.layers.0.mlp.up_proj"].weights.group_size
-        128
+        >>> plan = resolve(load_recipe("recipes/awq_w4a16.toml"), default_registry())
+        >>> check_export(plan).quantized()["model.layers.0.mlp.up_proj"].weights.group_size   # on a stand-in
+        64
     """
     registry = registry or default_registry()
     exporter = make_exporter(plan.backend, plan.recipe.export.options, registry=registry)

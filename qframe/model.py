@@ -187,7 +187,7 @@ def load_model(source: ModelSource, dtype: str = "auto", *, nonfinite: str = "er
     if source.kind == "hub" and not in_hub_cache(source.location):
         _require_hub(source)
     if source.kind == "dir":
-        _require_sane_depth(Path(source.location) / "config.json")
+        require_sane_depth(Path(source.location) / "config.json")
     try:
         with quiet_transformers(stderr=source.kind != "hub"):
             # Shapes that differ are reported with the other problems below, not by transformers' report.
@@ -219,7 +219,7 @@ _WEIGHT_DTYPES = ("F16", "BF16", "F32", "F64")
 MAX_LAYERS = 4096  # deeper than any model made; a larger count is a damaged config, not a model
 
 
-def _require_sane_depth(config_file: Path) -> None:
+def require_sane_depth(config_file: Path) -> None:
     """Refuse a layer count no checkpoint can hold before transformers builds that many layers."""
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))

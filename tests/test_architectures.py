@@ -90,12 +90,14 @@ def test_gpt2_conv1d_becomes_an_equivalent_linear():
     assert conv1d_to_linear(model) == 0
 
 
-def test_fused_projections_name_no_kv_cache():
+def test_fused_projections_get_a_kv_cache_too():
     plan = parse_recipe({"calibration": {"batch_size": 3}, "stage": [{"quantizer": "kv_cache", "activations": {"bits": 8}}]})
-    with pytest.raises(qframe.QFrameError, match="names no key/value projections"):
-        qframe.quantize(tiny_model("phi3"), plan, calibration=tokens(), device="cpu")
-    qmodel = qframe.quantize(tiny_model("gemma2"), plan, calibration=tokens(), device="cpu")
-    assert {n.rsplit(".", 1)[-1] for n in qmodel.quantized_modules()} == {"k_proj", "v_proj"}
+    for family in ("phi3", "gemma2"):
+        qmodel = qframe.quantize(tiny_model(family), plan, calibration=tokens(), device="cpu")
+        caches = qmodel.describe().caches
+        assert sorted(caches) == list(range(qmodel.model.config.num_hidden_layers)), family
+        assert all(float(c.module.k_scale) > 0 and float(c.module.v_scale) > 0 for c in caches.values()), family
+        assert not qmodel.quantized_modules()  # the cache only: no linear is replaced
 
 
 def test_exactness_check_catches_inexact_groups():
@@ -123,7 +125,7 @@ def test_structural_fallback_traces_groups():
     arch = find_architecture(tiny_model("falcon"), REGISTRY)
     assert arch.layers_path == "transformer.h"
     assert {"transformer.word_embeddings", "transformer.rotary_emb"} <= set(arch.pre_layer_paths)
-    assert "lm_head" not in arch.pre_layer_paths and arch.kv_projections == ()
+    assert "lm_head" not in arch.pre_layer_paths and arch.attention_path is None
     assert arch.smoothing_groups == (
         SmoothingGroup("input_layernorm", ("self_attention.query_key_value", "mlp.dense_h_to_4h")),)
 

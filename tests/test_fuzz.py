@@ -121,7 +121,7 @@ OUTPUT_EXAMPLES = examples(
     {"damage": ("a", C("config.json", "json-remove", ("tie_word_embeddings",))), "command": "export-hf"},
     {"damage": ("a", C("qframe.json", "json-remove", ("modules", "model.layers.1.self_attn.o_proj", "bias"))),
      "command": "export-default"},
-    {"damage": ("b", C("qframe.json", "json-remove", ("modules", "model.layers.1.self_attn.v_proj", "outputs",
+    {"damage": ("b", C("qframe.json", "json-remove", ("kv_cache", "model.layers.1.self_attn", "args",
                                                        "granularity"))), "command": "export-trt"},
     {"damage": ("a", C("qframe.json", "json-set", ("model",), "x")), "command": "eval"},
     {"damage": ("b", C("model.safetensors", "sf-reshape", "model.layers.0.self_attn.v_proj.weight_packed", "scalar")),
@@ -1079,8 +1079,12 @@ def _manifest_paths(manifest: dict) -> tuple[tuple, ...]:
     module = sorted(manifest["modules"])[0]
     paths = [("dtype",), ("format",), ("format_version",), ("tied",), ("modules",), ("model",), ("model", "location"),
              ("recipe",), ("layers",), ("tied", "lm_head.weight"), ("modules", module)]
-    for key in ("in_features", "out_features", "bias", "weights", "activations", "outputs", "input_prescale"):
+    for key in ("in_features", "out_features", "bias", "weights", "activations", "input_prescale"):
         paths.append(("modules", module, key))
+    for attention in sorted(manifest.get("kv_cache", {}))[:1]:  # a quantized cache's entry
+        paths += [("kv_cache",), ("kv_cache", attention), ("kv_cache", attention, "shared"),
+                  ("kv_cache", attention, "args"), ("kv_cache", attention, "args", "bits"),
+                  ("kv_cache", attention, "args", "granularity")]
     for key in ("bits", "type", "symmetric", "granularity", "group_size", "format", "dynamic", "calibrator"):
         paths.append(("modules", module, "weights", key))
         paths.append(("modules", module, "activations", key))

@@ -317,7 +317,8 @@ def test_exported_tensorrt_llm_kv_scale_equals_modelopts(peer_runs, name, tmp_pa
     ``export_tensorrt_llm_checkpoint`` writes it. modelopt raises an FP8 scale below 1 to 1 (its
     serving policy): equal to qframe's where the cache reaches beyond 448 (``wide-fp8``)."""
     folder, ours, _ = peer_runs
-    qframe.export(ours[name], "tensorrt-llm", tmp_path / "trt")
+    with pytest.warns(UserWarning, match=r"options\.shared = true"):  # K and V have a scale each here
+        qframe.export(ours[name], "tensorrt-llm", tmp_path / "trt")
     mine = load_file(str(tmp_path / "trt" / "rank0.safetensors"))
     reference = load_file(str(folder / name / "trt" / "rank0.safetensors"))
     names = [n for n in reference if n.endswith("kv_cache_scaling_factor")]
@@ -327,6 +328,23 @@ def test_exported_tensorrt_llm_kv_scale_equals_modelopts(peer_runs, name, tmp_pa
         assert theirs == pytest.approx(max(k_scale, v_scale, 1.0), rel=0.01)
         if name == "wide-fp8":
             assert float(mine[tensor]) == pytest.approx(theirs, rel=0.01), tensor
+
+
+def test_a_shared_cache_exports_to_tensorrt_llm_as_evaluated(tmp_path):
+    """With ``shared = true`` TensorRT-LLM's one ``kv_cache_scaling_factor`` per layer is the scale
+    qframe evaluated K and V with: no warning, and the same number."""
+    import warnings
+
+    fp8 = {"quantizer": "fp8", "weights": {"type": "float", "bits": 8, "granularity": "tensor"},
+           "activations": {"type": "float", "bits": 8}}
+    qmodel = quantize_kv(tiny_llama_model(), random_tokens(2, 16, vocab=256), kv_stage(shared=True), fp8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qframe.export(qmodel, "tensorrt-llm", tmp_path / "trt")
+    tensors = load_file(str(tmp_path / "trt" / "rank0.safetensors"))
+    for index, (k_scale, v_scale) in enumerate(scales(qmodel.model)):
+        assert k_scale == v_scale
+        assert float(tensors[f"transformer.layers.{index}.attention.kv_cache_scaling_factor"]) == k_scale
 
 
 @pytest.mark.slow
@@ -405,6 +423,7 @@ def test_eager_sdpa_and_a_registered_implementation_all_see_the_quantized_cache(
             assert torch.equal(numerics.fake_quantize(value, torch.tensor(v_scale), None, FP8), value)
 
 
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # transformers 5.24; 5.17 has no `cache`
 def test_decoding_with_a_cache_serves_the_same_quantized_cache():
     """Token by token with transformers' DynamicCache: the last logits equal one full forward's
     (re-quantizing the cached keys and values with the same static scale changes nothing)."""
