@@ -2,7 +2,7 @@
 two fingerprints: a refactoring of the export side must leave every tensor and config bit
 for bit where it was, except where a difference is a fix it names.
 
-The cases: tiny Llama, Qwen2 and GPT-2 models (fixed seeds), in float32, bfloat16 and
+The cases: the export tests' tiny Llama, Qwen2 and GPT-2 models (fixed seeds), in float32, bfloat16 and
 float16, quantized by every algorithm the backends write (FP8 with an FP8 cache, AWQ g64 and
 g128, W4A8, GPTQ g128, SmoothQuant with an INT8 cache, NVFP4, W8A16, an ignore list), written
 by ``tensorrt-llm`` (tp/pp 1, tp 2, pp 2), ``hf`` and ``qframe``. A fingerprint is each
@@ -60,23 +60,11 @@ TRT_OPTIONS = {"tp1": {}, "tp2": {"tp_size": 2}, "pp2": {"pp_size": 2}}
 
 
 def tiny(family: str, dtype: torch.dtype) -> torch.nn.Module:
-    import transformers as tf
+    """The export tests' tiny models (two layers, hidden size 128, grouped-query attention)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_trtllm_export import tiny as tests_tiny
 
-    config = {
-        "llama": lambda: tf.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                        max_position_embeddings=256, tie_word_embeddings=False),
-        "qwen2": lambda: tf.Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                        max_position_embeddings=256, tie_word_embeddings=False),
-        "gpt2": lambda: tf.GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=256, n_positions=128,
-                                      bos_token_id=0, eos_token_id=0),
-    }[family]()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = tf.AutoModelForCausalLM.from_config(config)
-    model.config.use_cache = False
-    return model.to(dtype).eval()
+    return tests_tiny(family, dtype)
 
 
 def fingerprint(directory: Path) -> dict:

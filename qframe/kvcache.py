@@ -50,14 +50,13 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from . import numerics
+from . import formats, numerics
 from .errors import ModelError, QFrameError, RecipeError
 from .scheme import QuantArgs
 
 ATTRIBUTE = "kv_cache_quant"  # the submodule's name on the attention module
 FP8 = QuantArgs(type="float", bits=8, format="e4m3", granularity="tensor")
 INT8 = QuantArgs(bits=8, granularity="tensor")
-CACHE_FORMATS = ("int8", "e4m3", "e5m2")
 
 _MARK = "__qframe_kv_cache__"  # on wrapped functions, and in a patched module's globals
 _SCALES = ("k_scale", "v_scale")
@@ -74,9 +73,10 @@ def check_args(args: QuantArgs) -> None:
         ...
         qframe.errors.RecipeError: symmetric: False is not valid; a KV cache scale has no zero point (TensorRT-LLM and vLLM store none); allowed: true
     """
-    if args.type == "float" and args.name not in CACHE_FORMATS:
+    fmt = formats.of(args)
+    if isinstance(fmt, formats.FloatFormat) and fmt not in (formats.E4M3, formats.E5M2):
         raise RecipeError("format", args.name, "a KV cache is stored in int8 or fp8; allowed: e4m3, e5m2")
-    if args.type == "int" and args.bits != 8:
+    if isinstance(fmt, formats.IntFormat) and fmt.bits != 8:
         raise RecipeError("bits", args.bits, "a KV cache is stored in int8 or fp8; allowed for int: 8")
     if not args.symmetric:
         raise RecipeError("symmetric", args.symmetric, "a KV cache scale has no zero point (TensorRT-LLM and vLLM "

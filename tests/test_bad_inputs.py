@@ -299,13 +299,13 @@ UNWRITABLE = {
     "trt group 48": ("tensorrt-llm", "{ bits = 4, group_size = 48 }", "", "take groups of 64 or 128"),
     "trt asymmetric": ("tensorrt-llm", "{ bits = 4, group_size = 128, symmetric = false }", "",
                        "set weights.symmetric = true"),
-    "trt kv e5m2": ("tensorrt-llm", "{ bits = 4, group_size = 128 }",
+    "trt kv e5m2": ("tensorrt-llm", "{ bits = 4, group_size = 64 }",
                     KV_INT8.replace("bits = 8", 'type = "float", format = "e5m2"'), "KV cache cannot be written"),
     "trt mixed": ("tensorrt-llm", "{ bits = 4, group_size = 128 }\ntargets = ['*.mlp.*']",
                   "[[stage]]\nquantizer = 'rtn'\nweights = { bits = 8 }\n", "different algorithms"),
     "hf asymmetric": ("hf", "{ bits = 4, group_size = 64, symmetric = false }", "", "no zero points"),
     "hf int8": ("hf", "{ bits = 8 }", "", "holds no int8 weights"),
-    "hf int8 kv": ("hf", "{ bits = 4, group_size = 128 }", KV_INT8, "KV cache cannot be written"),
+    "hf int8 kv": ("hf", "{ bits = 4, group_size = 64 }", KV_INT8, "KV cache cannot be written"),
 }
 
 
