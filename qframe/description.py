@@ -1,8 +1,9 @@
 """What a quantized model holds, in one place, for every exporter and validator to read.
 
 A :class:`ModelDescription` lists every linear of the model with what it holds (weight and
-input formats, a kept input prescale) and every decoder layer's KV cache (format, K and V
-scales). It is computed once, either
+input formats, a kept input prescale), every fused mixture-of-experts module of the decoder
+layers (:class:`ExpertsState`) and every decoder layer's KV cache (format, K and V scales).
+It is computed once, either
 
 - from a quantized model (:func:`describe_model`): the modules themselves, with their codes
   and scales, which is what a backend writes; or
@@ -75,6 +76,53 @@ class LinearState:
 
 
 @dataclass(frozen=True)
+class ExpertsState:
+    """One fused mixture-of-experts module (:mod:`qframe.experts`) as an exporter sees it: its
+    ``num_experts``, each 3-D weight's per-expert matrix as ``(name, out, in)`` and its
+    ``layout`` (``"out_in"`` or ``"in_out"``), what the weights and inputs are quantized to
+    (``None``: left in float), the ``stage`` that makes it (before calibration) and, after
+    calibration, the ``module`` itself.
+
+    Example::
+
+        >>> state = ExpertsState("model.layers.0.mlp.experts", 8, (("gate_up_proj", 64, 32, "out_in"),), QuantArgs(bits=4))
+        >>> state.quantized, state.where
+        (True, 'model.layers.0.mlp.experts')
+    """
+
+    name: str
+    num_experts: int
+    matrices: tuple[tuple[str, int, int, str], ...]
+    weights: QuantArgs | None = None
+    activations: QuantArgs | None = None
+    stage: str | None = None
+    module: nn.Module | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, name: str, module: nn.Module, weights: QuantArgs | None = None, activations: QuantArgs | None = None,
+           stage: str | None = None) -> "ExpertsState":
+        """The state of the fused-experts ``module`` (float or quantized) under ``name``; a float
+        one's weights as a stage will quantize them when ``weights`` is given."""
+        from .experts import IN_OUT, QuantExperts, expert_layouts, num_experts
+
+        if isinstance(module, QuantExperts):
+            matrices = tuple((n, out, inp, module.expert_layouts[n]) for n, (_, out, inp) in module.expert_weights_of().items())
+        else:
+            matrices = tuple((n, *((b, a) if layout == IN_OUT else (a, b)), layout)
+                             for n, layout in expert_layouts(module).items()
+                             for _, a, b in [module._parameters[n].shape])
+        return cls(name, num_experts(module), matrices, weights, activations, stage, module)
+
+    @property
+    def quantized(self) -> bool:
+        return self.weights is not None or self.activations is not None
+
+    @property
+    def where(self) -> str:
+        return f"{self.stage}: {self.name}" if self.stage else self.name
+
+
+@dataclass(frozen=True)
 class CacheState:
     """The KV cache of one decoder layer: ``layer`` (its index), the ``attention`` module's
     full name, the cache format ``args`` (one static scale per tensor), whether K and V share
@@ -121,6 +169,8 @@ class ModelDescription:
     caches: dict[int, CacheState] = field(default_factory=dict)
     calibrated: bool = True
     shapes_known: bool = True
+    # Fused mixture-of-experts modules of the decoder layers by full name, float or quantized.
+    experts: dict[str, ExpertsState] = field(default_factory=dict)
 
     def quantized(self) -> dict[str, LinearState]:
         """The linears that hold quantized weights or inputs."""
@@ -145,22 +195,21 @@ class ModelDescription:
     def shared_inputs(self) -> Iterator[list[str]]:
         """Groups of quantized linears of one layer that read one input (q/k/v, gate/up): the
         adapter's smoothing groups. Serving engines fuse them, and some scales must agree."""
+        quantized = self.quantized()
         for prefix in self.layer_prefixes():
             for group in self.arch.smoothing_groups:
-                names = [f"{prefix}.{c}" for c in group.consumers if f"{prefix}.{c}" in self.quantized()]
+                names = [f"{prefix}.{c}" for c in group.consumers if f"{prefix}.{c}" in quantized]
                 if names:
                     yield names
 
     def fed_by_linears(self) -> set[str]:
         """Quantized linears whose input is another linear's output (o_proj after v_proj,
         down_proj after up_proj): where a smoothing scale lives on in a ``pre_quant_scale``."""
-        out = set()
-        modules = dict(self.model.named_modules())
+        out, quantized = set(), self.quantized()
         for prefix in self.layer_prefixes():
             for group in self.arch.smoothing_groups:
-                producer = modules.get(f"{prefix}.{group.producer}")
-                if producer is not None and f"{prefix}.{group.producer}" in self.linears:
-                    out.update(f"{prefix}.{c}" for c in group.consumers if f"{prefix}.{c}" in self.quantized())
+                if f"{prefix}.{group.producer}" in self.linears:
+                    out.update(f"{prefix}.{c}" for c in group.consumers if f"{prefix}.{c}" in quantized)
         return out
 
     def dtype(self) -> torch.dtype:
@@ -224,7 +273,25 @@ def describe_model(model: nn.Module, registry: Any) -> ModelDescription:
     arch = find_architecture(model, registry)
     arch.prepare(model)  # as the pipeline did (exact, idempotent): e.g. GPT-2's Conv1D become nn.Linear
     linears = {n: linear_state(n, m) for n, m in model.named_modules() if n and is_linear(m)}
-    return ModelDescription(model, arch, _layers_first(linears, arch), _caches(model, arch))
+    return ModelDescription(model, arch, _layers_first(linears, arch), _caches(model, arch),
+                            experts=_experts(model, arch, {}))
+
+
+def experts_state(name: str, module: nn.Module) -> ExpertsState:
+    """What a (quantized) fused-experts module holds now."""
+    from .experts import QuantExperts
+
+    if isinstance(module, QuantExperts):
+        return ExpertsState.of(name, module, module.weight_args, module.input_args)
+    return ExpertsState.of(name, module)
+
+
+def _experts(model: nn.Module, arch: Any, produced: dict[str, Any]) -> dict[str, ExpertsState]:
+    """The decoder layers' fused-experts modules: as a stage will produce them, else as they are."""
+    from .experts import fused_experts
+
+    found = fused_experts(arch.decoder_layers(model), arch.layers_path)
+    return {n: produced[n] if isinstance(produced.get(n), ExpertsState) else experts_state(n, m) for n, m in found}
 
 
 def _layers_first(linears: dict[str, LinearState], arch: Any) -> dict[str, LinearState]:
@@ -251,11 +318,12 @@ def planned(model: nn.Module, arch: Any, produced: dict[str, LinearState], cache
     linears = {}
     for name, module in model.named_modules():
         if name and is_linear(module):
-            linears[name] = produced.get(name) or linear_state(name, module)
+            state = produced.get(name)
+            linears[name] = state if isinstance(state, LinearState) else linear_state(name, module)
     return ModelDescription(model, arch, _layers_first(linears, arch), dict(caches), calibrated=False,
-                            shapes_known=shapes_known)
+                            shapes_known=shapes_known, experts=_experts(model, arch, produced))
 
 
-def staged(item: LinearState | CacheState, stage: str) -> LinearState | CacheState:
+def staged(item: LinearState | ExpertsState | CacheState, stage: str) -> LinearState | ExpertsState | CacheState:
     """``item`` naming the stage that produces it."""
     return replace(item, stage=stage)

@@ -266,10 +266,11 @@ def checkpoint_tensors(description: ModelDescription, quantization: Quantization
     the rest of the model's state in ``dtype`` (a tied weight once, under its first name)."""
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple] = set()
-    caches = {c.attention for c in description.caches.values()}
+    caches = {name for name, module in description.model.named_modules()
+              if any(module is c.module for c in description.caches.values())}
     for name, tensor in description.model.state_dict().items():
         owner = name.rpartition(".")[0]
-        if owner in quantization.quantized or owner.rpartition(".")[0] in caches:
+        if owner in quantization.quantized or owner in caches:
             continue  # written below, packed (a cache quantizer's state becomes k_scale/v_scale)
         view = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
         if view in seen and tensor.numel():

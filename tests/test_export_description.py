@@ -180,3 +180,25 @@ def test_auto_dtype_is_one_policy_for_both_backends(tmp_path):
     assert json.loads((hf / "config.json").read_text())["dtype"] == "float16"
     assert json.loads((trt / "config.json").read_text())["dtype"] == "float16"
     assert qmodel.describe().serving_dtype() == torch.float16
+
+
+@pytest.mark.parametrize("backend", ["hf", "tensorrt-llm"])
+def test_a_cache_alone_exports_with_every_weight_in_float(backend, tmp_path):
+    """Only the KV cache quantized: the float weights of the attention holding it are all written."""
+    from safetensors.torch import load_file
+
+    registry = make_registry()
+    model = tiny_llama_model(hidden_size=128, intermediate_size=256)
+    ids = random_tokens(4, 16, vocab=model.config.vocab_size, seed=1)
+    recipe = parse_recipe({"stage": [{"quantizer": "kv_cache", "activations": {"type": "float", "bits": 8},
+                                      "options": {"shared": True}}]})
+    qmodel = qframe.quantize(model, recipe, calibration=ids, device="cpu", registry=registry)
+    out = qframe.export(qmodel, backend, tmp_path / backend, registry=registry)  # validated on the way
+    tensors = load_file(str(out / ("model.safetensors" if backend == "hf" else "rank0.safetensors")))
+    if backend == "hf":
+        assert {f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkvo"} <= set(tensors)
+        assert torch.equal(tensors["model.layers.0.self_attn.k_proj.k_scale"],
+                           qmodel.model.model.layers[0].self_attn.kv_cache_quant.k_scale)
+    else:
+        assert "transformer.layers.0.attention.qkv.weight" in tensors
+        assert "transformer.layers.0.attention.kv_cache_scaling_factor" in tensors
