@@ -17,6 +17,7 @@ import functools
 import os
 import platform
 import time
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -110,6 +111,7 @@ def quantize(
         "timings": {"quantize_s": round(time.perf_counter() - started, 3)},
         "layers": layers,
     }
+    manifest["coverage"] = _coverage(model, checked.arch, plan)
     if plan.needs_calibration_data:
         manifest["dataset"] = {
             "spec": getattr(windows, "spec", "in-memory tensor"),
@@ -118,6 +120,19 @@ def quantize(
             "seq_len": int(ids.shape[1]),
         }
     return QuantizedModel(model, tokenizer, manifest, registry=registry)
+
+
+def _coverage(model: nn.Module, arch: Any, plan: Plan) -> dict[str, Any]:
+    """The manifest's ``coverage`` (see :mod:`qframe.coverage`); one ``UserWarning`` naming the
+    decoder weights no stage took and no ignore named, when the recipe quantizes weights at all
+    (a KV-cache-only recipe leaves them in float on purpose)."""
+    from .coverage import measure
+
+    found = measure(model, arch, [p for s in plan.stages for p in s.spec.scheme.ignore])
+    message = found.warning()
+    if message and any(s.spec.scheme.weights is not None for s in plan.stages):
+        warnings.warn(message, stacklevel=3)
+    return found.to_dict()
 
 
 def describe(

@@ -10,6 +10,14 @@ exponents. The manifest records each module's ``QuantArgs`` (``weights``, ``acti
 each quantized KV cache (``kv_cache``: the attention module's name -> ``args``, ``shared``), whose
 scales are the tensors ``<attention>.kv_cache_quant.k_scale`` and ``.v_scale`` (float32).
 
+Quantized fused experts (:class:`~qframe.experts.QuantExperts`) save each 3-D weight's codes
+``[E, out, in]`` packed along ``in`` as ``<module>.<weight>_packed`` (e.g.
+``model.layers.0.mlp.experts.gate_up_proj_packed``) beside ``<weight>_scale [E, out, groups]``
+(``_zero``, NVFP4's ``_global_scale [E]``); the manifest's ``experts`` table records, per
+module, ``num_experts``, ``weights`` (QuantArgs) and each weight's ``out``, ``in`` and
+``layout`` (``out_in`` or ``in_out``), which :func:`load_native` checks against the model's
+own experts before it rebuilds them.
+
 Files::
 
     DIR/qframe.json          manifest (recipe, versions, dataset hash, per-layer errors, modules)
@@ -35,6 +43,7 @@ from safetensors.torch import load_file, save_file
 
 from . import faults
 from .errors import ModelError, QFrameError
+from .experts import LAYOUTS, QuantExperts, expert_layouts, is_fused_experts, quantized_experts
 from .model import find_architecture, listed, nonfinite_names
 from .kvcache import KVCacheQuant, attach, cache_quantizers
 from .kvcache import check_args as check_cache_args
@@ -60,9 +69,19 @@ def _module_entry(module: QuantLinear) -> dict[str, Any]:
     }
 
 
+def _experts_entry(module: QuantExperts) -> dict[str, Any]:
+    return {
+        "num_experts": next(iter(module.expert_weights_of().values()))[0],
+        "weights": module.weight_args.to_dict(),
+        "matrices": {n: {"out": out, "in": inp, "layout": module.expert_layouts[n]}
+                     for n, (_, out, inp) in module.expert_weights_of().items()},
+    }
+
+
 def native_state(qmodel: QuantizedModel) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors to save (codes packed) and the tied names left out (alias -> kept name)."""
     modules = qmodel.quantized_modules()
+    experts = quantized_experts(qmodel.model)
     tensors: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -71,6 +90,10 @@ def native_state(qmodel: QuantizedModel) -> tuple[dict[str, torch.Tensor], dict[
         if leaf == "weight_codes" and owner in modules:
             args = modules[owner].weight_args
             tensors[f"{owner}.weight_packed"] = args.number_format.pack(tensor).contiguous().cpu()
+            continue
+        if leaf.endswith("_codes") and owner in experts and leaf[:-len("_codes")] in experts[owner].expert_layouts:
+            fmt = experts[owner].weight_args.number_format
+            tensors[f"{owner}.{leaf[:-len('_codes')]}_packed"] = fmt.pack(tensor).contiguous().cpu()
             continue
         # Tied means the very same view (e.g. lm_head.weight is embed_tokens.weight); mere
         # slices of one storage, as in fused projections, are saved separately.
@@ -100,6 +123,7 @@ def save_native(qmodel: QuantizedModel, directory: str | Path) -> Path:
         dtype=str(next(qmodel.model.parameters()).dtype).removeprefix("torch."),
         tied=tied,
         modules={n: _module_entry(m) for n, m in qmodel.quantized_modules().items()},
+        experts={n: _experts_entry(m) for n, m in quantized_experts(qmodel.model).items()},
         kv_cache={n: {"args": c.args.to_dict(), "shared": c.shared} for n, c in cache_quantizers(qmodel.model).items()},
     )
     (directory / MANIFEST).write_text(strict_dumps(manifest, f"the manifest of {directory}", indent=2, default=str) + "\n")
@@ -122,6 +146,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise ModelError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
     _module_args(manifest, path)
     _cache_args(manifest, path)
+    _experts_args(manifest, path)
     return manifest
 
 
@@ -203,6 +228,38 @@ def _cache_args(manifest: dict[str, Any], path: Path) -> dict[str, tuple[QuantAr
     return parsed
 
 
+def _experts_args(manifest: dict[str, Any], path: Path) -> dict[str, QuantArgs]:
+    """Check the manifest's ``experts`` table (absent: no quantized experts); each module's
+    weight QuantArgs."""
+    def bad(key: str, why: str) -> ModelError:
+        return ModelError(f"{path}: {key}: {why}; the manifest is damaged (write the output again with qframe apply)")
+
+    def positive(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    table = manifest.setdefault("experts", {})
+    if not isinstance(table, dict):
+        raise bad("experts", "expected a table of fused-experts modules")
+    parsed = {}
+    for name, entry in table.items():
+        key = f"experts[{name!r}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("weights"), dict) \
+                or not isinstance(entry.get("matrices"), dict) or not entry["matrices"]:
+            raise bad(key, "expected a table with num_experts, weights (a table of QuantArgs) and matrices")
+        if not positive(entry.get("num_experts")):
+            raise bad(f"{key}.num_experts", "expected a positive integer")
+        for weight, matrix in entry["matrices"].items():
+            if not isinstance(matrix, dict) or not positive(matrix.get("out")) or not positive(matrix.get("in")) \
+                    or matrix.get("layout") not in LAYOUTS:
+                raise bad(f"{key}.matrices[{weight!r}]", f"expected out and in (positive integers) and a layout "
+                          f"({' or '.join(LAYOUTS)})")
+        try:
+            parsed[name] = QuantArgs(**entry["weights"])
+        except (QFrameError, TypeError, ValueError) as exc:
+            raise bad(f"{key}.weights", _short(exc)) from None
+    return parsed
+
+
 def is_native(directory: str | Path) -> bool:
     """Whether ``directory`` claims to be a native checkpoint (:func:`read_manifest` checks it)."""
     return (Path(directory) / MANIFEST).is_file()
@@ -232,7 +289,7 @@ def load_native(directory: str | Path, registry: Any) -> QuantizedModel:
         raise ModelError(f"{directory / 'config.json'}: not a usable model config ({_short(exc)})") from None
     wanted = sum(p.numel() for p in skeleton.parameters())
     # Packed codes hold at most four weights a byte; anything larger is not this checkpoint's model.
-    held = sum(t.numel() * (4 if n.endswith(".weight_packed") else 1) for n, t in tensors.items())
+    held = sum(t.numel() * (4 if n.endswith("_packed") else 1) for n, t in tensors.items())
     if wanted > held + sum(skeleton.get_parameter(k).numel() for k in manifest["tied"] if _has_parameter(skeleton, k)):
         raise ModelError(f"{directory / 'config.json'} describes a model of {wanted} parameters, but {weights_file} "
                          f"holds at most {held}; the output is damaged (write it again with qframe apply)")
@@ -247,6 +304,8 @@ def load_native(directory: str | Path, registry: Any) -> QuantizedModel:
         raise ModelError(f"{directory / 'config.json'}: cannot build the model ({_short(exc)})") from None
     for name, entry in manifest["modules"].items():
         _install(model, name, entry, module_args[name], tensors, dtype, weights_file)
+    for name, args in _experts_args(manifest, directory / MANIFEST).items():
+        _install_experts(model, name, manifest["experts"][name], args, tensors, weights_file)
     for name, (args, shared) in _cache_args(manifest, directory / MANIFEST).items():
         _install_cache(model, name, args, shared, weights_file)
     _check_dtypes(model, tensors, weights_file)
@@ -268,7 +327,7 @@ def load_native(directory: str | Path, registry: Any) -> QuantizedModel:
         raise ModelError(f"{directory / 'config.json'} does not tie {', '.join(untied[:3])} to what the checkpoint "
                          "saved it as (is tie_word_embeddings missing?); the output is damaged")
     for module in model.modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, (QuantLinear, QuantExperts)):
             module.refresh()
     # The dequantized weights (buffers, never saved) cover FP8 codes and scales, which are read through them.
     bad = nonfinite_names([*model.named_parameters(), *model.named_buffers()])
@@ -347,6 +406,50 @@ def _install(model: torch.nn.Module, name: str, entry: dict[str, Any], args: dic
         raise ModelError(f"{weights_file}: {name}.weight_packed holds {list(codes.shape)} codes, expected "
                          f"[{shape[1]}, {shape[0]}]")
     tensors[f"{name}.weight_codes"] = codes
+
+
+def _install_experts(model: torch.nn.Module, name: str, entry: dict[str, Any], args: QuantArgs,
+                     tensors: dict[str, torch.Tensor], weights_file: Path) -> None:
+    """Convert the model's fused-experts module ``name`` into the :class:`QuantExperts` a manifest
+    entry describes (same weights, shapes and layouts as the model's own), its codes unpacked
+    into ``tensors``."""
+    where = f"{weights_file.parent / MANIFEST}: experts[{name!r}]"
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        module = None
+    if module is None or not name or not is_fused_experts(module) or isinstance(module, QuantExperts):
+        raise ModelError(f"{where} names fused experts the model's config has not; the output is damaged")
+    try:
+        layouts = expert_layouts(module)
+    except ModelError as exc:
+        raise ModelError(f"{where}: {exc}") from None
+    experts = module._parameters[next(iter(layouts))].shape[0]
+    mine = {}
+    for weight, layout in layouts.items():
+        _, a, b = module._parameters[weight].shape
+        mine[weight] = {"out": a, "in": b, "layout": layout} if layout == "out_in" else {"out": b, "in": a, "layout": layout}
+    if entry["matrices"] != mine or entry["num_experts"] != experts:
+        raise ModelError(f"{where}: {entry['num_experts']} experts of {entry['matrices']}, but the model's config "
+                         f"makes {experts} experts of {mine}; the output is damaged")
+    try:
+        QuantExperts.convert(module, args, None, layouts)
+    except ValueError as exc:
+        raise ModelError(f"{where}: {_short(exc)}") from None
+    for weight, matrix in mine.items():
+        packed = tensors.pop(f"{name}.{weight}_packed", None)
+        if packed is None or packed.dtype != torch.uint8:
+            raise ModelError(f"{weights_file}: {name}.{weight}_packed is missing or not uint8 packed codes; "
+                             "the output is damaged")
+        try:
+            codes = args.number_format.unpack(packed, matrix["in"])
+        except (ValueError, RuntimeError, IndexError) as exc:
+            raise ModelError(f"{weights_file}: {name}.{weight}_packed cannot be unpacked as {args.name} "
+                             f"({_short(exc)})") from None
+        if tuple(codes.shape) != (experts, matrix["out"], matrix["in"]):
+            raise ModelError(f"{weights_file}: {name}.{weight}_packed holds {list(codes.shape)} codes, expected "
+                             f"{[experts, matrix['out'], matrix['in']]}")
+        tensors[f"{name}.{weight}_codes"] = codes
 
 
 def _install_cache(model: torch.nn.Module, name: str, args: QuantArgs, shared: bool, weights_file: Path) -> None:

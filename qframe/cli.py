@@ -96,7 +96,8 @@ def cmd_apply(args) -> int:
     else:
         manifest = result.qmodel.manifest
         summary = {"output": str(result.output), "modules": len(manifest["modules"]),
-                   "timings": manifest["timings"], "dataset": manifest["dataset"]}
+                   "timings": manifest["timings"], "dataset": manifest["dataset"],
+                   "coverage": manifest.get("coverage")}
     if args.json:
         print(strict_dumps(summary, "the summary"))
     elif args.dry_run:
@@ -104,8 +105,21 @@ def cmd_apply(args) -> int:
                   + ", ".join(s.quantizer for s in recipe.stages)
                   + ("; calibrates on " + recipe.calibration.dataset if result.plan.needs_calibration_data else "; needs no calibration data"))
     else:
-        err.print(f"wrote {summary['output']} ({summary['modules']} quantized modules, {summary['timings']['total_s']:.1f} s)")
+        err.print(f"wrote {summary['output']} in {summary['timings']['total_s']:.1f} s ({summary['modules']} quantized "
+                  f"modules{_coverage_note(summary['coverage'])})", highlight=False, markup=False, soft_wrap=True)
     return 0
+
+
+def _coverage_note(coverage: dict | None) -> str:
+    """``, 9 % of decoder weights; not quantized: mlp.experts.gate_up_proj, ...`` for the summary
+    line (names without their layers: the warning above it has those)."""
+    if not coverage:
+        return ""
+    from .coverage import Coverage
+
+    note = f", {Coverage(coverage['quantized_params'], coverage['decoder_params']).percent()} of decoder weights"
+    left = [entry.rsplit(" (", 1)[0] for entry in coverage.get("not_quantized", [])]
+    return note + (f"; not quantized: {', '.join(left)}" if left else "")
 
 
 def cmd_eval(args) -> int:

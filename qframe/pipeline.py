@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -34,8 +35,9 @@ import torch
 from torch import nn
 
 from .calibrate import Calibrator, build_calibrator
-from .description import CacheState, LinearState, ModelDescription, planned, staged
+from .description import CacheState, ExpertsState, LinearState, ModelDescription, planned, staged
 from .errors import ModelError, QFrameError, RecipeError
+from .experts import QuantExperts, is_fused_experts
 from .model import Architecture, all_finite, check_finite_weights, find_architecture, listed, nonfinite_names
 from .qlinear import QuantLinear
 from .recipe import Plan, StageSpec
@@ -83,10 +85,12 @@ class Quantizer(ABC):
         """
         return True
 
-    def produces(self, work: "LayerWork", taken: list[tuple[str, nn.Module]]) -> list[LinearState | CacheState]:
+    def produces(self, work: "LayerWork", taken: list[tuple[str, nn.Module]]
+                 ) -> list[LinearState | ExpertsState | CacheState]:
         """What this stage will make of ``taken`` (the modules :meth:`takes` chose), said before
         any calibration: by default each becomes a linear quantized with the stage's weights
-        and activations, when the stage replaces its targets at all. A stage that produces
+        and activations (a fused-experts module: quantized experts, :class:`ExpertsState`),
+        when the stage replaces its targets at all. A stage that produces
         something else (``kv_cache``: a layer's cache) says so here; exporters refuse what
         they could not write from these, before data is read.
 
@@ -103,7 +107,9 @@ class Quantizer(ABC):
         if not self.replaces_targets():
             return []
         # Whether a smoothing scale stays on as an input prescale is known only once calibrated.
-        return [LinearState.of(name, module, self.scheme.weights, self.scheme.activations, prescale=None)
+        return [ExpertsState.of(name, module, self.scheme.weights, self.scheme.activations)
+                if is_fused_experts(module) else
+                LinearState.of(name, module, self.scheme.weights, self.scheme.activations, prescale=None)
                 for name, module in taken]
 
     def calibrator(self, args: QuantArgs) -> Calibrator:
@@ -178,8 +184,18 @@ class LayerWork:
     arch: Architecture | None = None
 
     def named_linears(self) -> list[tuple[str, nn.Module]]:
-        """Every linear of the layer, float or already quantized by an earlier stage, by full name."""
-        return [(f"{self.prefix}.{n}", m) for n, m in self.layer.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
+        """Every linear and fused-experts module (:mod:`qframe.experts`) of the layer, float or
+        already quantized by an earlier stage, by full name: what stages select from.
+
+        Example::
+
+            >>> from qframe.testing import tiny_llama_model
+            >>> layer = tiny_llama_model().model.layers[0]
+            >>> LayerWork(0, "model.layers.0", layer, None, torch.device("cpu")).named_linears()[0][0]
+            'model.layers.0.self_attn.q_proj'
+        """
+        return [(f"{self.prefix}.{n}", m) for n, m in self.layer.named_modules()
+                if isinstance(m, (nn.Linear, QuantLinear)) or is_fused_experts(m)]
 
     def run(self) -> list[torch.Tensor]:
         """Forward every calibration batch through the layer (as it is now)."""
@@ -367,7 +383,8 @@ def _compare(layer, reference, inputs: LayerInputs, device: torch.device, propag
             watched[module_name] = watched[module_name] & ok if module_name in watched else ok
         return hook
 
-    hooks = [m.register_forward_hook(watch(n)) for n, m in layer.named_modules() if isinstance(m, QuantLinear)]
+    hooks = [m.register_forward_hook(watch(n)) for n, m in layer.named_modules()
+             if isinstance(m, (QuantLinear, QuantExperts))]
     try:
         with torch.inference_mode():
             # Sums and flags stay on the device: one host sync per layer, not per batch.
@@ -435,7 +452,7 @@ def weight_error(linear: nn.Linear, quantized: QuantLinear) -> float:
 def _require_finite_state(work: LayerWork, stage: str) -> None:
     """After a stage: every quantized module's codes, scales and dequantized weight are finite
     (the inputs were, so a failure is the stage's arithmetic)."""
-    named = [(f"{name}.{key}", t) for name, module in work.named_linears() if isinstance(module, QuantLinear)
+    named = [(f"{name}.{key}", t) for name, module in work.named_linears() if isinstance(module, (QuantLinear, QuantExperts))
              for key, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]]
     bad = nonfinite_names(named)
     if bad:
@@ -456,14 +473,21 @@ class _StageTally:
     blocked_by: set[int] = field(default_factory=set)  # ... those stages
     refused: list[str] = field(default_factory=list)  # selected, not accepted for another reason
     taken: int = 0
+    # Per layer: its index, the relative names the targets reach there before ignore, and the
+    # relative names of all its linears (see _unreached_layers).
+    reach: list[tuple[int, set[str], set[str]]] = field(default_factory=list)
 
 
 _STAND_IN: QuantLinear | None = None
+_EXPERTS_STAND_IN = QuantExperts()  # holds nothing: stands for quantized experts
 
 
-def _quantized_stand_in() -> QuantLinear:
-    """A quantized linear on the meta device: what a replaced module looks like to later stages."""
+def _quantized_stand_in(module: nn.Module | None = None) -> nn.Module:
+    """A quantized linear on the meta device (or quantized experts, for a fused-experts
+    ``module``): what a replaced module looks like to later stages."""
     global _STAND_IN
+    if module is not None and is_fused_experts(module):
+        return _EXPERTS_STAND_IN
     if _STAND_IN is None:
         with torch.device("meta"):
             _STAND_IN = QuantLinear(1, 1, False, None)
@@ -479,6 +503,8 @@ def check_stages(model: nn.Module, arch: Architecture, plan: Plan, quantizers: l
     and :meth:`~Quantizer.produces`, changes nothing, and returns what the stages will produce:
     linears by name and caches by layer (the first stage to produce one wins, as in the
     pipeline). ``strict=False`` only collects (a stand-in model, where a stage may match nothing).
+    A stage whose targets match nothing in some layers (before ignore) though they match modules
+    of other layers that those layers lack is a ``UserWarning`` naming the layers.
 
     Example::
 
@@ -503,7 +529,9 @@ def check_stages(model: nn.Module, arch: Architecture, plan: Plan, quantizers: l
         replaced_by: dict[str, int] = {}
         for number, (spec, quantizer) in enumerate(quantizers):
             tally = tallies[number]
-            tally.targeted += [n for n, _ in unignored[number].select(current)]
+            targeted = unignored[number].select(current)
+            tally.targeted += [n for n, _ in targeted]
+            tally.reach.append((index, _reached(work, quantizer, targeted), {work._relative(n) for n, _ in current}))
             selected = spec.scheme.select(current)
             tally.selected += [n for n, _ in selected]
             accepted = []
@@ -515,7 +543,10 @@ def check_stages(model: nn.Module, arch: Architecture, plan: Plan, quantizers: l
                     tally.blocked_by.add(replaced_by[n])
                 else:
                     tally.refused.append(n)
-            taken = quantizer.takes(work, accepted) if accepted else []
+            try:
+                taken = quantizer.takes(work, accepted) if accepted else []
+            except RecipeError as exc:  # what the stage cannot do with these modules, said before any data
+                raise exc.within(f"stage[{number}]", plan.recipe.source) from None
             tally.taken += len(taken)
             for item in quantizer.produces(work, taken) if taken else []:
                 item = staged(item, f"stage[{number}] ({spec.quantizer})")
@@ -526,13 +557,51 @@ def check_stages(model: nn.Module, arch: Architecture, plan: Plan, quantizers: l
             if quantizer.replaces_targets():
                 names = {n for n, _ in taken}
                 replaced_by.update((n, number) for n in names if n not in replaced_by)
-                current = [(n, _quantized_stand_in() if n in names else m) for n, m in current]
+                current = [(n, _quantized_stand_in(m) if n in names else m) for n, m in current]
     for number, ((spec, _), tally) in enumerate(zip(quantizers, tallies)):
         if tally.taken == 0 and strict:
             key, value, why = _why_nothing(model, arch, number, spec, tally, quantizers)
             raise RecipeError(f"stage[{number}].{key}", value, f"stage[{number}] ({spec.quantizer}) would quantize "
                               f"nothing: {why}", source=plan.recipe.source)
+    for number, ((spec, _), tally) in enumerate(zip(quantizers, tallies)):
+        message = _unreached_layers(arch, number, spec, tally) if strict else None
+        if message:
+            warnings.warn(message, stacklevel=2)
     return produced, caches
+
+
+# -- targets that reach some decoder layers but not others (a warning, from check_stages) -------
+
+
+def _reached(work: LayerWork, quantizer: Quantizer, targeted: list[tuple[str, nn.Module]]) -> set[str]:
+    """The relative names, in ``work``'s layer, of what the stage's targets select before
+    ignore, as its :meth:`~Quantizer.takes` narrows them (``kv_cache``: the attention's)."""
+    try:
+        narrowed = quantizer.takes(work, targeted) if targeted else []
+    except QFrameError:
+        narrowed = targeted  # the stage's own check says what is wrong, where it runs
+    return {work._relative(n) for n, _ in narrowed}
+
+
+def _unreached_layers(arch: Architecture, number: int, spec: StageSpec, tally: _StageTally) -> str | None:
+    """The warning for a stage whose targets reach nothing in some decoder layers, before
+    ignore, though they reach modules of others that those layers do not hold (a recipe for
+    ``*.mlp.gate_proj`` on a model whose first layers are dense and the rest MoE); ``None``
+    when there are none. Layers that hold the modules the targets reach elsewhere, and were
+    left out by the targets on purpose (``re:layers\\.[0-3]\\.``), are not named.
+    """
+    reached = set().union(*(names for _, names, _ in tally.reach))
+    missing = [index for index, names, present in tally.reach if not names and not (reached & present)]
+    if not missing or len(missing) == len(tally.reach):
+        return None  # every layer: the stage quantizes nothing, which check_stages refuses
+    from .coverage import spans
+
+    full = [f"{arch.layers_path}.{index}" for index in missing]
+    return (f"stage[{number}] ({spec.quantizer}): its targets {list(spec.scheme.targets)} match nothing in "
+            f"decoder layer{'s' if len(missing) > 1 else ''} {spans(missing)} of {len(tally.reach)} "
+            f"({listed(full, 3)}), which hold none of what they match in the others ({listed(sorted(reached), 4)}); "
+            "this stage leaves those layers as they are. Add targets for what these layers hold if they should be "
+            "quantized too.")
 
 
 def _why_nothing(model: nn.Module, arch: Architecture, number: int, spec: StageSpec, tally: _StageTally,

@@ -46,6 +46,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "qframe_plugins.opt",
     "qframe_plugins.phi3",
     "qframe_plugins.gemma",
+    "qframe_plugins.moe",
     "qframe_plugins.structural",
     "qframe_plugins.text_datasets",
     "qframe_plugins.generated",

@@ -234,7 +234,7 @@ def _parse_stage(table: Any, key: str) -> StageSpec:
                 raise exc.within(f"{key}.{role}") from None
     if not args:
         raise RecipeError(key, dict(table), "a stage quantizes weights, activations or both; add weights = { bits = ... }")
-    targets = _strings(f"{key}.targets", table.get("targets", ["Linear"]))
+    targets = _strings(f"{key}.targets", table.get("targets", list(QuantScheme.targets)))
     ignore = _strings(f"{key}.ignore", table.get("ignore", ["lm_head"]))
     try:
         scheme = QuantScheme(targets=targets, ignore=ignore, **args)

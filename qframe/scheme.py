@@ -346,11 +346,38 @@ def probe_names(family: str | None = None, patterns: Iterable[str] = ()) -> list
     return list(dict.fromkeys(names))
 
 
+# Target kinds a module is recognized as by what it is rather than by its class name: kind ->
+# "module:function" taking the module, imported when a pattern first names the kind (so this
+# module stays free of torch). A class may also declare the kinds it stands for (``stands_for``).
+KINDS: dict[str, str] = {"Experts": "qframe.experts:is_fused_experts"}
+_KIND_TESTS: dict[str, Any] = {}
+
+
+def _is_kind(kind: str, module: object) -> bool:
+    """Whether ``module`` is of the target kind ``kind`` (:data:`KINDS`).
+
+    Example::
+
+        >>> import torch
+        >>> _is_kind("Experts", torch.nn.Linear(2, 2))
+        False
+    """
+    test = _KIND_TESTS.get(kind)
+    if test is None:
+        import importlib
+
+        where, _, function = KINDS[kind].partition(":")
+        test = _KIND_TESTS[kind] = getattr(importlib.import_module(where), function)
+    return bool(test(module))
+
+
 def _pattern_matches(pattern: str, name: str, module: object) -> bool:
     if pattern.startswith("re:"):
         return re.search(pattern[3:], name) is not None
     # A module matches its class names and the names it stands in for (QuantLinear is a "Linear").
     if pattern in {cls.__name__ for cls in type(module).__mro__} | set(getattr(module, "stands_for", ())):
+        return True
+    if pattern in KINDS and _is_kind(pattern, module):
         return True
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
 
@@ -375,9 +402,11 @@ def describe(args: QuantArgs | None) -> str:
 class QuantScheme:
     """Which modules a stage quantizes, and how.
 
-    ``targets`` and ``ignore`` hold module type names (``Linear``), globs on module
-    names (``*.mlp.*``; a glob also matches any dotted suffix, so ``lm_head`` matches
-    ``model.lm_head``) or regular expressions searched in the name (``re:q_proj$``).
+    ``targets`` and ``ignore`` hold module type names (``Linear``), target kinds
+    (``Experts``: fused mixture-of-experts modules, recognized by their 3-D weights), globs
+    on module names (``*.mlp.*``; a glob also matches any dotted suffix, so ``lm_head``
+    matches ``model.lm_head``) or regular expressions searched in the name (``re:q_proj$``).
+    By default a stage targets linears and experts, and ignores ``lm_head``.
 
     Example::
 
@@ -387,7 +416,7 @@ class QuantScheme:
         False
     """
 
-    targets: tuple[str, ...] = ("Linear",)
+    targets: tuple[str, ...] = ("Linear", "Experts")  # Experts: fused MoE experts (qframe.experts)
     ignore: tuple[str, ...] = ("lm_head",)
     weights: QuantArgs | None = None
     activations: QuantArgs | None = None

@@ -193,11 +193,13 @@ def relative_error(a, b) -> float:
 
 
 def _tiny_configs() -> dict[str, Any]:
-    """Config builders for :func:`tiny_model`: 2 layers, hidden size 32 to 64, 128 tokens."""
+    """Config builders for :func:`tiny_model`: 2 layers, hidden size 32 to 64, 128 tokens; the
+    mixtures of experts have 4 or 8 experts, top 2."""
     import transformers as tf
 
     attn = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128, max_position_embeddings=128)
     gemma = dict(attn, num_key_value_heads=2, head_dim=16, intermediate_size=96)
+    moe = dict(attn, num_experts_per_tok=2, pad_token_id=0, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
 
     def gemma3():
         vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -220,10 +222,30 @@ def _tiny_configs() -> dict[str, Any]:
                                           bos_token_id=0, eos_token_id=0),
         "bloom": lambda: tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=128, bos_token_id=0,
                                         eos_token_id=0),
+        # Mixtures of experts: 8 (DeepSeek-V3, gpt-oss) or 4 fused experts of width 32, top 2. Grouped-query
+        # attention where the real models have it (Mixtral, Qwen3-MoE, gpt-oss); Qwen2-MoE without it, so v -> o
+        # is tested, and with a dense first layer (mlp_only_layers), like DeepSeek-V3's first_k_dense_replace.
+        "mixtral": lambda: tf.MixtralConfig(**moe, num_key_value_heads=2, intermediate_size=32, num_local_experts=4),
+        "qwen2_moe": lambda: tf.Qwen2MoeConfig(**moe, num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32,
+                                               shared_expert_intermediate_size=48, num_experts=4, norm_topk_prob=True,
+                                               mlp_only_layers=[0]),
+        "qwen3_moe": lambda: tf.Qwen3MoeConfig(**moe, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                                               moe_intermediate_size=32, num_experts=4, norm_topk_prob=True),
+        "deepseek_v3": lambda: tf.DeepseekV3Config(**moe, num_key_value_heads=4, intermediate_size=96,
+                                                   moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+                                                   n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=32,
+                                                   kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                                                   head_dim=8),
+        "gpt_oss": lambda: tf.GptOssConfig(**moe, num_key_value_heads=2, head_dim=16, intermediate_size=32,
+                                           num_local_experts=8, sliding_window=8,
+                                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     }
 
 
-TINY_FAMILIES = ("gpt2", "gpt_neox", "opt", "phi3", "gemma", "gemma2", "gemma3_text", "gemma3", "falcon", "bloom")
+TINY_FAMILIES = ("gpt2", "gpt_neox", "opt", "phi3", "gemma", "gemma2", "gemma3_text", "gemma3", "falcon", "bloom",
+                 "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss")
+# The mixtures of experts among them (fused 3-D expert weights in transformers 5).
+TINY_MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss")
 
 
 def tiny_model(family: str, *, seed: int = 0):
@@ -252,7 +274,8 @@ def assert_smoothing_groups_exact(model, arch, ids: "torch.Tensor | None" = None
     """Assert that each of ``arch``'s smoothing groups is exact on every decoder layer of the
     (prepared) ``model``: scaling the producer's output channels by a random positive ``s``
     (``arch.fold_scale``) and the consumers' weight columns by ``1 / s`` leaves the layer's
-    output unchanged.
+    output unchanged. A group naming modules a layer lacks (a dense-MLP group in a layer of
+    experts) is skipped in that layer, as the smoothing algorithms skip it.
 
     Example::
 
@@ -282,6 +305,8 @@ def assert_smoothing_groups_exact(model, arch, ids: "torch.Tensor | None" = None
         with torch.inference_mode():
             expected = first(layer(*args, **kwargs))
         for group in arch.smoothing_groups:
+            if not all(_has_submodule(layer, name) for name in (group.producer, *group.consumers)):
+                continue  # e.g. a dense-MLP group in an MoE layer: the algorithms skip it there too
             trial = copy.deepcopy(layer)
             consumers = [trial.get_submodule(name) for name in group.consumers]
             assert all(isinstance(c, nn.Linear) for c in consumers), f"{group}: consumers must be nn.Linear"
@@ -294,6 +319,13 @@ def assert_smoothing_groups_exact(model, arch, ids: "torch.Tensor | None" = None
                 got = first(trial(*args, **kwargs))
             assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())), \
                 f"layer {index}: {group} is not exact (max difference {float((got - expected).abs().max()):.3g})"
+
+
+def _has_submodule(module, name: str) -> bool:
+    try:
+        return module.get_submodule(name) is not None
+    except AttributeError:
+        return False
 
 
 def tiny_llama_with_outliers(**config: Any):
@@ -314,3 +346,92 @@ def tiny_llama_with_outliers(**config: Any):
             layer.input_layernorm.weight[5] *= 50
             layer.post_attention_layernorm.weight[9] *= 50
     return model
+
+
+MOE_FROM_DENSE = ("mixtral", "qwen2_moe")
+
+
+def moe_from_dense(dense, family: str = "mixtral", *, num_experts: int = 4, top_k: int = 2, seed: int = 0,
+                   router_std: float = 1.0):
+    """A mixture of experts that computes exactly what the dense Llama-family ``dense`` does:
+    the same embeddings, attention, norms and head; each layer's MLP copied into every expert;
+    a random router (normal, ``router_std``) choosing ``top_k`` of ``num_experts``. The routing
+    weights of the chosen experts sum to 1 per token (Mixtral normalizes its top-k; Qwen2-MoE's
+    ``norm_topk_prob`` is set), so the layer's output is ``Σ w_k · MLP(x) = MLP(x)``; Qwen2-MoE's
+    shared expert and its sigmoid gate are zero, so they add nothing. The logits equal the
+    dense model's up to float rounding, and so does the perplexity: a model whose function is
+    known, to measure what quantizing fused experts costs on real weights.
+
+    ``family`` is ``"mixtral"`` (``MixtralForCausalLM``) or ``"qwen2_moe"``
+    (``Qwen2MoeForCausalLM``). The experts hold transformers 5's fused layout:
+    ``gate_up_proj [E, 2I, H]`` is ``cat(gate_proj, up_proj)`` along the rows (the model splits
+    it with ``chunk(2)``: gate first), ``down_proj [E, H, I]`` is ``down_proj.weight``. The
+    result has ``dense``'s dtype, is in eval mode, and ``dense`` is not changed.
+
+    Example::
+
+        >>> import torch
+        >>> dense = tiny_llama_model()
+        >>> moe = moe_from_dense(dense, "qwen2_moe")
+        >>> ids = random_tokens(1, 8, vocab=256)
+        >>> type(moe).__name__, torch.allclose(logits(moe, ids), logits(dense, ids), atol=1e-5)
+        ('Qwen2MoeForCausalLM', True)
+    """
+    import torch
+    import transformers as tf
+
+    if family not in MOE_FROM_DENSE:
+        raise ValueError(f"moe_from_dense builds {', '.join(MOE_FROM_DENSE)}, not {family!r}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be between 1 and num_experts ({num_experts}), not {top_k}")
+    c = dense.config
+    if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
+        raise ValueError("moe_from_dense needs a dense model without attention or MLP biases (Llama, SmolLM2)")
+    common = dict(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+        hidden_act=c.hidden_act, max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+        rope_parameters=dict(c.rope_parameters), tie_word_embeddings=c.tie_word_embeddings,
+        num_experts_per_tok=top_k, pad_token_id=c.pad_token_id, bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id,
+    )
+    width = c.intermediate_size
+    if family == "mixtral":
+        config = tf.MixtralConfig(**common, head_dim=getattr(c, "head_dim", None), intermediate_size=width,
+                                  num_local_experts=num_experts, sliding_window=None)
+    else:
+        # The shared expert's width does not matter (it is zero); 1 keeps it small.
+        config = tf.Qwen2MoeConfig(**common, intermediate_size=width, moe_intermediate_size=width,
+                                   shared_expert_intermediate_size=1, num_experts=num_experts, norm_topk_prob=True,
+                                   qkv_bias=False, mlp_only_layers=[], decoder_sparse_step=1, use_sliding_window=False)
+    head_dim = lambda cfg: getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if head_dim(config) != head_dim(c):  # Qwen2-MoE derives it from the hidden size
+        raise ValueError(f"{family} cannot hold {type(dense).__name__}'s head_dim {head_dim(c)}")
+    dtype = next(dense.parameters()).dtype
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        moe = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        routers = [torch.randn(num_experts, c.hidden_size) * router_std for _ in range(c.num_hidden_layers)]
+    state = {}
+    for name, tensor in dense.state_dict().items():
+        if ".mlp." not in name:
+            state[name] = tensor
+    for index, layer in enumerate(dense.model.layers):
+        prefix = f"model.layers.{index}.mlp"
+        gate, up, down = (getattr(layer.mlp, p).weight.detach() for p in ("gate_proj", "up_proj", "down_proj"))
+        state[f"{prefix}.gate.weight"] = routers[index].to(dtype)
+        state[f"{prefix}.experts.gate_up_proj"] = torch.cat([gate, up]).unsqueeze(0).repeat(num_experts, 1, 1)
+        state[f"{prefix}.experts.down_proj"] = down.unsqueeze(0).repeat(num_experts, 1, 1)
+        if family == "qwen2_moe":
+            shared = moe.model.layers[index].mlp
+            for key, param in [*shared.shared_expert.named_parameters(prefix="shared_expert"),
+                               *shared.shared_expert_gate.named_parameters(prefix="shared_expert_gate")]:
+                state[f"{prefix}.{key}"] = torch.zeros_like(param)
+    if c.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = moe.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (c.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"moe_from_dense: weights missing {missing[:5]}, unexpected {unexpected[:5]}")
+    moe.config.use_cache = False
+    return moe.eval()

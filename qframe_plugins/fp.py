@@ -12,6 +12,8 @@ Linears that read one input (the adapter's smoothing groups: q/k/v, gate/up) sha
 per-tensor weight scale: FP8's per-tensor scale, NVFP4's FP32 global scale. Serving stacks
 fuse them (TensorRT-LLM's ``qkv``, vLLM's ``gate_up_proj``) and keep one such scale for the
 fused weight; sharing it here makes the checkpoint hold exactly the model that was evaluated.
+Fused experts (``targets`` kind ``Experts``) get scales of their own, per expert: FP8's per-tensor
+scale and NVFP4's global scale cover one expert's fused gate/up matrix, and its down matrix.
 
 Recipe::
 
@@ -27,6 +29,7 @@ import torch
 
 from qframe import QuantizerPlugin, formats, hookimpl, numerics
 from qframe.errors import RecipeError
+from qframe.experts import is_fused_experts
 from qframe.pipeline import LayerWork, weight_error
 
 from .rtn import RTN, WEIGHT_RANGES
@@ -100,8 +103,10 @@ class SharedScaleRTN(RTN):
     (see the module docstring): each is quantized again with the group's joint range (FP8) or
     the group's largest global scale (NVFP4)."""
 
+    handles_experts = True
+
     def quantize_layer(self, work: LayerWork, targets, prescales: dict[str, torch.Tensor] | None = None) -> None:
-        originals = dict(targets)
+        originals = {n: m for n, m in targets if not is_fused_experts(m)}  # experts: one scale set each
         super().quantize_layer(work, targets, prescales)
         weights = self.scheme.weights
         fmt = None if weights is None else weights.number_format

@@ -198,6 +198,11 @@ def choose(description: ModelDescription, writer: Writer, linears: list[str] | N
         >>> choose(describe_model(tiny_llama_model(), build_registry(entry_points=False)), TRT).quant_algo is None
         True
     """
+    experts = [s for s in getattr(description, "experts", {}).values() if s.quantized]
+    if experts:
+        raise ExportError(f"{experts[0].where}: quantized experts are not written by {writer.title} yet "
+                          f"({len(experts)} fused-experts module(s) quantized); export with --backend qframe (the "
+                          "native checkpoint), or keep the experts in float with targets = [\"Linear\"]")
     names = list(description.linears) if linears is None else linears
     chosen: tuple[str | None, int | None, LinearState] | None = None
     result = Quantization(None, None, None)

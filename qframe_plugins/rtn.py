@@ -8,6 +8,12 @@ each group's min/max shrunk to the ratio of least rounding error
 scale per tensor, calibrated on the layer's real inputs by any calibrator plugin) or
 dynamically (per token, or per block for FP4).
 
+Fused mixture-of-experts modules (``targets`` kind ``Experts``, in the default targets) are
+quantized too: every expert's gate/up and down matrices with their own scales, all experts of a
+weight in one batched call (:class:`qframe.experts.QuantExperts`). Their inputs are not
+quantized yet (that needs per-expert calibration): a stage with activations that targets
+experts is refused before any data is read.
+
 Recipe::
 
     [[stage]]
@@ -23,8 +29,10 @@ import torch
 from qframe import QuantizerPlugin, formats, hookimpl, numerics
 from qframe.calibrate import Prescaled
 from qframe.errors import RecipeError
+from qframe.experts import QuantExperts, experts_error, expert_layouts, is_fused_experts
 from qframe.pipeline import LayerWork, Quantizer, weight_error
 from qframe.qlinear import QuantLinear
+from qframe.scheme import describe
 
 
 # Weight calibrators: ranges read off the whole weight at once (no stream to observe).
@@ -45,9 +53,43 @@ def check(stage) -> None:
 
 
 class RTN(Quantizer):
+    # Whether this class quantizes fused experts: declared by each class itself, so a subclass
+    # with an algorithm of its own (smoothquant) leaves them alone until it says otherwise.
+    handles_experts = True
+
+    def accepts(self, module) -> bool:
+        """Float linears, and float fused-experts modules when the stage quantizes weights (in
+        classes that declare ``handles_experts`` themselves)."""
+        if is_fused_experts(module):
+            return (vars(type(self)).get("handles_experts", False) and self.scheme.weights is not None
+                    and not isinstance(module, QuantExperts))
+        return super().accepts(module)
+
+    def takes(self, work: LayerWork, targets):
+        """All ``targets``; a :class:`RecipeError` (before any data is read) when experts are
+        among them and the stage quantizes activations, which experts cannot do yet; and a
+        :class:`~qframe.errors.ModelError` for experts whose layout cannot be told."""
+        experts = [n for n, m in targets if is_fused_experts(m)]
+        if experts and self.scheme.activations is not None:
+            raise RecipeError("activations", describe(self.scheme.activations),
+                              f"{self.stage.quantizer} would quantize the inputs of fused experts ({experts[0]}"
+                              f"{f' and {len(experts) - 1} more' if len(experts) > 1 else ''}), which needs per-expert "
+                              "input calibration qframe does not do yet; experts are quantized weights-only now: "
+                              "quantize the linears with activations (targets = [\"Linear\"]) and the experts in a "
+                              "weights-only stage (targets = [\"Experts\"], no activations)")
+        for _, module in targets:
+            if is_fused_experts(module):
+                expert_layouts(module)  # refuses, naming the class, what it cannot read
+        return targets
+
     def quantize_layer(self, work: LayerWork, targets, prescales: dict[str, torch.Tensor] | None = None) -> None:
         """Quantize ``targets``; ``prescales[name]`` (from a smoothing subclass) multiplies that
-        linear's inputs before they are quantized: its static range is calibrated on them."""
+        linear's inputs before they are quantized: its static range is calibrated on them.
+        Fused experts are quantized in place, weights only (see :meth:`takes`)."""
+        experts = [(n, m) for n, m in targets if is_fused_experts(m)]
+        targets = [(n, m) for n, m in targets if not is_fused_experts(m)]
+        for name, module in experts:
+            self.quantize_experts(work, name, module)
         acts, prescales = self.scheme.activations, prescales or {}
         ranges = {}
         if acts is not None and not acts.dynamic and targets:
@@ -67,6 +109,15 @@ class RTN(Quantizer):
             work.replace(name, quantized)
             if self.scheme.weights is not None:
                 work.record(name, weight_error=weight_error(linear, quantized))
+
+
+    def quantize_experts(self, work: LayerWork, name: str, module) -> QuantExperts:
+        """Quantize the fused-experts ``module`` in place, every expert with its own scales and the
+        stage's weight ranges (min/max or mse), and record its weight error."""
+        originals = {n: module._parameters[n].detach().clone() for n in expert_layouts(module)}
+        quantized = QuantExperts.quantize(module, self.scheme.weights, self.scheme.weights.calibrator)
+        work.record(name, weight_error=experts_error(originals, quantized))
+        return quantized
 
 
 @hookimpl

