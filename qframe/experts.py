@@ -397,3 +397,86 @@ def fused_experts(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Mod
     """Every fused-experts module under ``module`` (float or quantized), by full name."""
     join: Callable[[str], str] = (lambda n: f"{prefix}.{n}" if prefix and n else (n or prefix))
     return [(join(n), m) for n, m in module.named_modules() if is_fused_experts(m)]
+
+
+# -- calibration tokens per expert ------------------------------------------------------------
+
+
+class ExpertTokens:
+    """Counts the tokens the model's own routing sends to each expert of every fused-experts
+    module under ``module``, while the block is entered: a forward pre-hook per experts module
+    reads the ``top_k_index [tokens, k]`` its MoE block passes (``experts(hidden, top_k_index,
+    top_k_weights)``) and adds its ``bincount`` on the device. :meth:`counts` reads them all with
+    one host sync. A module called without an integer index tensor second is not counted.
+
+    Example::
+
+        >>> import transformers
+        >>> config = transformers.Qwen3MoeConfig(hidden_size=8, moe_intermediate_size=4, num_experts=4)
+        >>> experts = transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts(config)
+        >>> _ = torch.nn.init.normal_(experts.gate_up_proj); _ = torch.nn.init.normal_(experts.down_proj)
+        >>> with ExpertTokens(experts, "mlp.experts") as tokens:
+        ...     _ = experts(torch.randn(3, 8), torch.tensor([[0, 1], [1, 2], [1, 0]]), torch.ones(3, 2))
+        >>> tokens.counts()
+        {'mlp.experts': [2, 3, 1, 0]}
+    """
+
+    def __init__(self, module: nn.Module, prefix: str = ""):
+        self._modules = fused_experts(module, prefix)
+        self._counts: dict[str, torch.Tensor] = {}
+        self._hooks: list = []
+
+    def __enter__(self) -> "ExpertTokens":
+        self._hooks = [m.register_forward_pre_hook(self._hook(name, num_experts(m))) for name, m in self._modules]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def _hook(self, name: str, experts: int):
+        def hook(_module, args):
+            index = args[1] if len(args) > 1 else None
+            if not isinstance(index, torch.Tensor) or index.is_floating_point():
+                return
+            seen = torch.bincount(index.flatten().long(), minlength=experts)
+            self._counts[name] = self._counts[name] + seen if name in self._counts else seen
+        return hook
+
+    def counts(self) -> dict[str, list[int]]:
+        """Tokens per expert, by module name, for the modules that were called."""
+        if not self._counts:
+            return {}
+        names = list(self._counts)
+        flat = torch.cat([self._counts[n].cpu() for n in names]).tolist()
+        out, at = {}, 0
+        for name in names:
+            size = self._counts[name].numel()
+            out[name], at = flat[at:at + size], at + size
+        return out
+
+
+def unrouted_warning(counts: dict[str, list[int]], limit: int = 3) -> str | None:
+    """The warning for experts that saw no calibration token, from tokens per expert by module
+    name; ``None`` where every expert saw some. At most ``limit`` modules are named.
+
+    Example::
+
+        >>> message = unrouted_warning({"model.layers.3.mlp.experts": [4, 0, 2, 0], "model.layers.4.mlp.experts": [1, 2]})
+        >>> message.split(":", 2)[:2]
+        ['model.layers.3.mlp.experts', ' experts 1, 3 (of 4) saw no calibration token']
+        >>> unrouted_warning({"a": [1, 2]}) is None
+        True
+    """
+    empty = [(name, [e for e, n in enumerate(c) if n == 0], len(c)) for name, c in counts.items()]
+    empty = [(name, idle, total) for name, idle, total in empty if idle]
+    if not empty:
+        return None
+    parts = []
+    for name, idle, total in empty[:limit]:
+        shown = ", ".join(map(str, idle[:8])) + (f" and {len(idle) - 8} more" if len(idle) > 8 else "")
+        parts.append(f"{name}: expert{'s' if len(idle) > 1 else ''} {shown} (of {total})")
+    more = f"; and {len(empty) - limit} more experts modules" if len(empty) > limit else ""
+    return ("; ".join(parts) + more + " saw no calibration token: nothing calibrated on activations covers them, "
+            "and weight-only stages quantized them from their ranges alone. Calibrate on more tokens to reach them.")

@@ -37,7 +37,7 @@ from torch import nn
 from .calibrate import Calibrator, build_calibrator
 from .description import CacheState, ExpertsState, LinearState, ModelDescription, planned, staged
 from .errors import ModelError, QFrameError, RecipeError
-from .experts import QuantExperts, is_fused_experts
+from .experts import ExpertTokens, QuantExperts, is_fused_experts, unrouted_warning
 from .model import Architecture, all_finite, check_finite_weights, find_architecture, listed, nonfinite_names
 from .qlinear import QuantLinear
 from .recipe import Plan, StageSpec
@@ -711,6 +711,7 @@ def run_pipeline(
         inputs = capture_inputs(model, arch, calibration, settings.batch_size, device, spill)
     prefix = arch.layers_path
     report = []
+    routed: dict[str, list[int]] = {}  # calibration tokens per expert, by experts module
     for index, layer in enumerate(layers):
         started = time.perf_counter()
         home = _device_of(layer)
@@ -735,13 +736,21 @@ def run_pipeline(
                 entry["modules"].setdefault(name, {}).update(values)
         if inputs is not None:
             last = f"stage[{len(quantizers) - 1}] ({quantizers[-1][0].quantizer})"
-            entry["output_error"] = advance(layer, reference, inputs, plan.recipe.calibration.propagate, device,
-                                            name=work.prefix, stage=last)
+            # Tokens per expert, counted on the unquantized layer's routing as advance runs it.
+            with ExpertTokens(reference, work.prefix) as tokens:
+                entry["output_error"] = advance(layer, reference, inputs, plan.recipe.calibration.propagate, device,
+                                                name=work.prefix, stage=last)
             entry["stages"][-1]["output_error"] = entry["output_error"]
+            for name, counts in tokens.counts().items():
+                entry["modules"].setdefault(name, {})["tokens_per_expert"] = counts
+                routed[name] = counts
             del reference
         layer.to(home)
         entry["seconds"] = round(time.perf_counter() - started, 4)
         report.append(entry)
         if progress:
             progress(index + 1, len(layers), work.prefix)
+    message = unrouted_warning(routed)
+    if message:
+        warnings.warn(message, stacklevel=2)
     return report

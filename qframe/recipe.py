@@ -449,7 +449,7 @@ def resolve(recipe: Recipe, registry) -> Plan:
         ...         default_registry())
         Traceback (most recent call last):
         ...
-        qframe.errors.RecipeError: stage[0].ignore: ['*'] is not valid; it excludes every module the targets ['Linear'] select, so the stage would quantize nothing; ignore only what the stage must leave alone (e.g. ["lm_head"])
+        qframe.errors.RecipeError: stage[0].ignore: ['*'] is not valid; it excludes every module the targets ['Linear', 'Experts'] select, so the stage would quantize nothing; ignore only what the stage must leave alone (e.g. ["lm_head"])
     """
     from .calibrate import build_calibrator
     from .data import parse_spec

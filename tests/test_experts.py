@@ -305,3 +305,69 @@ def test_batched_equals_one_expert_at_a_time(args):
         assert torch.equal(q.scale[e].float().flatten(), one.scale.float().flatten())
     back = dequantize_experts(q.codes, q.scale, q.zero, args, q.global_scale)
     assert torch.equal(back[3], numerics.quantize_weight(w[3], args).dequantize())
+
+
+# -- calibration tokens per expert ----------------------------------------------------------------
+
+CALIBRATED = {"stage": [RECIPES["rtn-int4-g32"],
+                        {"quantizer": "kv_cache", "activations": {"bits": 8}}],
+              "calibration": {"propagate": "float", "batch_size": 2}}
+
+
+def _routed_by_hand(model, ids: torch.Tensor) -> list[list[int]]:
+    """Tokens per expert of each layer, from the float model's routers: top-k of their logits."""
+    seen: list[torch.Tensor] = []
+    hooks = [layer.mlp.gate.register_forward_pre_hook(lambda m, args: seen.append(
+        torch.topk(torch.nn.functional.linear(args[0].reshape(-1, m.weight.shape[1]), m.weight), m.top_k).indices))
+        for layer in model.model.layers]
+    try:
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [torch.bincount(s.flatten(), minlength=8).tolist() for s in seen]
+
+
+def _never_routed_to(model, expert: int) -> None:
+    """Expert ``expert`` never makes any layer's top 2: its router row is zero (logit 0), while
+    rows 0/1 and 2/3 are opposite pairs, so two experts always have a logit of at least 0."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            w = layer.mlp.gate.weight
+            w[1], w[3], w[expert] = -w[0], -w[2], 0.0
+
+
+def _many_ids() -> torch.Tensor:
+    """Enough tokens for the tiny model's routing to reach every expert."""
+    return torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(2))
+
+
+def test_manifest_records_tokens_per_expert(registry, recwarn):
+    model, ids = _model("qwen3_moe"), _many_ids()
+    expected = _routed_by_hand(model, ids)
+    qmodel = qframe.quantize(model, parse_recipe(CALIBRATED), calibration=ids, device="cpu", registry=registry)
+    for index, layer in enumerate(qmodel.manifest["layers"]):
+        counts = layer["modules"][f"model.layers.{index}.mlp.experts"]["tokens_per_expert"]
+        assert sum(counts) == ids.numel() * 2
+        assert counts == expected[index]
+    assert not [w for w in recwarn if "saw no calibration token" in str(w.message)]
+
+
+def test_experts_no_token_reached_are_named(registry):
+    model, ids = _model("qwen3_moe"), _many_ids()
+    _never_routed_to(model, 7)
+    assert all(counts[7] == 0 for counts in _routed_by_hand(model, ids))
+    with pytest.warns(UserWarning, match=r"model\.layers\.0\.mlp\.experts: expert 7 \(of 8\); "
+                                         r"model\.layers\.1\.mlp\.experts: expert 7 \(of 8\) saw no calibration token"):
+        qmodel = qframe.quantize(model, parse_recipe(CALIBRATED), calibration=ids, device="cpu", registry=registry)
+    assert qmodel.manifest["layers"][1]["modules"]["model.layers.1.mlp.experts"]["tokens_per_expert"][7] == 0
+
+
+def test_no_calibration_data_records_no_tokens(registry, recwarn):
+    model = _model("qwen3_moe")
+    _never_routed_to(model, 7)
+    qmodel = _quantize(model, RECIPES["rtn-int4-g32"], registry)
+    assert not any("tokens_per_expert" in values for layer in qmodel.manifest["layers"]
+                   for values in layer["modules"].values())
+    assert not [w for w in recwarn if "saw no calibration token" in str(w.message)]

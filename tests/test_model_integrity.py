@@ -300,7 +300,7 @@ class Smoothing:
      r"only model\.layers\.0\.mlp \(LlamaMLP\), model\.layers\.1\.mlp \(LlamaMLP\): qframe quantizes the linears"),
     ([{"ignore": ["*_proj"]}],  # all of Llama's linears; not GPT-2's (c_attn, c_fc), so only the model tells
      r"stage\[0\]\.ignore: \['\*_proj'\] is not valid; stage\[0\] \(rtn\) would quantize nothing: its ignore "
-     r"excludes all 14 modules its targets \['Linear'\] match"),
+     r"excludes all 14 modules its targets \['Linear', 'Experts'\] match"),
     ([{"targets": ["*.mlp.*"]}, {"targets": ["*.mlp.*", "*.self_attn.*"]}, {"targets": ["gate_proj", "o_proj"]}],
      r"stage\[2\]\.targets: .*stage\[2\] \(rtn\) would quantize nothing: stage\[0\] \(rtn\), stage\[1\] \(rtn\) "
      r"quantize all 4 modules it targets first"),
