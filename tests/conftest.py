@@ -30,6 +30,15 @@ def tokenizer(smollm2_gguf):
 
 
 @pytest.fixture(scope="session")
+def smollm2_float32(smollm2_gguf):
+    """The real SmolLM2 in float32, loaded once per session (dequantizing the GGUF takes half a
+    minute on two cores); a test that changes it takes a copy (``copy.deepcopy``)."""
+    from qframe.model import load_model, resolve_source
+
+    return load_model(resolve_source(str(smollm2_gguf)), "float32")
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tokenizer, tmp_path_factory) -> Path:
     """A two-layer random Llama over SmolLM2's 49152-token vocabulary, saved with its
     tokenizer like a hub model. Shared by the whole session: nothing may write into it."""

@@ -348,12 +348,12 @@ def test_a_shared_cache_exports_to_tensorrt_llm_as_evaluated(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_scales_equal_modelopts(smollm2_gguf, tmp_path):
+def test_smollm2_scales_equal_modelopts(smollm2_float32, tmp_path):
     """The real SmolLM2-135M (30 layers, 3 KV heads), in float32, on the same 4 windows of 128
     tokens: every layer's k and v scale within 1 % of modelopt's amax / 448."""
-    from qframe.model import load_model, resolve_source
+    import copy
 
-    model = load_model(resolve_source(str(smollm2_gguf)), "float32").model
+    model = copy.deepcopy(smollm2_float32.model)
     ids = random_tokens(4, 128, vocab=49152, seed=5)
     save_plain(model, tmp_path / "smollm2", ids)
     theirs = modelopt_amax(tmp_path, {"smollm2": {"batch_size": 2, "export": False}})["smollm2"]

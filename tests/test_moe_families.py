@@ -107,30 +107,18 @@ def test_moe_from_dense_refuses_what_it_cannot_copy():
         moe_from_dense(tiny_llama_model(), "mixtral", num_experts=2, top_k=3)
 
 
-def _experts_or_skip():
-    try:
-        from qframe.experts import QuantExperts
-    except ImportError as exc:
-        pytest.skip(f"fused-expert quantization (qframe.experts) is not importable yet: {exc}")
-    return QuantExperts
-
-
 RTN_W4A16 = {"quantizer": "rtn", "targets": ["Linear", "Experts"], "ignore": ["lm_head"],
              "weights": {"bits": 4, "group_size": 32, "symmetric": True}}
 
 
 @pytest.mark.parametrize("family", TINY_MOE_FAMILIES)
 def test_tiny_moe_quantizes_every_expert_end_to_end(family):
-    QuantExperts = _experts_or_skip()
+    from qframe.experts import QuantExperts
+
     model = tiny_model(family)
     ids = tokens()
     before = logits(model, ids)
-    try:
-        qframe.quantize(model, parse_recipe({"stage": [RTN_W4A16]}), calibration=ids, device="cpu", registry=REGISTRY)
-    except qframe.QFrameError as exc:
-        if "Experts" in str(exc) or "expert" in str(exc):
-            pytest.skip(f"rtn does not take fused experts yet: {exc}")
-        raise
+    qframe.quantize(model, parse_recipe({"stage": [RTN_W4A16]}), calibration=ids, device="cpu", registry=REGISTRY)
     sparse = [layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts")]
     assert sparse and all(isinstance(e, QuantExperts) for e in sparse), "every layer's fused experts are quantized"
     assert 0 < relative_error(logits(model, ids), before) < 0.1
@@ -139,37 +127,40 @@ def test_tiny_moe_quantizes_every_expert_end_to_end(family):
 @pytest.mark.parametrize("family", MOE_FROM_DENSE)
 def test_moe_from_dense_quantizes_like_its_dense_source(family):
     """Experts holding the dense MLP, quantized with one scale set per expert, lose what the dense model loses."""
-    _experts_or_skip()
     dense = tiny_llama_model()
     moe = moe_from_dense(dense, family)
     ids = random_tokens(2, 16, vocab=256, seed=3)
     reference = logits(dense, ids)
     recipe = parse_recipe({"stage": [RTN_W4A16]})
-    try:
-        qframe.quantize(moe, recipe, calibration=ids, device="cpu", registry=REGISTRY)
-    except qframe.QFrameError as exc:
-        pytest.skip(f"rtn does not take fused experts yet: {exc}")
+    qframe.quantize(moe, recipe, calibration=ids, device="cpu", registry=REGISTRY)
     qframe.quantize(dense, recipe, calibration=ids, device="cpu", registry=REGISTRY)
     # The same weights rounded the same way: the MoE computes the quantized dense model.
     assert torch.allclose(logits(moe, ids), logits(dense, ids), rtol=1e-4, atol=1e-4)
     assert relative_error(logits(moe, ids), reference) > 0
 
 
-def _smollm2(gguf):
-    from qframe.model import load_model, resolve_source
-
-    return load_model(resolve_source(str(gguf)), "float32")
-
-
-@pytest.mark.slow
-def test_smollm2_moe_perplexity_equals_smollm2(smollm2_gguf):
+def test_smollm2_moe_perplexity_equals_smollm2(smollm2_float32):
     from qframe.data import DataContext, evaluation_windows
     from qframe.evaluate import perplexity
 
-    loaded = _smollm2(smollm2_gguf)
+    loaded = smollm2_float32  # moe_from_dense leaves its source unchanged
     windows = evaluation_windows("generated", DataContext(loaded.tokenizer, loaded.model, samples=2, seq_len=128),
                                  REGISTRY, 2)
     dense = perplexity(loaded.model, windows, torch.device("cpu")).perplexity
     for family in MOE_FROM_DENSE:
         moe = perplexity(moe_from_dense(loaded.model, family), windows, torch.device("cpu")).perplexity
         assert moe == pytest.approx(dense, rel=1e-4), family
+
+
+@pytest.mark.parametrize("family", [f for f in TINY_MOE_FAMILIES if f != "deepseek_v3"])
+def test_every_moe_layer_gets_a_kv_cache_beside_its_quantized_experts(family):
+    """kv_cache composes with expert quantization; DeepSeek-V3 caches compressed latents and is
+    refused on its own (test_kv_cache)."""
+    model = tiny_model(family)
+    recipe = parse_recipe({"stage": [RTN_W4A16, {"quantizer": "kv_cache", "activations": {"type": "float", "bits": 8}}]})
+    qmodel = qframe.quantize(model, recipe, calibration=tokens(), device="cpu", registry=REGISTRY)
+    description = qmodel.describe()
+    assert sorted(description.caches) == list(range(model.config.num_hidden_layers))
+    assert all(float(c.module.k_scale) > 0 < float(c.module.v_scale) for c in description.caches.values())
+    assert description.experts, "the experts are quantized too"
+
