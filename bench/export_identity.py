@@ -27,30 +27,11 @@ from pathlib import Path
 
 import torch
 
-FP8 = """
-[[stage]]
-quantizer = "fp8"
-weights = { type = "float", bits = 8, granularity = "tensor" }
-activations = { type = "float", bits = 8 }
-[[stage]]
-quantizer = "kv_cache"
-activations = { type = "float", bits = 8 }
-"""
-AWQ = '[[stage]]\nquantizer = "awq"\nweights = { bits = 4, group_size = GROUP }\n'
-W4A8 = '[[stage]]\nquantizer = "awq"\nweights = { bits = 4, group_size = 128 }\nactivations = { type = "float", bits = 8 }\n'
 GPTQ = '[[stage]]\nquantizer = "gptq"\nweights = { bits = 4, group_size = 128 }\n'
-SMOOTHQUANT = """
-[[stage]]
-quantizer = "smoothquant"
-weights = { bits = 8 }
-activations = { bits = 8 }
-[[stage]]
-quantizer = "kv_cache"
-activations = { bits = 8 }
-"""
-NVFP4 = '[[stage]]\nquantizer = "nvfp4"\nweights = { type = "float", bits = 4 }\nactivations = { type = "float", bits = 4 }\n'
-W8A16 = '[[stage]]\nquantizer = "rtn"\nweights = { bits = 8 }\n'
 IGNORED = '[[stage]]\nquantizer = "rtn"\nweights = { bits = 4, group_size = 64 }\nignore = ["lm_head", "*.mlp.down_proj"]\n'
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_trtllm_export import AWQ, FP8, NVFP4, SMOOTHQUANT, W4A8, W8A16  # noqa: E402  the export tests' recipes
 
 RECIPES = {"fp8": FP8, "awq64": AWQ.replace("GROUP", "64"), "awq128": AWQ.replace("GROUP", "128"), "w4a8": W4A8,
            "gptq128": GPTQ, "smoothquant": SMOOTHQUANT, "nvfp4": NVFP4, "w8a16": W8A16, "ignored": IGNORED}
@@ -61,7 +42,6 @@ TRT_OPTIONS = {"tp1": {}, "tp2": {"tp_size": 2}, "pp2": {"pp_size": 2}}
 
 def tiny(family: str, dtype: torch.dtype) -> torch.nn.Module:
     """The export tests' tiny models (two layers, hidden size 128, grouped-query attention)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from test_trtllm_export import tiny as tests_tiny
 
     return tests_tiny(family, dtype)

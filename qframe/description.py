@@ -34,8 +34,22 @@ from torch import nn
 from .scheme import QuantArgs
 
 
+class _ModuleState:
+    """What a linear's and an experts module's states share: whether anything of theirs is
+    quantized, and how messages name them."""
+
+    @property
+    def quantized(self) -> bool:
+        return self.weights is not None or self.activations is not None
+
+    @property
+    def where(self) -> str:
+        """How messages name it: the module, and before calibration the stage that makes it."""
+        return f"{self.stage}: {self.name}" if self.stage else self.name
+
+
 @dataclass(frozen=True)
-class LinearState:
+class LinearState(_ModuleState):
     """One linear as an exporter sees it: its shape, what its weights and inputs are quantized
     to (``None``: left in float), and whether it keeps an input ``prescale`` (a smoothing scale
     not folded into the layer before; ``None`` before calibration, when it is not known yet).
@@ -65,18 +79,9 @@ class LinearState:
         return cls(name, int(module.in_features), int(module.out_features), getattr(module, "bias", None) is not None,
                    weights, activations, prescale, stage, module)
 
-    @property
-    def quantized(self) -> bool:
-        return self.weights is not None or self.activations is not None
-
-    @property
-    def where(self) -> str:
-        """How messages name it: the module, and before calibration the stage that makes it."""
-        return f"{self.stage}: {self.name}" if self.stage else self.name
-
 
 @dataclass(frozen=True)
-class ExpertsState:
+class ExpertsState(_ModuleState):
     """One fused mixture-of-experts module (:mod:`qframe.experts`) as an exporter sees it: its
     ``num_experts``, each 3-D weight's per-expert matrix as ``(name, out, in)`` and its
     ``layout`` (``"out_in"`` or ``"in_out"``), what the weights and inputs are quantized to
@@ -112,14 +117,6 @@ class ExpertsState:
                              for n, layout in expert_layouts(module).items()
                              for _, a, b in [module._parameters[n].shape])
         return cls(name, num_experts(module), matrices, weights, activations, stage, module)
-
-    @property
-    def quantized(self) -> bool:
-        return self.weights is not None or self.activations is not None
-
-    @property
-    def where(self) -> str:
-        return f"{self.stage}: {self.name}" if self.stage else self.name
 
 
 @dataclass(frozen=True)
