@@ -20,6 +20,14 @@ W4A8_AWQ   as W4A16_AWQ plus ``weight_scale_2`` (amax/448, one for linears that 
 An FP8 KV cache adds each layer's ``k_proj.k_scale`` and ``v_proj.v_scale`` (f32 scalars,
 amax/448 of the keys after RoPE and of the values, as the cache holds them; on the attention
 module itself where q/k/v are one fused projection).
+Quantized fused experts (W4A16_AWQ only; transformers 5's ``experts.gate_up_proj [E, 2I, H]``
+and ``experts.down_proj [E, H, I]``) are written one linear an expert, as modelopt's exporter
+splits them and as the model's Hugging Face checkpoints name them (the reverse of transformers'
+conversion mapping): ``mlp.experts.<e>.gate_proj``/``up_proj``/``down_proj`` on Qwen-MoE and
+DeepSeek, ``block_sparse_moe.experts.<e>.w1``/``w3``/``w2`` on Mixtral (whose other tensors
+then take its checkpoints' ``block_sparse_moe`` too), each a packed ``weight`` and its
+``weight_scale`` as a W4A16_AWQ linear.
+
 Unquantized tensors keep their names in the checkpoint dtype; ``exclude_modules`` lists every
 unquantized linear and embedding. What the format cannot express is refused before
 calibration (:meth:`HFExporter.check`) and again before anything is written.
@@ -49,7 +57,8 @@ from typing import Any
 import torch
 
 from qframe import BackendPlugin, formats, hookimpl, numerics
-from qframe.description import LinearState, ModelDescription
+from qframe.description import ExpertsState, LinearState, ModelDescription
+from qframe.experts import OUT_IN, expert_layouts, is_fused_experts
 from qframe.errors import ExportError, RecipeError, shorten
 
 from .quant_algo import (AWQ_ALGOS, NVFP4_BLOCK, Quantization, Writer, choose, w4a8_weight_scale_2,
@@ -108,7 +117,7 @@ class HFOptions:
 # -- what the checkpoint holds -------------------------------------------------------------------------
 
 WRITER = Writer("the unified HF checkpoint", ALGORITHMS, ("FP8",), elsewhere="--backend tensorrt-llm or qframe",
-                kv_note="stores FP8 caches only (its k_scale/v_scale are FP8 E4M3 cache scales, amax/448; export INT8 "
+                experts=True, kv_note="stores FP8 caches only (its k_scale/v_scale are FP8 E4M3 cache scales, amax/448; export INT8 "
                         "caches with --backend tensorrt-llm)")
 
 
@@ -190,9 +199,71 @@ def _refuse_transposed_layouts(description: ModelDescription) -> None:
 def check_description(description: ModelDescription) -> Quantization:
     """What the checkpoint of ``description`` holds, or an :class:`~qframe.ExportError` for what
     the format cannot express (a transposed layout, a format it lacks, different algorithms, a
-    partial group, caches that differ), before calibration and again before writing."""
+    partial group, caches that differ, experts it cannot name), before calibration and again
+    before writing."""
     _refuse_transposed_layouts(description)
-    return choose(description, WRITER)
+    quantization = choose(description, WRITER)
+    if quantization.experts:
+        hub_naming(getattr(description.model.config, "model_type", None), next(iter(quantization.experts)))
+    for state in quantization.experts.values():
+        found = {(n, layout) for n, _, _, layout in state.matrices}
+        extra = sorted(n for n, p in state.module.named_parameters(recurse=False)) if state.module is not None else []
+        if found != {("gate_up_proj", OUT_IN), ("down_proj", OUT_IN)} or extra:
+            raise ExportError(f"{state.where}: the unified HF checkpoint writes quantized experts whose weights are "
+                              "gate_up_proj [E, 2I, H] and down_proj [E, H, I] (used as F.linear) and nothing else; "
+                              f"these are {sorted(found)}{f' with {extra}' if extra else ''}; export them with "
+                              "--backend qframe, or keep the experts in float with targets = [\"Linear\"]")
+    return quantization
+
+
+# Per-expert linears of a fused gate_up_proj / down_proj where transformers names no others.
+_EXPERT_LEAVES = ("gate_proj", "up_proj", "down_proj")
+_EXPERT_BUFFERS = {f"{w}_{s}" for w in ("gate_up_proj", "down_proj") for s in ("codes", "scale", "zero", "global_scale")}
+_LITERAL = re.compile(r"^[\w.]+$")
+
+
+def hub_naming(model_type: str | None, where: str = "the model") -> tuple[list[tuple[str, str]], tuple[str, ...]]:
+    """How the Hugging Face checkpoints of ``model_type`` name what transformers 5 fuses:
+    module-name renames (in memory -> checkpoint) and the per-expert linears of
+    ``gate_up_proj`` (gate, up) and ``down_proj``, read from transformers' conversion mapping
+    (whose reverse modelopt's exporter applies); an :class:`~qframe.ExportError` for a mapping
+    this cannot reverse.
+
+    Example::
+
+        >>> hub_naming("mixtral")
+        ([('.mlp.', '.block_sparse_moe.')], ('w1', 'w3', 'w2'))
+        >>> hub_naming("llama")
+        ([], ('gate_proj', 'up_proj', 'down_proj'))
+    """
+    from transformers.conversion_mapping import WeightConverter, WeightRenaming, get_checkpoint_conversion_mapping
+
+    renames, leaves = [], list(_EXPERT_LEAVES)
+    for rule in (get_checkpoint_conversion_mapping(model_type) if model_type else None) or []:
+        sources, targets = list(rule.source_patterns), list(rule.target_patterns)
+        expert = [re.fullmatch(r"\.?(?:mlp\.)?experts\.\*\.(\w+)\.weight", x) for x in sources]
+        if (type(rule) is WeightRenaming and len(sources) == len(targets) == 1
+                and all(_LITERAL.match(x) for x in sources + targets)):
+            renames.append((targets[0], sources[0]))
+        elif type(rule) is WeightConverter and len(targets) == 1 and all(expert) and (
+                (targets[0].endswith("experts.gate_up_proj") and len(sources) == 2)
+                or (targets[0].endswith("experts.down_proj") and len(sources) == 1)):
+            if len(sources) == 2:
+                leaves[0], leaves[1] = (m.group(1) for m in expert)
+            else:
+                leaves[2] = expert[0].group(1)
+        else:
+            raise ExportError(f"{where}: {model_type}'s Hugging Face checkpoints are converted by transformers with "
+                              f"{rule!r}, which qframe cannot reverse to name the quantized experts as those "
+                              "checkpoints do; export with --backend qframe, or keep the experts in float with "
+                              "targets = [\"Linear\"]")
+    return renames, tuple(leaves)
+
+
+def _hub_name(name: str, renames: list[tuple[str, str]]) -> str:
+    for memory, hub in renames:
+        name = name.replace(memory, hub)
+    return name
 
 
 # -- tensors -------------------------------------------------------------------------------------------
@@ -238,6 +309,22 @@ def linear_tensors(state: LinearState, quantization: Quantization, dtype: torch.
     return {f"{name}.{suffix}": t.detach().contiguous().cpu() for suffix, t in out.items()}
 
 
+def expert_tensors(state: ExpertsState, leaves: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one quantized fused-experts module, one W4A16_AWQ linear an
+    expert (``<name>.<e>.<leaf>.weight`` packed int4 rows and ``weight_scale`` f32), keyed by full
+    in-memory name: gate_up_proj's first half of rows is the gate, the second the up projection."""
+    buffers, out = state.module._buffers, {}
+    for fused, halves in (("gate_up_proj", leaves[:2]), ("down_proj", leaves[2:])):
+        codes, scale = buffers[f"{fused}_codes"], buffers[f"{fused}_scale"]
+        rows = codes.shape[1] // len(halves)
+        for e in range(codes.shape[0]):
+            for i, leaf in enumerate(halves):
+                part = slice(i * rows, (i + 1) * rows)
+                out[f"{state.name}.{e}.{leaf}.weight"] = numerics.pack_int4_rows(codes[e, part])
+                out[f"{state.name}.{e}.{leaf}.weight_scale"] = scale[e, part].float()
+    return {n: t.detach().contiguous().cpu() for n, t in out.items()}
+
+
 def kv_scale_names(description: ModelDescription, cache) -> dict[str, torch.Tensor]:
     """A layer's cache scales under the names loaders read: ``k_proj.k_scale`` and
     ``v_proj.v_scale`` where the attention has those projections (modelopt's names), else
@@ -249,6 +336,20 @@ def kv_scale_names(description: ModelDescription, cache) -> dict[str, torch.Tens
         owner = projection if projection in description.linears else cache.attention
         names[f"{owner}.{role}_scale"] = scale.clone()
     return names
+
+
+def _routers(description: ModelDescription, quantization: Quantization) -> list[str]:
+    """The float modules with a 2-D ``weight`` beside fused experts (the routers, ``mlp.gate``),
+    which loaders must not read as quantized."""
+    found = []
+    for name in description.experts:
+        parent = description.model.get_submodule(name.rpartition(".")[0])
+        for child, module in parent.named_modules(prefix=name.rpartition(".")[0]):
+            weight = getattr(module, "weight", None)
+            if (child != name and child not in quantization.quantized and child not in quantization.excluded
+                    and isinstance(weight, torch.Tensor) and weight.dim() == 2):
+                found.append(child)
+    return found
 
 
 def prescaled_linears(quantization: Quantization, description: ModelDescription) -> set[str]:
@@ -269,9 +370,11 @@ def checkpoint_tensors(description: ModelDescription, quantization: Quantization
     caches = {name for name, module in description.model.named_modules()
               if any(module is c.module for c in description.caches.values())}
     for name, tensor in description.model.state_dict().items():
-        owner = name.rpartition(".")[0]
+        owner, _, leaf = name.rpartition(".")
         if owner in quantization.quantized or owner in caches:
             continue  # written below, packed (a cache quantizer's state becomes k_scale/v_scale)
+        if owner in quantization.experts and leaf in _EXPERT_BUFFERS:
+            continue  # the experts' codes and scales, written below one linear an expert
         view = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
         if view in seen and tensor.numel():
             continue  # tied (lm_head.weight is embed_tokens.weight): loaders tie it again
@@ -283,6 +386,11 @@ def checkpoint_tensors(description: ModelDescription, quantization: Quantization
         tensors.update(linear_tensors(state, quantization, dtype, prescaled, scale_2))
     for cache in description.caches.values():
         tensors.update(kv_scale_names(description, cache))
+    if quantization.experts:
+        renames, leaves = hub_naming(getattr(description.model.config, "model_type", None))
+        for state in quantization.experts.values():
+            tensors.update(expert_tensors(state, leaves))
+        tensors = {_hub_name(n, renames): t for n, t in tensors.items()}
     return tensors
 
 
@@ -358,7 +466,10 @@ class HFExporter:
         config = json.loads((directory / "config.json").read_text())
         config["dtype"] = str(dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)
-        quantization.excluded += description.embeddings()
+        quantization.excluded += description.embeddings() + _routers(description, quantization)
+        if quantization.experts:  # named as the checkpoint's tensors are
+            renames = hub_naming(getattr(model.config, "model_type", None))[0]
+            quantization.excluded = [_hub_name(n, renames) for n in quantization.excluded]
         hf_quant = hf_quant_config(quantization, bool(prescaled_linears(quantization, description)))
         # Written even for an unquantized model (quant_algo null), so the directory is recognized
         # and validated; config.json then claims no quantization, as modelopt's does.
@@ -570,6 +681,10 @@ def _model_problems(directory: Path, specs: dict, algo: str | None, quantized: s
     expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
     dtype = str(getattr(config, "dtype", None) or "").removeprefix("torch.")  # every unquantized tensor's
     modules = {name for name, _ in skeleton.named_modules()}
+    try:
+        expected, modules = _unfused_experts(skeleton, config, specs, expected, modules)
+    except ExportError as exc:
+        return [str(exc)]
     tied = bool(getattr(config, "tie_word_embeddings", False))
     problems = []
     for name, shape in expected.items():
@@ -599,6 +714,35 @@ def _model_problems(directory: Path, specs: dict, algo: str | None, quantized: s
             if count != layers:
                 problems.append(f"{count} {role} tensors for {layers} layers with a quantized KV cache")
     return problems[:20] + ([f"and {len(problems) - 20} more problems"] if len(problems) > 20 else [])
+
+
+def _unfused_experts(skeleton, config, specs: dict, expected: dict, modules: set[str]) -> tuple[dict, set[str]]:
+    """``expected`` and ``modules`` as the checkpoint names them where it holds the fused experts
+    one linear an expert (:func:`expert_tensors`): every name as the Hugging Face checkpoints
+    have it, and each such module's ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` as
+    ``<e>.<gate>.weight [I, H]``, ``<e>.<up>.weight [I, H]``, ``<e>.<down>.weight [H, I]``."""
+    fused = {n: m for n, m in skeleton.named_modules() if n and is_fused_experts(m)}
+    if not fused:
+        return expected, modules
+    renames, leaves = hub_naming(getattr(config, "model_type", None))
+    unfused = [n for n in fused if f"{_hub_name(n, renames)}.0.{leaves[2]}.weight" in specs]
+    if not unfused:
+        return expected, modules
+    expected = {_hub_name(n, renames): shape for n, shape in expected.items()}
+    modules = {_hub_name(n, renames) for n in modules}
+    for name in unfused:
+        module, hub = fused[name], _hub_name(name, renames)
+        if expert_layouts(module) != {"gate_up_proj": OUT_IN, "down_proj": OUT_IN}:
+            raise ExportError(f"{hub}: experts written one linear an expert, but config.json's model has "
+                              f"{sorted(expert_layouts(module).items())} rather than gate_up_proj and down_proj used "
+                              "as F.linear")
+        e, rows, cols = expected.pop(f"{hub}.gate_up_proj")
+        _, out, inner = expected.pop(f"{hub}.down_proj")
+        for i in range(e):
+            for leaf, shape in zip(leaves, ((rows // 2, cols), (rows // 2, cols), (out, inner))):
+                expected[f"{hub}.{i}.{leaf}.weight"] = shape
+                modules.add(f"{hub}.{i}.{leaf}")
+    return expected, modules
 
 
 @hookimpl

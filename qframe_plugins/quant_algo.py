@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qframe import formats
-from qframe.description import CacheState, LinearState, ModelDescription
+from qframe.description import CacheState, ExpertsState, LinearState, ModelDescription
 from qframe.errors import ExportError
 from qframe.scheme import QuantArgs, describe
 
@@ -47,14 +47,16 @@ NVFP4_BLOCK = formats.NVFP4.block
 @dataclass(frozen=True)
 class Writer:
     """A backend's share of the vocabulary: its ``title`` in messages, the ``algorithms`` and
-    ``kv_algorithms`` it writes, where to export what it cannot (``elsewhere``), and what its
-    KV cache scales are (``kv_note``)."""
+    ``kv_algorithms`` it writes, where to export what it cannot (``elsewhere``), what its
+    KV cache scales are (``kv_note``) and whether it writes quantized fused experts
+    (``experts``: W4A16_AWQ only, the one algorithm whose experts need no activation scales)."""
 
     title: str
     algorithms: tuple[str, ...]
     kv_algorithms: tuple[str, ...]
     elsewhere: str
     kv_note: str = "stores FP8 E4M3 or symmetric INT8 caches"
+    experts: bool = False
 
 
 def _static_fp8(args: QuantArgs | None) -> bool:
@@ -166,13 +168,15 @@ def kv_algo(cache: CacheState, writer: Writer) -> str:
 class Quantization:
     """One algorithm for a whole model, as NVIDIA's checkpoints hold it: ``quant_algo`` (None:
     nothing quantized) and its ``group_size``, the caches' ``kv_cache_quant_algo``, the
-    quantized linears and those left in float (``excluded``), by Hugging Face name."""
+    quantized linears and those left in float (``excluded``), by Hugging Face name, and the
+    quantized fused-experts modules (``experts``, where the writer holds them)."""
 
     quant_algo: str | None
     group_size: int | None
     kv_cache_quant_algo: str | None
     quantized: dict[str, LinearState] = field(default_factory=dict)
     excluded: list[str] = field(default_factory=list)
+    experts: dict[str, ExpertsState] = field(default_factory=dict)
 
     @property
     def awq(self) -> bool:
@@ -199,7 +203,7 @@ def choose(description: ModelDescription, writer: Writer, linears: list[str] | N
         True
     """
     experts = [s for s in getattr(description, "experts", {}).values() if s.quantized]
-    if experts:
+    if experts and not writer.experts:
         raise ExportError(f"{experts[0].where}: quantized experts are not written by {writer.title} yet "
                           f"({len(experts)} fused-experts module(s) quantized); export with --backend qframe (the "
                           "native checkpoint), or keep the experts in float with targets = [\"Linear\"]")
@@ -227,10 +231,38 @@ def choose(description: ModelDescription, writer: Writer, linears: list[str] | N
                               f"of {size}, which the packed format needs; choose a group size that divides "
                               f"{state.in_features}")
         result.quantized[name] = state
+    for state in experts:
+        algo, group = _experts_algo(state, writer, description.shapes_known), state.weights.group_size
+        if chosen is None:
+            chosen = (algo, group, state)
+        elif (algo, group) != chosen[:2]:
+            raise ExportError(
+                f"the model's experts and linears would be quantized with different algorithms ({state.where}: "
+                f"{algo}{_group(group)}; {chosen[2].where}: {chosen[0]}{_group(chosen[1])}), but {writer.title} holds "
+                "one quantization algorithm for the whole model; quantize the experts as the linears")
+        result.experts[state.name] = state
     if chosen is not None:
         result.quant_algo, result.group_size = chosen[0], chosen[1]
     result.kv_cache_quant_algo = _kv_choice(description, writer)
     return result
+
+
+def _experts_algo(state: ExpertsState, writer: Writer, shapes_known: bool) -> str:
+    """W4A16_AWQ for quantized experts ``writer`` can hold, or an :class:`~qframe.ExportError`."""
+    fmt = formats.of(state.weights)
+    if not (isinstance(fmt, formats.IntFormat) and fmt.bits == 4) or state.activations is not None:
+        raise ExportError(f"{state.where}: experts with weights {describe(state.weights)}, activations "
+                          f"{describe(state.activations)}: {writer.title} holds quantized experts as W4A16_AWQ only "
+                          "(symmetric int4 weights per group of 64 or 128, activations in float); FP8 and NVFP4 "
+                          "experts need activation scales, which quantized experts do not calibrate yet; export with "
+                          "--backend qframe, or keep the experts in float with targets = [\"Linear\"]")
+    algo = quant_algo(state.weights, None, state.where, writer)
+    size = state.weights.group_size
+    for name, _, inp, _ in state.matrices if shapes_known else ():
+        if inp % size:
+            raise ExportError(f"{state.where}: {name}'s {inp} input channels per expert are not a whole number of "
+                              f"groups of {size}, which the packed format needs; choose a group size that divides {inp}")
+    return algo
 
 
 def _kv_choice(description: ModelDescription, writer: Writer) -> str | None:
