@@ -216,15 +216,8 @@ def choose(description: ModelDescription, writer: Writer, linears: list[str] | N
         if algo is None:
             result.excluded.append(name)
             continue
-        group = state.weights.group_size if algo in AWQ_ALGOS else None
-        if chosen is None:
-            chosen = (algo, group, state)
-        elif (algo, group) != chosen[:2]:
-            raise ExportError(
-                f"the model's linears would be quantized with different algorithms ({state.where}: {algo}{_group(group)}; "
-                f"{chosen[2].where}: {chosen[0]}{_group(chosen[1])}), but {writer.title} holds one quantization "
-                "algorithm for the whole model; quantize every linear alike (or leave some in float through the "
-                "recipe's ignore list)")
+        chosen = _one_algorithm(chosen, algo, state.weights.group_size if algo in AWQ_ALGOS else None, state, writer,
+                                "linears")
         size = state.weights.group_size
         if description.shapes_known and state.weights.granularity == "group" and state.in_features % size:
             raise ExportError(f"{state.where}: its {state.in_features} input channels are not a whole number of groups "
@@ -232,19 +225,27 @@ def choose(description: ModelDescription, writer: Writer, linears: list[str] | N
                               f"{state.in_features}")
         result.quantized[name] = state
     for state in experts:
-        algo, group = _experts_algo(state, writer, description.shapes_known), state.weights.group_size
-        if chosen is None:
-            chosen = (algo, group, state)
-        elif (algo, group) != chosen[:2]:
-            raise ExportError(
-                f"the model's experts and linears would be quantized with different algorithms ({state.where}: "
-                f"{algo}{_group(group)}; {chosen[2].where}: {chosen[0]}{_group(chosen[1])}), but {writer.title} holds "
-                "one quantization algorithm for the whole model; quantize the experts as the linears")
+        algo = _experts_algo(state, writer, description.shapes_known)
+        chosen = _one_algorithm(chosen, algo, state.weights.group_size, state, writer, "experts and linears")
         result.experts[state.name] = state
     if chosen is not None:
         result.quant_algo, result.group_size = chosen[0], chosen[1]
     result.kv_cache_quant_algo = _kv_choice(description, writer)
     return result
+
+
+def _one_algorithm(chosen: tuple | None, algo: str, group: int | None, state: LinearState | ExpertsState,
+                   writer: Writer, what: str) -> tuple:
+    """The model's one ``(algorithm, group, first state)``: the first seen, or a refusal naming
+    both modules when ``state`` is quantized otherwise."""
+    if chosen is None:
+        return algo, group, state
+    if (algo, group) != chosen[:2]:
+        raise ExportError(
+            f"the model's {what} would be quantized with different algorithms ({state.where}: {algo}{_group(group)}; "
+            f"{chosen[2].where}: {chosen[0]}{_group(chosen[1])}), but {writer.title} holds one quantization algorithm "
+            "for the whole model; quantize them alike (or leave some in float through the recipe's ignore list)")
+    return chosen
 
 
 def _experts_algo(state: ExpertsState, writer: Writer, shapes_known: bool) -> str:
