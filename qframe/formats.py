@@ -56,6 +56,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -240,7 +241,7 @@ def _symmetric_scale(lo: torch.Tensor, hi: torch.Tensor, qmin: float, qmax: floa
 
 # -- the formats -------------------------------------------------------------------------------
 
-class NumberFormat:
+class NumberFormat(ABC):
     """What every number format provides; :class:`IntFormat` and :class:`FloatFormat` are the
     two families (and :class:`FP4Format` a kind of float).
 
@@ -264,11 +265,13 @@ class NumberFormat:
     def qmax(self) -> int | float:
         return self.max
 
+    @abstractmethod
     def quantize(self, v: torch.Tensor) -> torch.Tensor:
         """Values already divided by their scale (and offset by the zero point) onto this
         format's grid, as float32."""
         raise NotImplementedError
 
+    @abstractmethod
     def encode(self, q: torch.Tensor) -> torch.Tensor:
         """Storage codes (``code_dtype``) of grid values from :meth:`quantize`."""
         raise NotImplementedError
@@ -277,6 +280,7 @@ class NumberFormat:
         """Float32 grid values of storage codes (inverse of :meth:`encode`)."""
         return codes.float()
 
+    @abstractmethod
     def scale_parts(self, lo: torch.Tensor, hi: torch.Tensor, global_scale: torch.Tensor | None = None) -> Scales:
         """The scales as stored, ``(scale, zero, global_scale)``, for float32 ranges with
         ``lo <= 0 <= hi`` (finite; :func:`qframe.numerics.scale_parts` makes them so)."""
@@ -293,10 +297,12 @@ class NumberFormat:
         magnitude is ``amax``; ``None`` for formats without one (all but NVFP4)."""
         return None
 
+    @abstractmethod
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes packed along the last dim into uint8, as the native checkpoint stores them."""
         raise NotImplementedError
 
+    @abstractmethod
     def unpack(self, packed: torch.Tensor, length: int) -> torch.Tensor:
         """Inverse of :meth:`pack`: ``length`` codes along the last dim, in ``code_dtype``."""
         raise NotImplementedError
