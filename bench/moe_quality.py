@@ -10,7 +10,9 @@ expert holds the same weights as the dense MLP, so a quantizer that handles fuse
 well as linears loses the same on both; issue 12 asks the MoE's loss to be within 10 % of the
 dense loss (``ok`` in the report: ``moe_loss <= 1.1 * dense_loss``, losses in % of perplexity).
 
-Recipes (``--recipes``, comma-separated): ``rtn-w4a16-g64`` (int4 symmetric, groups of 64),
+Recipes (``--recipes``, comma-separated): ``rtn-w4a16-g64``, ``awq-w4a16-g64`` and
+``gptq-w4a16-g64`` (int4 symmetric, groups of 64; the data-driven ones with every calibration
+token through every expert for statistics, their default),
 ``fp8`` (E4M3 weights per tensor, static activations by mse), ``nvfp4`` (E2M1 blocks of 16,
 static activation global scales). Every stage targets ``["Linear", "Experts"]`` and ignores
 ``lm_head``. Where a recipe's activations are refused on experts, the report says so and the
@@ -56,6 +58,8 @@ def stage(quantizer: str, weights: dict, activations: dict | None = None) -> dic
 # name -> (stage table, does it calibrate activations)
 RECIPES: dict[str, dict] = {
     "rtn-w4a16-g64": stage("rtn", {"bits": 4, "group_size": 64, "symmetric": True}),
+    "awq-w4a16-g64": stage("awq", {"bits": 4, "group_size": 64, "symmetric": True}),
+    "gptq-w4a16-g64": stage("gptq", {"bits": 4, "group_size": 64, "symmetric": True}),
     "fp8": stage("fp8", {"type": "float", "bits": 8, "granularity": "tensor"},
                  {"type": "float", "bits": 8, "calibrator": "mse"}),
     "nvfp4": stage("nvfp4", {"type": "float", "bits": 4, "format": "nvfp4", "group_size": 16},

@@ -20,7 +20,8 @@ A weight counts as quantized when its module holds ``NAME_codes`` beside it (a
 keeps one, else at the size of the codes. A module may say instead, with a method
 ``quantized_weights() -> dict[str, int | tuple[int, ...]]`` (weight name to element count or shape). A ``QuantLinear``
 that quantizes only activations keeps a float weight: it is counted, not quantized, and listed
-as ``activations_only`` (a stage took it: not warned about). 1-D weights (norms, biases) are
+as ``activations_only`` (a stage took it: not warned about). 1-D weights (norms, biases) and the
+2-D biases of fused experts (gpt-oss's ``gate_up_proj_bias [E, 2I]``, one row an expert) are
 not counted.
 
 Names are grouped by their path inside the layer: ``mlp.experts.gate_up_proj`` in 24 layers is
@@ -45,6 +46,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .experts import is_fused_experts
 from .scheme import _pattern_matches
 
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
@@ -226,8 +228,9 @@ def measure(model: nn.Module, arch: Any, ignore: Iterable[str] = ()) -> Coverage
             for key, size in quantized.items():
                 found.quantized_params += size
                 found.decoder_params += size
+            biases = 3 if is_fused_experts(module) else 2  # an expert's bias is a row of a 2-D tensor
             for key, weight in module.named_parameters(recurse=False):
-                if weight.dim() < 2 or key in quantized:
+                if weight.dim() < biases or key in quantized:
                     continue
                 size = weight.numel()
                 found.decoder_params += size

@@ -201,11 +201,15 @@ class QuantizedExperts:
 
 
 def quantize_experts(w: torch.Tensor, args: QuantArgs, calibrator: str = "minmax", *,
-                     served_dtype: torch.dtype | None = None) -> QuantizedExperts:
+                     served_dtype: torch.dtype | None = None,
+                     ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     global_scale: torch.Tensor | None = None) -> QuantizedExperts:
     """Round every expert's matrix of ``w [E, out, in]`` in one batched call, each with its own
     scales as ``args`` says (per tensor: one an expert; per channel or group: its rows' and
     groups'; NVFP4: a global scale an expert), from min/max ranges or, with ``calibrator =
-    "mse"``, clipped ranges of least rounding error. Expert ``e``'s result is bit-equal to
+    "mse"``, clipped ranges of least rounding error; an algorithm that fixed its own ranges
+    (GPTQ, AWQ's clip search) passes them as ``ranges`` (``[E, out, groups]``, ``[E, 1, 1]`` per
+    tensor) and NVFP4's ``global_scale [E]``. Expert ``e``'s result is bit-equal to
     :func:`qframe.numerics.quantize_weight` of ``w[e]`` alone.
 
     Example::
@@ -222,7 +226,13 @@ def quantize_experts(w: torch.Tensor, args: QuantArgs, calibrator: str = "minmax
     row_args = _row_args(args)
     rows = _rows(w, args)
     per_expert, row_global = _row_global(w, args)
-    ranges = _mse_rows(rows, row_args, row_global) if calibrator == "mse" else None
+    if global_scale is not None:
+        per_expert = global_scale.reshape(e).float()
+        row_global = (per_expert if args.granularity == "tensor" else per_expert.repeat_interleave(out)).unsqueeze(-1)
+    if ranges is not None:  # [E, out, groups] -> the rows of _rows: [E, 1] per tensor, else [E*out, groups]
+        ranges = tuple(r.reshape(e, 1) if args.granularity == "tensor" else r.reshape(e * out, -1) for r in ranges)
+    elif calibrator == "mse":
+        ranges = _mse_rows(rows, row_args, row_global)
     q = numerics.quantize_weight(rows, row_args, ranges, row_global,
                                  served_dtype=w.dtype if served_dtype is None else served_dtype)
     shape = (e, 1, 1) if args.granularity == "tensor" else (e, out, -1)
@@ -324,12 +334,16 @@ class QuantExperts(nn.Module):
         """``w`` (shaped like the weight ``name`` in the module's layout) as ``[E, out, in]``."""
         return w if self.expert_layouts[name] == OUT_IN else w.transpose(1, 2)
 
-    def set_weight(self, name: str, w: torch.Tensor, *, served_dtype: torch.dtype | None = None) -> None:
+    def set_weight(self, name: str, w: torch.Tensor, *, served_dtype: torch.dtype | None = None,
+                   ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   global_scale: torch.Tensor | None = None) -> None:
         """Quantize the float weight ``name`` (``w`` in the module's own layout) into its codes
-        and scales, and refresh the dequantized weight."""
+        and scales — with the stage's weight ranges, or ``ranges``/``global_scale`` an algorithm
+        fixed (see :func:`quantize_experts`) — and refresh the dequantized weight."""
         served = self._buffers[name].dtype if served_dtype is None else served_dtype
         q = quantize_experts(self.matrix(name, w.detach()).contiguous(), self.weight_args,
-                             self.weight_args.calibrator, served_dtype=served)
+                             self.weight_args.calibrator, served_dtype=served, ranges=ranges,
+                             global_scale=global_scale)
         self._buffers[f"{name}_codes"].copy_(q.codes)
         self._buffers[f"{name}_scale"].copy_(q.scale)
         if q.zero is not None:

@@ -445,6 +445,11 @@ class Architecture:
     layers_path: str = "model.layers"
     pre_layer_paths: tuple[str, ...] = ("model.embed_tokens", "model.rotary_emb")
     smoothing_groups: tuple[SmoothingGroup, ...] = ()
+    # Mixtures of experts: the norm in front of a sparse block and *every* module reading its
+    # output — router, fused experts (their first weight), shared expert and its gate. Scaling
+    # the norm is exact only with all of them compensated, so only expert-aware algorithms
+    # (awq) use these; a layer lacking a consumer named here is skipped.
+    expert_groups: tuple[SmoothingGroup, ...] = ()
     # The attention module of a decoder layer (relative to it, e.g. "self_attn"): where a
     # quantized KV cache lives (qframe.kvcache). None: this adapter knows no attention.
     attention_path: str | None = None

@@ -37,11 +37,11 @@ from torch import nn
 from .calibrate import Calibrator, build_calibrator
 from .description import CacheState, ExpertsState, LinearState, ModelDescription, planned, staged
 from .errors import ModelError, QFrameError, RecipeError
-from .experts import ExpertTokens, QuantExperts, is_fused_experts, unrouted_warning
+from .experts import ExpertTokens, QuantExperts, expert_layouts, is_fused_experts, unrouted_warning
 from .model import Architecture, all_finite, check_finite_weights, find_architecture, listed, nonfinite_names
 from .qlinear import QuantLinear
 from .recipe import Plan, StageSpec
-from .scheme import QuantArgs
+from .scheme import QuantArgs, describe
 
 
 class Quantizer(ABC):
@@ -66,8 +66,17 @@ class Quantizer(ABC):
         """Whether this stage must see the layer's inputs (by default: to calibrate static activations)."""
         return stage.static_activations
 
+    # Whether this class quantizes fused experts (qframe.experts): declared by each class itself,
+    # so a subclass with an algorithm of its own leaves them alone until it says otherwise.
+    handles_experts = False
+
     def accepts(self, module: nn.Module) -> bool:
-        """Whether this stage may take ``module``: by default, linears no earlier stage quantized."""
+        """Whether this stage may take ``module``: by default, linears no earlier stage quantized,
+        and float fused-experts modules when the stage quantizes weights and its class declares
+        ``handles_experts``."""
+        if is_fused_experts(module):
+            return (vars(type(self)).get("handles_experts", False) and self.scheme.weights is not None
+                    and not isinstance(module, QuantExperts))
         return isinstance(module, nn.Linear)
 
     def takes(self, work: "LayerWork", targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
@@ -75,7 +84,22 @@ class Quantizer(ABC):
         the stage changes: all of them by default. A stage that uses only some narrows them
         (``kv_cache``: those of the layer's attention). The pipeline asks before calibrating, with
         no inputs in ``work``, to refuse a stage that would change nothing (:func:`check_stages`).
+
+        Experts among them are refused here, before any data is read, when the stage quantizes
+        activations (experts are quantized weights-only) or when their layout cannot be told
+        (a :class:`~qframe.errors.ModelError` naming the class).
         """
+        experts = [n for n, m in targets if is_fused_experts(m)]
+        if experts and self.scheme.activations is not None:
+            raise RecipeError("activations", describe(self.scheme.activations),
+                              f"{self.stage.quantizer} would quantize the inputs of fused experts ({experts[0]}"
+                              f"{f' and {len(experts) - 1} more' if len(experts) > 1 else ''}), which needs per-expert "
+                              "input calibration qframe does not do yet; experts are quantized weights-only now: "
+                              "quantize the linears with activations (targets = [\"Linear\"]) and the experts in a "
+                              "weights-only stage (targets = [\"Experts\"], no activations)")
+        for _, module in targets:
+            if is_fused_experts(module):
+                expert_layouts(module)  # refuses, naming the class, what it cannot read
         return targets
 
     def replaces_targets(self) -> bool:
@@ -205,7 +229,7 @@ class LayerWork:
         with torch.inference_mode():
             return [_first(self.layer(inputs.batch(i, self.device), **kw)) for i, kw in enumerate(inputs.kwargs)]
 
-    def _forward_all(self) -> None:
+    def forward_all(self) -> None:
         """Run every batch through the layer for its hooks, keeping no outputs (a full copy of
         the activations otherwise)."""
         inputs = self.inputs
@@ -233,7 +257,7 @@ class LayerWork:
             else:
                 hooks.append(module.register_forward_pre_hook(lambda _m, args, c=calibrator: c.observe(args[0])))
         try:
-            self._forward_all()
+            self.forward_all()
         finally:
             for hook in hooks:
                 hook.remove()
@@ -283,7 +307,7 @@ class LayerWork:
 
         name, attention = self.attention()
         with kvcache.observing(attention, keys, values) as seen:
-            self._forward_all()
+            self.forward_all()
         kvcache.require_observed(name, seen)
 
     def _relative(self, name: str) -> str:

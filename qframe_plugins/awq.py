@@ -30,6 +30,9 @@ Recipe::
 
 from __future__ import annotations
 
+import inspect
+import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -38,12 +41,15 @@ from torch import nn
 from qframe import QuantizerPlugin, formats, hookimpl, numerics
 from qframe.calibrate import Prescaled
 from qframe.errors import RecipeError
+from qframe.expert_inputs import ExpertCalibration, expert_hidden, expert_matrix, expert_weight_names, observe_experts
+from qframe.experts import QuantExperts, expert_layouts, experts_error, is_fused_experts, num_experts
+from qframe.model import listed
 from qframe.pipeline import LayerWork, Quantizer, weight_error
 from qframe.qlinear import QuantLinear
 from qframe.scheme import QuantArgs
 
 from .rtn import check as check_rtn
-from .smoothing import CandidateLoss, ChannelStats, active_groups, apply_scale, scale_columns
+from .smoothing import CandidateLoss, ChannelStats, active_groups, submodule, apply_scale, scale_columns
 
 # The clip search's partial outputs [tokens, rows, groups] are computed this many elements at a time.
 CLIP_CHUNK = 1 << 24
@@ -53,10 +59,12 @@ MAX_GRID = 1000
 
 
 @dataclass(frozen=True)
-class AWQOptions:
+class AWQOptions(ExpertCalibration):
     """``n_grid``: scale ratios searched; ``clip``: search weight ranges too, over
     ``clip_grid + 1`` shrink ratios down to ``1 - max_shrink``, on ``clip_tokens`` tokens;
-    ``quantize``: false to smooth only."""
+    ``quantize``: false to smooth only. Fused experts: their searches run on ``expert_tokens``
+    tokens sampled evenly from the calibration stream; ``experts`` and ``expert_min_tokens`` as
+    :class:`qframe.expert_inputs.ExpertCalibration` says."""
 
     n_grid: int = 20
     clip: bool = True
@@ -64,9 +72,11 @@ class AWQOptions:
     max_shrink: float = 0.5
     clip_tokens: int = 512
     quantize: bool = True
+    expert_tokens: int = 4096
 
     def __post_init__(self) -> None:
-        for key in ("n_grid", "clip_grid", "clip_tokens"):
+        super().__post_init__()
+        for key in ("n_grid", "clip_grid", "clip_tokens", "expert_tokens"):
             if getattr(self, key) < 1:
                 raise RecipeError(key, getattr(self, key), "expected a positive integer")
         for key in ("n_grid", "clip_grid"):  # each point of a grid costs a forward pass of every group
@@ -94,7 +104,8 @@ def check(stage) -> None:
 def awq_scale(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float) -> torch.Tensor:
     """AWQ's candidate scale for ``ratio`` in [0, 1): the identity at 0, otherwise
     ``mean|x|^r / mean|w|^(1-r)`` normalized by ``sqrt(max · min)``, at least 1e-4; channels
-    never active in calibration keep 1 (nothing is known about them).
+    never active in calibration keep 1 (nothing is known about them). Batched over leading
+    dimensions (one scale per expert: ``[E, channels]``).
 
     Example::
 
@@ -105,19 +116,25 @@ def awq_scale(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float) -> torch
         return torch.ones_like(x_mean, dtype=torch.float32)
     live = x_mean > 0
     s = x_mean.float().clamp_min(1e-4).pow(ratio) / w_mean.float().clamp_min(1e-4).pow(1 - ratio)
-    picked = s[live] if bool(live.any()) else s
-    s = (s / (picked.max() * picked.min()).sqrt()).clamp_min(1e-4)
+    # Normalized over the live channels of each row (each expert's own, for [E, channels]).
+    any_live = live.any(-1, keepdim=True)
+    picked = live | ~any_live
+    top = torch.where(picked, s, -math.inf).amax(-1, keepdim=True)
+    bottom = torch.where(picked, s, math.inf).amin(-1, keepdim=True)
+    s = (s / (top * bottom).sqrt()).clamp_min(1e-4)
     return torch.where(live, s, torch.ones_like(s))
 
 
-def weight_mean(linears: list[nn.Linear], args: QuantArgs) -> torch.Tensor:
+def normalized_magnitudes(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """``|w|`` ``[out, in]`` with each quantization group scaled to a max of 1 (float32)."""
+    g = numerics.grouped(w.detach().float().abs(), args)
+    return numerics.ungrouped(g / g.amax(-1, keepdim=True).clamp_min(1e-12), w.shape)
+
+
+def weight_mean(weights: list[torch.Tensor], args: QuantArgs) -> torch.Tensor:
     """Mean |w| per input channel, each quantization group first scaled to a max of 1 (so a
-    few large rows do not decide it), over the rows of every consumer."""
-    rows = []
-    for linear in linears:
-        g = numerics.grouped(linear.weight.detach().float().abs(), args)
-        rows.append(numerics.ungrouped(g / g.amax(-1, keepdim=True).clamp_min(1e-12), linear.weight.shape))
-    return torch.cat(rows).mean(0)
+    few large rows do not decide it), over the rows of every consumer's weight ``[out, in]``."""
+    return torch.cat([normalized_magnitudes(w, args) for w in weights]).mean(0)
 
 
 def clip_ranges(w: torch.Tensor, x: torch.Tensor, args: QuantArgs, steps: int, max_shrink: float
@@ -130,28 +147,174 @@ def clip_ranges(w: torch.Tensor, x: torch.Tensor, args: QuantArgs, steps: int, m
 
         (lo, hi), mean_ratio = clip_ranges(linear.weight, samples, QuantArgs(bits=4, granularity="group", group_size=128), 20, 0.5)
     """
-    w = w.detach().float()
+    (lo, hi), ratio = clip_ranges_batched(w.unsqueeze(0), x.unsqueeze(0), args, steps, max_shrink)
+    return (lo[0], hi[0]), ratio
+
+
+def clip_ranges_batched(w: torch.Tensor, x: torch.Tensor, args: QuantArgs, steps: int, max_shrink: float
+                        ) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
+    """:func:`clip_ranges` for a batch of matrices ``w [B, out, in]`` (every expert of a fused
+    weight), each on its own tokens ``x [B, tokens, in]`` or all on the same ``x [1, tokens,
+    in]``; ranges ``[B, out, groups]``.
+
+    Example::
+
+        >>> (lo, hi), _ = clip_ranges_batched(torch.randn(3, 4, 8), torch.randn(1, 16, 8), QuantArgs(bits=4), 4, 0.5)
+        >>> tuple(lo.shape)
+        (3, 4, 1)
+    """
+    b, rows, columns = w.shape
+    w = w.detach().float().reshape(b * rows, columns)
     lo, hi = numerics.minmax_ranges(w, args)
-    wg = numerics.grouped(w, args)  # [rows, groups, size]
-    xg = numerics.grouped(x.float(), args).transpose(0, 1)  # [groups, tokens, size]
+    groups = lo.shape[-1]
+    wg = numerics.grouped(w, args).view(b, rows, groups, -1)  # [B, rows, groups, size]
+    xg = torch.stack([numerics.grouped(t.float(), args) for t in x]).transpose(1, 2)  # [Bx, groups, tokens, size]
+    tokens = xg.shape[2]
+    lo, hi = lo.view(b, rows, groups), hi.view(b, rows, groups)
     best_err = torch.full(lo.shape, float("inf"), device=w.device)
     best = torch.ones_like(lo)
-    chunk = max(1, CLIP_CHUNK // max(1, xg.shape[0] * xg.shape[1]))
+    per_row = max(1, groups * tokens)
+    row_step = max(1, CLIP_CHUNK // per_row)
+    batch_step = max(1, CLIP_CHUNK // (per_row * rows)) if row_step >= rows else 1
     for k in range(steps + 1):
         ratio = 1.0 - max_shrink * k / steps
         scale, zero, _ = numerics.scale_parts(lo * ratio, hi * ratio, args)
         scale, zero = scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1)
         diff = numerics.dequantize(numerics.quantize(wg, scale, zero, args), scale, zero) - wg
-        err = torch.cat([torch.bmm(xg, part.permute(1, 2, 0)).square().sum(1).T  # [rows, groups]
-                         for part in diff.split(chunk)])
+        err = torch.empty_like(best_err)
+        for i in range(0, b, batch_step):
+            j = min(i + batch_step, b)
+            xs = xg[i:j] if xg.shape[0] > 1 else xg.expand(j - i, -1, -1, -1)
+            flat_x = xs.reshape((j - i) * groups, tokens, -1)  # [b·groups, tokens, size]
+            for r in range(0, rows, row_step):
+                part = diff[i:j, r:r + row_step].permute(0, 2, 3, 1)  # [b, groups, size, rows]
+                out = torch.bmm(flat_x, part.reshape((j - i) * groups, part.shape[2], -1))
+                err[i:j, r:r + row_step] = out.square().sum(1).view(j - i, groups, -1).transpose(1, 2)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, torch.full_like(best, ratio), best)
     return (lo * best, hi * best), float(best.mean())
 
 
+# -- fused experts -----------------------------------------------------------------------------
+
+# Elements of one chunk of expert outputs [experts, tokens, out] scored at once.
+EXPERT_OUTPUT_ELEMENTS = 1 << 26
+
+
+def experts_candidate_loss(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor, args: QuantArgs,
+                           routed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """AWQ's objective for every expert of a fused weight at once: for each candidate scale
+    ``s_k`` (``scales [K, in]``, shared, or ``[K, E, in]``, each expert its own), the squared
+    output error ``Σ_t ||Q(W_e · s_k)(x_t / s_k) − W_e x_t||²`` of each expert ``e`` (``w [E,
+    out, in]``) over its tokens (``x [tokens, in]`` shared or ``[E, tokens, in]``; ``routed
+    [E, tokens]`` weights them, ``None``: all). Returns ``loss [K, E]`` and each expert's output
+    energy ``[E]``, in float64.
+
+    Example::
+
+        >>> loss, energy = experts_candidate_loss(torch.randn(2, 4, 8), torch.randn(16, 8),
+        ...                                       torch.ones(1, 8), QuantArgs(bits=4))
+        >>> tuple(loss.shape), bool((loss < energy).all())
+        ((1, 2), True)
+    """
+    e, out, columns = w.shape
+    tokens = x.shape[-2]
+    dtype = w.dtype if w.is_cuda and w.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    loss = torch.zeros(scales.shape[0], e, dtype=torch.float64, device=w.device)
+    energy = torch.zeros(e, dtype=torch.float64, device=w.device)
+    step = max(1, EXPERT_OUTPUT_ELEMENTS // max(1, tokens * out))
+    for i in range(0, e, step):
+        chunk = slice(i, min(i + step, e))
+        wc = w[chunk].detach().float()
+        xc = (x.unsqueeze(0) if x.dim() == 2 else x[chunk]).float()
+        xc = torch.where(torch.isfinite(xc), xc, torch.zeros((), device=xc.device))
+        weight = None if routed is None else routed[chunk].to(w.device, torch.float64)
+        reference = torch.matmul(xc.to(dtype), wc.to(dtype).transpose(1, 2)).float()  # [c, tokens, out]
+        per_token = reference.square().sum(-1).double()
+        energy[chunk] = (per_token if weight is None else per_token * weight).sum(-1)
+        for k in range(scales.shape[0]):
+            s = scales[k] if scales.dim() == 2 else scales[k, chunk]
+            s = s.float().view(-1, 1, columns) if scales.dim() == 3 else s.float().view(1, 1, columns)
+            scaled = (wc * s).reshape(-1, columns)
+            rounded = numerics.quantize_weight(scaled, args, served_dtype=torch.float32).dequantize()
+            outputs = torch.matmul((xc / s).to(dtype), rounded.view(wc.shape).to(dtype).transpose(1, 2)).float()
+            err = outputs.sub_(reference).square_().sum(-1).double()
+            loss[k, chunk] = (err if weight is None else err * weight).sum(-1)
+    return loss, energy
+
+
+class ExpertSample:
+    """An :class:`~qframe.expert_inputs.ExpertObserver` for AWQ: mean ``|x|`` per channel over
+    every token the experts receive, and an evenly spread sample of at most ``keep`` tokens
+    ``[n, H]`` with their routing ``[E, n]`` (``None`` under ``experts = "all"``; then also the
+    routed tokens per expert over the whole stream). The routing rides along as extra columns
+    of the sampled rows, so both are sampled alike.
+
+    Example::
+
+        >>> sample = ExpertSample(keep=2)
+        >>> sample.observe(torch.ones(4, 3), torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]]).bool())
+        >>> x, routed = sample.tokens()
+        >>> tuple(x.shape), routed.int().tolist(), sample.routed_tokens.tolist()
+        ((2, 3), [[1, 0], [0, 1]], [2, 2])
+    """
+
+    def __init__(self, keep: int):
+        self.stats = ChannelStats(keep)
+        self.width = 0
+        self.routed_tokens: torch.Tensor | None = None  # per expert, over the whole stream ("routed")
+
+    def observe(self, x: torch.Tensor, routed: torch.Tensor | None) -> None:
+        self.width = x.shape[-1]
+        self.stats.observe(x if routed is None else torch.cat([x.float(), routed.T.float()], -1))
+        if routed is not None:
+            counts = routed.sum(1)
+            self.routed_tokens = counts if self.routed_tokens is None else self.routed_tokens + counts
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.stats.mean_abs[: self.width]
+
+    def tokens(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sampled tokens and their routing masks."""
+        rows = self.stats.samples
+        routed = rows[:, self.width:].T > 0.5 if rows.shape[1] > self.width else None
+        return rows[:, : self.width], routed
+
+
+def _concatenated_gate(module: nn.Module) -> bool:
+    """Whether the experts compute ``act(gate) · up`` on ``[gate; up]`` halves of ``gate_up_proj``
+    (transformers' default gate): then scaling ``up``'s rows by ``1 / s`` divides ``down_proj``'s
+    input by ``s`` exactly. Not gpt-oss's interleaved, clamped ``(up + 1) · glu``."""
+    if not getattr(module, "has_gate", True) or not getattr(module, "is_concatenated", True):
+        return False
+    gate = getattr(type(module), "_apply_gate", None)
+    if gate is None:
+        return "act_fn" in vars(module).get("_modules", {})
+    from transformers.integrations.moe import _default_apply_gate
+
+    return inspect.unwrap(gate) is _default_apply_gate
+
+
+def _scale_reader(module: nn.Module, scale: torch.Tensor) -> None:
+    """Multiply the input channels of a module reading a smoothed output by ``scale``: a linear's
+    or router's ``weight [out, in]`` columns, or the fused experts' first weight ``[E, out, in]``."""
+    w = expert_matrix(module, expert_weight_names(module)[0]) if is_fused_experts(module) else module.weight
+    with torch.no_grad():
+        w.mul_(scale.to(w.device, w.dtype))
+
+
+def _float_reader(module: nn.Module | None) -> bool:
+    w = getattr(module, "weight", None)
+    return (not isinstance(module, QuantLinear) and isinstance(w, torch.Tensor) and w.dim() == 2
+            and w.is_floating_point())
+
+
 class AWQ(Quantizer):
     """Search smoothing scales and weight clipping per group, then quantize (see module doc)."""
+
+    handles_experts = True
 
     @classmethod
     def needs_calibration(cls, stage) -> bool:
@@ -160,7 +323,126 @@ class AWQ(Quantizer):
     def replaces_targets(self) -> bool:
         return self.options.quantize  # false: smoothed linears stay float for a later stage
 
+    def takes(self, work: LayerWork, targets):
+        """As every quantizer; experts only in transformers' layout (gate_up_proj/up_proj, down_proj)."""
+        targets = super().takes(work, targets)
+        for _, module in targets:
+            if is_fused_experts(module):
+                expert_weight_names(module)
+        return targets
+
     def quantize_layer(self, work: LayerWork, targets) -> None:
+        experts = [(n, m) for n, m in targets if is_fused_experts(m)]
+        linears = [(n, m) for n, m in targets if not is_fused_experts(m)]
+        chosen = {n for n, _ in linears}
+        for name, module in experts:  # first: the norm it smooths feeds the shared expert's linears too
+            self._smooth_block_input(work, name, module, chosen)
+        if linears:
+            self._quantize_linears(work, linears)
+        for name, module in experts:
+            self._quantize_experts(work, name, module)
+
+    def _smooth_block_input(self, work: LayerWork, name: str, module: nn.Module, chosen: set[str]) -> None:
+        """The norm in front of the sparse block → router, every expert's first weight and the
+        shared expert (the adapter's ``expert_groups``): one scale for all, searched on AWQ's
+        objective summed over every expert and the stage's shared-expert linears, folded into
+        the norm; the router and shared gate (float) take ``W · s`` too, so routing is unchanged."""
+        opts, weights = self.options, self.scheme.weights
+        relative = name[len(work.prefix) + 1:]
+        for group in getattr(work.arch, "expert_groups", ()):
+            if relative not in group.consumers:
+                continue
+            readers = {c: submodule(work.layer, c) for c in group.consumers if c != relative}
+            producer = submodule(work.layer, group.producer)
+            first = expert_weight_names(module)[0]
+            w = expert_matrix(module, first)
+            if (producer is None or isinstance(producer, QuantLinear) or not work.arch.can_fold(producer, w.shape[2])
+                    or not all(_float_reader(r) for r in readers.values())):
+                continue  # not exact here: leave the norm alone
+            sample = observe_experts(work, [name], lambda _n: ExpertSample(opts.expert_tokens), opts.experts)[name]
+            x, routed = sample.tokens()
+            shared = [r.weight for c, r in readers.items() if f"{work.prefix}.{c}" in chosen]
+            w_mean = weight_mean([w.reshape(-1, w.shape[2]), *shared], weights)
+            scales = torch.stack([awq_scale(sample.mean_abs, w_mean, k / opts.n_grid) for k in range(opts.n_grid)])
+            loss, energy = experts_candidate_loss(w, x, scales, weights, routed)
+            loss, energy = loss.sum(1), energy.sum()
+            if shared:
+                search = CandidateLoss(shared, scales, weights)
+                search.observe(x)
+                loss, energy = loss + search.loss, energy + search.energy
+            best = int(loss.argmin())
+            if best:
+                work.arch.fold_scale(producer, 1.0 / scales[best])
+                for reader in [module, *readers.values()]:
+                    _scale_reader(reader, scales[best])
+            energy = float(energy.clamp_min(1e-30))
+            work.record(name, awq_ratio=best / opts.n_grid, awq_loss=float(loss[best]) / energy,
+                        awq_rtn_loss=float(loss[0]) / energy, awq_folded=1.0)
+            return
+
+    def _quantize_experts(self, work: LayerWork, name: str, module: nn.Module) -> None:
+        """Up → down inside each expert (its own scale, folded into ``up``'s rows where the gate is
+        ``act(gate) · up``), then each weight's clip search, all experts batched; then the
+        module becomes :class:`QuantExperts` with those ranges."""
+        opts, weights = self.options, self.scheme.weights
+        keep = max(opts.expert_tokens, opts.clip_tokens if opts.clip else 0)
+        sample = observe_experts(work, [name], lambda _n: ExpertSample(keep), opts.experts)[name]
+        x, routed = sample.tokens()
+        first, second = expert_weight_names(module)
+        total = num_experts(module)
+        starved = []
+        if sample.routed_tokens is not None:
+            starved = (sample.routed_tokens < opts.expert_min_tokens).nonzero().flatten().tolist()
+        with torch.no_grad():
+            if _concatenated_gate(module) and x.shape[0]:
+                gate_up, down = expert_matrix(module, first), expert_matrix(module, second)
+                hidden = expert_hidden(module, x)  # [E, n, I]
+                magnitude = hidden.abs().float()
+                if routed is None:
+                    a_mean = magnitude.mean(1)
+                else:
+                    mask = routed.to(magnitude.device).float()
+                    a_mean = (magnitude * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+                del magnitude
+                inner = down.shape[2]
+                w_mean = normalized_magnitudes(down.reshape(-1, inner), weights).view(down.shape).mean(1)
+                scales = torch.stack([awq_scale(a_mean, w_mean, k / opts.n_grid) for k in range(opts.n_grid)])
+                loss, energy = experts_candidate_loss(down, hidden, scales, weights, routed)
+                del hidden
+                best = loss.argmin(0)
+                best[starved] = 0  # too few tokens to trust a search: the identity
+                chosen_scale = scales[best.to(scales.device), torch.arange(total, device=scales.device)]  # [E, I]
+                gate_up[:, inner:].mul_((1.0 / chosen_scale).unsqueeze(-1).to(gate_up.dtype))
+                down.mul_(chosen_scale.unsqueeze(1).to(down.dtype))
+                picked = loss.gather(0, best.to(loss.device).unsqueeze(0)).sum()
+                whole = float(energy.sum().clamp_min(1e-30))
+                work.record(name, awq_expert_ratio=float(best.float().mean()) / opts.n_grid,
+                            awq_expert_loss=float(picked) / whole, awq_expert_rtn_loss=float(loss[0].sum()) / whole)
+        if starved:
+            warnings.warn(f"{name}: expert{'s' if len(starved) > 1 else ''} {listed([str(e) for e in starved], 8)} "
+                          f"(of {total}) saw fewer than {opts.expert_min_tokens} routed calibration tokens (experts = "
+                          "\"routed\"): no smoothing scale was searched for them; calibrate on more tokens, or use "
+                          "experts = \"all\" (the default) so that every token reaches every expert")
+        if not opts.quantize:
+            return
+        ranges = {}
+        if opts.clip and x.shape[0]:
+            clip = x[:: max(1, -(-x.shape[0] // opts.clip_tokens))]  # evenly spread, at most clip_tokens
+            with torch.no_grad():
+                ranges[first], ratio_first = clip_ranges_batched(expert_matrix(module, first), clip.unsqueeze(0),
+                                                                 weights, opts.clip_grid, opts.max_shrink)
+                ranges[second], ratio_second = clip_ranges_batched(expert_matrix(module, second),
+                                                                   expert_hidden(module, clip), weights,
+                                                                   opts.clip_grid, opts.max_shrink)
+            work.record(name, awq_clip_ratio=(ratio_first + ratio_second) / 2)
+        layouts = expert_layouts(module)
+        smoothed = {n: module._parameters[n].detach().clone() for n in layouts}
+        quantized = QuantExperts.convert(module, weights, None, layouts)
+        for weight_name, w in smoothed.items():
+            quantized.set_weight(weight_name, w, ranges=ranges.get(weight_name))
+        work.record(name, weight_error=experts_error(smoothed, quantized))
+
+    def _quantize_linears(self, work: LayerWork, targets) -> None:
         opts, weights = self.options, self.scheme.weights
         groups = active_groups(work, targets)
         if not opts.quantize:  # a float nn.Linear cannot carry a prescale
@@ -174,7 +456,7 @@ class AWQ(Quantizer):
         searches = {}
         for g in groups:
             x_mean = stats[g.names[0]].mean_abs
-            w_mean = weight_mean(g.linears, weights)
+            w_mean = weight_mean([m.weight for m in g.linears], weights)
             scales = torch.stack([awq_scale(x_mean, w_mean, k / opts.n_grid) for k in range(opts.n_grid)])
             searches[g.names[0]] = CandidateLoss([m.weight for m in g.linears], scales, weights)
         if searches:

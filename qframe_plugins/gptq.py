@@ -36,8 +36,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qframe import QuantizerPlugin, hookimpl, numerics
+from qframe import QuantizerPlugin, formats, hookimpl, numerics
 from qframe.errors import RecipeError
+from qframe.expert_inputs import (ALL, ExpertCalibration, ExpertHessians, WeightInputs, expert_matrix,
+                                  expert_weight_names, observe_experts)
+from qframe.experts import OUT_IN, QuantExperts, expert_layouts, experts_error, is_fused_experts, num_experts
 from qframe.pipeline import LayerWork, Quantizer, weight_error
 from qframe.qlinear import QuantLinear
 from qframe.scheme import QuantArgs
@@ -48,7 +51,7 @@ DAMP_RETRIES = 4
 
 
 @dataclass(frozen=True)
-class GPTQOptions:
+class GPTQOptions(ExpertCalibration):
     """``options`` of a gptq stage.
 
     ``block_size``: columns rounded between two lazy updates of the rest of the weight.
@@ -56,6 +59,8 @@ class GPTQOptions:
     ``act_order``: round columns in order of decreasing ``diag(H)`` (largest inputs first).
     ``true_sequential``: quantize the layer's linears group by group, each on inputs
     recomputed through the groups already quantized.
+    ``experts``, ``expert_min_tokens``: which tokens each fused expert's Hessians cover
+    (:class:`qframe.expert_inputs.ExpertCalibration`).
 
     Example::
 
@@ -69,6 +74,7 @@ class GPTQOptions:
     true_sequential: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.block_size < 1:
             raise RecipeError("block_size", self.block_size, "expected a positive number of columns")
         if not 0 <= self.dampening < 1e3:  # also refuses NaN
@@ -129,41 +135,161 @@ class GPTQResult:
     fallback: bool  # rounded to nearest: no dampening made H positive definite
 
 
+@dataclass
+class BatchedGPTQ:
+    """:func:`gptq_batched`'s result: ``weight [B, out, in]`` (float32), ``ranges`` ``[B, out,
+    groups]`` (``[B, 1, 1]`` per tensor), NVFP4's ``global_scale [B, 1, 1]``, and per matrix
+    ``loss``, ``damp`` and ``fallback`` ``[B]``."""
+
+    weight: torch.Tensor
+    ranges: tuple[torch.Tensor, torch.Tensor]
+    global_scale: torch.Tensor | None
+    loss: torch.Tensor
+    damp: torch.Tensor
+    fallback: torch.Tensor
+
+
 def _per_column(t: torch.Tensor, args: QuantArgs, shape: torch.Size) -> torch.Tensor:
-    """Scales (or zeros) ``[rows, groups]`` spread to one per weight element ``[out, in]``."""
+    """Scales (or zeros) ``[B, rows, groups]`` spread to one per weight element ``[B, out, in]``."""
     if args.granularity == "group":
-        t = t.repeat_interleave(args.group_size, dim=1)[:, : shape[1]]
+        t = t.repeat_interleave(args.group_size, dim=-1)[..., : shape[-1]]
     return t.expand(shape).contiguous()
 
 
-def _inverse_factor(reversed_h: torch.Tensor, dampening: float) -> tuple[torch.Tensor | None, float]:
-    """The upper Cholesky factor ``U`` of ``(H + damp·mean(diag H)·I)⁻¹`` (``UᵀU`` is the
-    inverse) and the dampening used, retrying with 10x the dampening when a factorization
-    fails; ``None`` if all fail.
+def _inverse_factor(reversed_h: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The upper Cholesky factors ``U`` of ``(H + damp·mean(diag H)·I)⁻¹`` (``UᵀU`` is the
+    inverse) of a batch ``[B, n, n]``, the dampening used and which failed: a factorization
+    that fails is retried with 10x the dampening; one that never succeeds gets ``U = I``
+    (rounding to nearest: no error is spread) and ``damp = NaN``.
 
     It takes ``J·H·J``, ``H`` with rows and columns reversed, because then
     ``U = J·L⁻¹·J`` for the lower Cholesky factor ``L`` of ``J·H·J``, and ``L⁻¹`` can be
-    solved for in place: no more than two ``[in, in]`` matrices exist at any moment (for a
-    14336-wide down_proj each is 784 MiB). ``reversed_h`` is overwritten.
+    solved for in place: no more than two ``[B, in, in]`` tensors exist at any moment (for a
+    14336-wide down_proj each matrix is 784 MiB). ``reversed_h`` is overwritten.
     """
     h = reversed_h
-    mean_diag = h.diagonal().mean()
-    damp, added = dampening, 0.0
-    for _ in range(DAMP_RETRIES + 1):
-        h.diagonal().add_((damp - added) * mean_diag)
-        added = damp
+    diagonal = h.diagonal(dim1=-2, dim2=-1)
+    mean_diag = diagonal.mean(-1)
+    damp = torch.full_like(mean_diag, dampening, dtype=torch.float64)  # reported exactly as given
+    added = torch.zeros_like(damp)
+    for attempt in range(DAMP_RETRIES + 1):
+        diagonal.add_(((damp - added) * mean_diag).unsqueeze(-1).to(h.dtype))
+        added = damp.clone()
         lower, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0:
-            h.zero_().diagonal().fill_(1.0)
-            torch.linalg.solve_triangular(lower, h, upper=False, out=h)  # h = L⁻¹
-            del lower
-            upper = h.flip((0, 1))
-            if bool(torch.isfinite(upper).all()):
-                return upper, damp
-            return None, float("nan")  # H itself is gone: the caller rounds to nearest
+        failed = info != 0
+        if attempt == DAMP_RETRIES or not bool(failed.any()):
+            break
         del lower
-        damp = max(damp * 10, 1e-4)  # a zero dampening would never grow
-    return None, float("nan")
+        damp = torch.where(failed, (damp * 10).clamp_min(1e-4), damp)  # a zero dampening would never grow
+    eye = torch.eye(h.shape[-1], device=h.device, dtype=h.dtype)
+    lower[failed] = eye
+    h.zero_().diagonal(dim1=-2, dim2=-1).fill_(1.0)
+    torch.linalg.solve_triangular(lower, h, upper=False, out=h)  # h = L⁻¹
+    del lower
+    upper = h.flip((-2, -1))
+    failed = failed | ~torch.isfinite(upper).flatten(1).all(-1)
+    upper[failed] = eye
+    return upper, torch.where(failed, torch.full_like(damp, float("nan")), damp), failed
+
+
+def _static_ranges(weight: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max ranges of each matrix of ``weight [B, out, in]``: ``[B, out, groups]``, or
+    ``[B, 1, 1]`` per tensor."""
+    b, out, columns = weight.shape
+    if args.granularity == "tensor":
+        finite = numerics._finite(weight)
+        return finite.amin((1, 2)).view(b, 1, 1), finite.amax((1, 2)).view(b, 1, 1)
+    lo, hi = numerics.minmax_ranges(weight.reshape(b * out, columns), args)
+    return lo.view(b, out, -1), hi.view(b, out, -1)
+
+
+def _gather_columns(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    return t.gather(-1, order.unsqueeze(1).expand_as(t))
+
+
+def gptq_batched(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, block_size: int = 128,
+                 dampening: float = 0.01, act_order: bool = False,
+                 ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 global_scale: torch.Tensor | None = None) -> BatchedGPTQ:
+    """GPTQ on a batch of matrices at once: round each ``w[b]`` ``[out, in]`` against its own
+    Hessian ``h[b]`` (``h [B, in, in]``, consumed: overwritten and freed), every step of the
+    column loop a batched operation. Static ``ranges`` and ``global_scale`` (broadcastable to
+    ``[B, out, groups]`` and ``[B, out, 1]``) replace each matrix's own min/max and NVFP4
+    global scale, e.g. one range per expert over rows of many experts sharing a Hessian.
+    Otherwise as :func:`gptq_quantize`, which is this with ``B = 1``.
+
+    Example::
+
+        >>> x = torch.randn(3, 64, 16)
+        >>> r = gptq_batched(torch.randn(3, 4, 16), 2 * x.transpose(1, 2) @ x / 64, QuantArgs(bits=4))
+        >>> tuple(r.weight.shape), r.fallback.tolist()
+        ((3, 4, 16), [False, False, False])
+    """
+    b, out, columns = w.shape
+    device = w.device
+    h = h.to(device, torch.float32)
+    # An input channel that is always zero carries no information: its weights can be dropped.
+    dead = h.diagonal(dim1=-2, dim2=-1) == 0  # [B, in]
+    h.diagonal(dim1=-2, dim2=-1)[dead] = 1.0
+    alive = w.detach().float().masked_fill(dead.unsqueeze(1), 0.0)
+    energy = (torch.bmm(alive, h) * alive).sum((1, 2)).clamp_min(1e-30)
+    del alive
+    order = torch.argsort(h.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True) if act_order else None
+    if act_order:  # columns with the largest inputs first; each keeps its own group's scale
+        backwards = order.flip(-1)
+        h = h.gather(1, backwards.unsqueeze(-1).expand_as(h))  # rows, then columns: two [B, in, in] at once
+        h = _gather_columns(h, backwards)
+    else:
+        h = h.flip((-2, -1))
+    # Factorize first: float32 copies of the weight wait until H has become its factor.
+    upper, damp, fallback = _inverse_factor(h, dampening)
+    del h  # overwritten by the factorization
+
+    weight = w.detach().float().clone()
+    # Static scales from the original weight: rounding the result again gives the same codes.
+    lo, hi = ranges if ranges is not None else _static_ranges(weight, args)
+    if global_scale is None:
+        global_scale = formats.of(args).global_scale(numerics._finite(weight).abs().amax((1, 2)))
+        global_scale = None if global_scale is None else global_scale.view(b, 1, 1)
+    scale, zero, global_scale = numerics.scale_parts(lo, hi, args, global_scale)
+    scales = _per_column(numerics.effective_scale(scale, global_scale, args), args, weight.shape)
+    zeros = None if zero is None else _per_column(zero, args, weight.shape)
+    weight.masked_fill_(dead.unsqueeze(1), 0.0)
+    if act_order:
+        weight, scales = _gather_columns(weight, order), _gather_columns(scales, order)
+        zeros = None if zeros is None else _gather_columns(zeros, order)
+    dynamic = not act_order and args.granularity == "group" and ranges is None
+    if dynamic:
+        lo, hi = lo.clone(), hi.clone()
+    loss = torch.zeros(b, device=device)
+    quantized = weight  # a finished block's columns are dead: their rounded values go in their place
+    for start in range(0, columns, block_size):
+        end = min(start + block_size, columns)
+        block = weight[..., start:end].clone()
+        errors = torch.zeros_like(block)
+        u = upper[:, start:end, start:end]
+        for i in range(end - start):
+            c = start + i
+            if dynamic and c % args.group_size == 0:  # a new group: its scale from the updated weight
+                g, size = c // args.group_size, min(args.group_size, columns - c)
+                current = torch.cat([block[..., i:], weight[..., end:]], -1)[..., :size]
+                lo[..., g], hi[..., g] = current.amin(-1), current.amax(-1)
+                s_g, z_g, _ = numerics.scale_parts(lo[..., g:g + 1], hi[..., g:g + 1], args, global_scale)
+                scales[..., c:c + size] = numerics.effective_scale(s_g, global_scale, args)
+                if zeros is not None:
+                    zeros[..., c:c + size] = z_g
+            col = block[..., i]
+            q = numerics.fake_quantize(col, scales[..., c], None if zeros is None else zeros[..., c], args)
+            quantized[..., c] = q
+            err = (col - q) / u[:, i, i].unsqueeze(-1)
+            loss += err.square().sum(-1)
+            block[..., i:] -= err.unsqueeze(-1) * u[:, i, i:].unsqueeze(1)
+            errors[..., i] = err
+        weight[..., end:] -= torch.bmm(errors, upper[:, start:end, end:])  # the lazy update of later columns
+    if act_order:
+        quantized = _gather_columns(quantized, torch.argsort(order, dim=-1))
+    loss = torch.where(fallback, torch.full_like(loss, float("nan")), loss / energy)
+    return BatchedGPTQ(quantized, (lo, hi), global_scale, loss, damp, fallback)
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor | Hessian, args: QuantArgs, *, block_size: int = 128,
@@ -185,77 +311,19 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor | Hessian, args: QuantArgs, *
         >>> r.weight.shape, r.fallback
         (torch.Size([4, 16]), False)
     """
-    columns = w.shape[1]
-    device = w.device
     if isinstance(h, Hessian):
-        h, h_owner = h.matrix.to(device, torch.float32), h
+        h, h_owner = h.matrix.to(w.device, torch.float32), h
         h_owner.matrix = None
     else:
-        h = h.to(device, torch.float32).clone()
-    # An input channel that is always zero carries no information: its weights can be dropped.
-    dead = h.diagonal() == 0
-    h.diagonal()[dead] = 1.0
-    alive = w.detach().float().masked_fill(dead, 0.0)
-    energy = float((alive @ h * alive).sum().clamp_min(1e-30))
-    del alive
-    order = torch.argsort(h.diagonal(), descending=True) if act_order else None
-    if act_order:  # columns with the largest inputs first; each keeps its own group's scale
-        backwards = order.flip(0)
-        h = h[backwards]  # rows, then columns: never more than two [in, in] matrices at once
-        h = h[:, backwards]
-    else:
-        h = h.flip((0, 1))
-    # Factorize first: float32 copies of the weight wait until H has become its factor.
-    upper, damp = _inverse_factor(h, dampening)
-    del h  # overwritten by the factorization
-
-    weight = w.detach().float().clone()
-    # Static scales from the original weight: rounding the result again gives the same codes.
-    ranges = numerics.minmax_ranges(weight, args)
-    global_scale = numerics.weight_global_scale(weight, args)
-    scale, zero, global_scale = numerics.scale_parts(*ranges, args, global_scale)
-    scales = _per_column(numerics.effective_scale(scale, global_scale, args), args, weight.shape)
-    zeros = None if zero is None else _per_column(zero, args, weight.shape)
-    weight[:, dead] = 0.0
-    if act_order:
-        weight, scales = weight[:, order], scales[:, order]
-        zeros = None if zeros is None else zeros[:, order]
-    dynamic = not act_order and args.granularity == "group" and upper is not None
-    lo, hi = (ranges[0].clone(), ranges[1].clone()) if dynamic else ranges
-    loss = torch.zeros((), device=weight.device)
-    if upper is None:
+        h = h.to(w.device, torch.float32).clone()
+    r = gptq_batched(w.unsqueeze(0), h.unsqueeze(0), args, block_size=block_size, dampening=dampening,
+                     act_order=act_order)
+    fallback = bool(r.fallback[0])
+    if fallback:
         warnings.warn("gptq: the Hessian is not positive definite even with strong dampening; rounding to nearest")
-        quantized = numerics.fake_quantize(weight, scales, zeros, args)
-    else:
-        quantized = weight  # a finished block's columns are dead: their rounded values go in their place
-        for start in range(0, columns, block_size):
-            end = min(start + block_size, columns)
-            block = weight[:, start:end].clone()
-            errors = torch.zeros_like(block)
-            u = upper[start:end, start:end]
-            for i in range(end - start):
-                c = start + i
-                if dynamic and c % args.group_size == 0:  # a new group: its scale from the updated weight
-                    g, size = c // args.group_size, min(args.group_size, columns - c)
-                    current = torch.cat([block[:, i:], weight[:, end:]], 1)[:, :size]
-                    lo[:, g], hi[:, g] = current.amin(1), current.amax(1)
-                    s_g, z_g, _ = numerics.scale_parts(lo[:, g:g + 1], hi[:, g:g + 1], args, global_scale)
-                    scales[:, c:c + size] = numerics.effective_scale(s_g, global_scale, args)
-                    if zeros is not None:
-                        zeros[:, c:c + size] = z_g
-                col = block[:, i]
-                q = numerics.fake_quantize(col, scales[:, c], None if zeros is None else zeros[:, c], args)
-                quantized[:, c] = q
-                err = (col - q) / u[i, i]
-                loss += err.square().sum()
-                block[:, i:] -= err.unsqueeze(1) * u[i, i:].unsqueeze(0)
-                errors[:, i] = err
-            weight[:, end:] -= errors @ upper[start:end, end:]  # the lazy update of the later columns
-    if act_order:
-        quantized = quantized[:, torch.argsort(order)]
-    fallback = upper is None
-    return GPTQResult(quantized, (lo, hi) if dynamic else ranges, global_scale,
-                      float("nan") if fallback else float(loss) / energy, damp, fallback)
+    lo, hi = r.ranges
+    return GPTQResult(r.weight[0], (lo[0], hi[0]), None if r.global_scale is None else r.global_scale.reshape(()),
+                      float(r.loss[0]), float(r.damp[0]), fallback)
 
 
 def _groups(work: LayerWork, targets: list[tuple[str, nn.Linear]], sequential: bool) -> list[list[tuple[str, nn.Linear]]]:
@@ -273,12 +341,142 @@ def _groups(work: LayerWork, targets: list[tuple[str, nn.Linear]], sequential: b
     return groups
 
 
+def _expert_ranges(w: torch.Tensor, args: QuantArgs) -> tuple[tuple[torch.Tensor, torch.Tensor] | None,
+                                                             torch.Tensor | None]:
+    """For experts sharing one Hessian, rounded as the rows of one matrix ``[1, E·out, in]``:
+    each expert's own per-tensor range and NVFP4 global scale spread over its rows (per channel
+    and group, each row's range is its own anyway: ``None``)."""
+    e, out, _ = w.shape
+    ranges = None
+    if args.granularity == "tensor":
+        ranges = tuple(r.repeat_interleave(out, 0).view(1, e * out, 1) for r in _static_ranges(w, args))
+    global_scale = formats.of(args).global_scale(numerics._finite(w.float()).abs().amax((1, 2)))
+    if global_scale is not None:
+        global_scale = global_scale.repeat_interleave(out).view(1, e * out, 1)
+    return ranges, global_scale
+
+
+@dataclass
+class ExpertsGPTQ:
+    """One fused weight of every expert after GPTQ: ``weight [E, out, in]`` (float32),
+    ``ranges`` ``[E, out, groups]`` (``[E, 1, 1]`` per tensor), ``global_scale [E]``, the
+    relative loss (mean over experts), and the experts rounded to nearest: ``starved`` (too few
+    routed tokens) and ``fallback`` (no dampening factorized their Hessian)."""
+
+    weight: torch.Tensor
+    ranges: tuple[torch.Tensor, torch.Tensor]
+    global_scale: torch.Tensor | None
+    loss: float
+    starved: list[int]
+    fallback: list[int]
+
+
+def gptq_experts(w: torch.Tensor, hessians: ExpertHessians, args: QuantArgs, *, min_tokens: int = 1,
+                 **options) -> ExpertsGPTQ:
+    """GPTQ on every expert of one fused weight ``w [E, out, in]`` at once. Experts sharing one
+    Hessian (every token through every expert) are rounded as the rows of one matrix; otherwise
+    each against its own, batched (:func:`gptq_batched`). An expert with fewer than
+    ``min_tokens`` tokens is rounded to nearest on its min/max ranges. ``options`` go to
+    :func:`gptq_batched` (``block_size``, ``dampening``, ``act_order``).
+
+    Example::
+
+        >>> h = ExpertHessians(3, 16, shared=True, device=torch.device("cpu"))
+        >>> h.observe(torch.randn(64, 16), experts=slice(None), routed=None)
+        >>> r = gptq_experts(torch.randn(3, 8, 16), h, QuantArgs(bits=4, granularity="group", group_size=8))
+        >>> tuple(r.weight.shape), tuple(r.ranges[0].shape), r.starved
+        ((3, 8, 16), (3, 8, 2), [])
+    """
+    e, out, columns = w.shape
+    matrices = hessians.matrices()
+    hessians.sums = None  # consumed: the matrices are factorized in place
+    if hessians.shared:
+        if int(hessians.tokens[0]) < min_tokens:
+            matrices = torch.eye(columns, device=w.device).unsqueeze(0)  # no data: round to nearest
+        ranges, global_scale = _expert_ranges(w, args)
+        r = gptq_batched(w.reshape(1, e * out, columns), matrices, args, ranges=ranges, global_scale=global_scale,
+                         **options)
+        lo, hi = (t.view(e, out, -1)[:, :1] if args.granularity == "tensor" else t.view(e, out, -1) for t in r.ranges)
+        glob = None if r.global_scale is None else r.global_scale.view(e, out)[:, 0]
+        starved = list(range(e)) if int(hessians.tokens[0]) < min_tokens else []
+        fallback = list(range(e)) if bool(r.fallback[0]) else []
+        return ExpertsGPTQ(r.weight.view(e, out, columns), (lo, hi), glob, float(r.loss.nan_to_num().mean()),
+                           starved, fallback)
+    fed = hessians.tokens >= min_tokens
+    # Experts without enough data get H = I: GPTQ then spreads no error, which is rounding to nearest.
+    matrices[~fed] = torch.eye(columns, device=matrices.device)
+    r = gptq_batched(w, matrices, args, **options)
+    glob = None if r.global_scale is None else r.global_scale.view(e)
+    starved = (~fed).nonzero().flatten().tolist()
+    fallback = (r.fallback & fed.to(r.fallback.device)).nonzero().flatten().tolist()
+    loss = r.loss[fed.to(r.loss.device)]
+    return ExpertsGPTQ(r.weight, r.ranges, glob, float(loss.nan_to_num().mean()) if loss.numel() else float("nan"),
+                       starved, fallback)
+
+
+def _starved_warning(name: str, starved: list[int], experts: int, min_tokens: int) -> str:
+    shown = ", ".join(map(str, starved[:8])) + (f" and {len(starved) - 8} more" if len(starved) > 8 else "")
+    return (f"{name}: expert{'s' if len(starved) > 1 else ''} {shown} (of {experts}) saw fewer than {min_tokens} "
+            "routed calibration tokens (experts = \"routed\") and were rounded to nearest on their weight ranges; "
+            "calibrate on more tokens, or use experts = \"all\" (the default) so that every token reaches every expert")
+
+
 class GPTQ(Quantizer):
+    handles_experts = True
+
     @classmethod
     def needs_calibration(cls, stage) -> bool:
         return True  # the Hessians come from data
 
-    def quantize_layer(self, work: LayerWork, targets: list[tuple[str, nn.Linear]]) -> None:
+    def takes(self, work: LayerWork, targets):
+        """As every quantizer; experts only in transformers' layout (gate_up_proj/up_proj, down_proj)."""
+        targets = super().takes(work, targets)
+        for _, module in targets:
+            if is_fused_experts(module):
+                expert_weight_names(module)
+        return targets
+
+    def quantize_layer(self, work: LayerWork, targets: list[tuple[str, nn.Module]]) -> None:
+        experts = [(n, m) for n, m in targets if is_fused_experts(m)]
+        self._quantize_linears(work, [(n, m) for n, m in targets if not is_fused_experts(m)])
+        for name, module in experts:  # after the linears: their inputs come through the quantized attention
+            self._quantize_experts(work, name, module)
+
+    def _quantize_experts(self, work: LayerWork, name: str, module: nn.Module) -> None:
+        """Each fused weight in turn (``gate_up_proj``, then ``down_proj`` on hidden activations
+        computed through the rounded ``gate_up_proj``): Hessians per expert, GPTQ on all
+        experts at once; then the module becomes :class:`QuantExperts` holding exactly that."""
+        weights, opts = self.scheme.weights, self.options
+        started = time.perf_counter()
+        layouts = expert_layouts(module)
+        originals = {n: module._parameters[n].detach().clone() for n in layouts}
+        total = num_experts(module)
+        results: dict[str, ExpertsGPTQ] = {}
+        for weight_name in expert_weight_names(module):
+            matrix = expert_matrix(module, weight_name)
+            hessians = ExpertHessians(total, matrix.shape[2], device=work.device,
+                                      shared=opts.experts == ALL and weight_name == expert_weight_names(module)[0])
+            observe_experts(work, [name], lambda _n: WeightInputs(module, weight_name, hessians), opts.experts)
+            with torch.no_grad():
+                result = gptq_experts(matrix, hessians, weights, min_tokens=opts.expert_min_tokens,
+                                      block_size=opts.block_size, dampening=opts.dampening, act_order=opts.act_order)
+                # The next weight's inputs are computed through this one as it will be served.
+                matrix.copy_(result.weight.to(matrix.dtype))
+            results[weight_name] = result
+        quantized = QuantExperts.convert(module, weights, None, layouts)
+        for weight_name, result in results.items():
+            rounded = result.weight if layouts[weight_name] == OUT_IN else result.weight.transpose(1, 2)
+            quantized.set_weight(weight_name, rounded, ranges=result.ranges, global_scale=result.global_scale)
+        starved = sorted({e for r in results.values() for e in r.starved})
+        fallback = sorted({e for r in results.values() for e in r.fallback})
+        if starved:
+            warnings.warn(_starved_warning(name, starved, total, opts.expert_min_tokens))
+        work.record(name, weight_error=experts_error(originals, quantized),
+                    gptq_loss=sum(r.loss for r in results.values()) / len(results),
+                    rtn_experts=float(len(starved)), gptq_fallback=float(len(fallback)),
+                    seconds=round(time.perf_counter() - started, 4))
+
+    def _quantize_linears(self, work: LayerWork, targets: list[tuple[str, nn.Linear]]) -> None:
         weights, acts, opts = self.scheme.weights, self.scheme.activations, self.options
         static = acts is not None and not acts.dynamic
         rounded: dict[str, tuple[nn.Linear, GPTQResult]] = {}

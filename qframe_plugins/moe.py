@@ -89,8 +89,16 @@ class MoEFamily(Architecture):
         return adapter
 
 
+def sparse_block(*readers: str) -> SmoothingGroup:
+    """The post-attention norm and everything reading its output in a sparse layer: the router,
+    the fused experts and ``readers`` (a shared expert's linears and gate)."""
+    return SmoothingGroup("post_attention_layernorm", ("mlp.gate", "mlp.experts", *readers))
+
+
 class MixtralFamily(MoEFamily):
     """Mixtral: every layer sparse (router + fused experts), no shared expert."""
+
+    expert_groups = (sparse_block(),)
 
 
 class Qwen3MoeFamily(MoEFamily):
@@ -99,6 +107,7 @@ class Qwen3MoeFamily(MoEFamily):
     ``q_proj``/``k_proj``, so the attention group stays exact."""
 
     smoothing_groups = (ATTENTION, V_TO_O, DENSE_MLP, DENSE_UP_TO_DOWN)
+    expert_groups = (sparse_block(),)
 
 
 class Qwen2MoeFamily(MoEFamily):
@@ -108,6 +117,7 @@ class Qwen2MoeFamily(MoEFamily):
 
     smoothing_groups = (ATTENTION, V_TO_O, DENSE_MLP, DENSE_UP_TO_DOWN,
                         SmoothingGroup("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",)))
+    expert_groups = (sparse_block("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert_gate"),)
 
 
 class DeepseekV3Family(MoEFamily):
@@ -131,6 +141,7 @@ class DeepseekV3Family(MoEFamily):
         DENSE_UP_TO_DOWN,
         SmoothingGroup("mlp.shared_experts.up_proj", ("mlp.shared_experts.down_proj",)),
     )
+    expert_groups = (sparse_block("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"),)
 
     def for_model(self, model: nn.Module) -> Architecture:
         """Only the attention group of this model's query form (``q_lora_rank`` set or not)."""
@@ -145,6 +156,8 @@ class GptOssFamily(MoEFamily):
     """gpt-oss: attention with biases and sinks, every layer sparse (``mlp.router`` with a bias,
     experts with biases and a clamped SwiGLU). Under its grouped-query attention only the
     attention group is exact."""
+
+    expert_groups = (SmoothingGroup("post_attention_layernorm", ("mlp.router", "mlp.experts")),)
 
 
 @hookimpl

@@ -32,7 +32,6 @@ from qframe.errors import RecipeError
 from qframe.experts import QuantExperts, experts_error, expert_layouts, is_fused_experts
 from qframe.pipeline import LayerWork, Quantizer, weight_error
 from qframe.qlinear import QuantLinear
-from qframe.scheme import describe
 
 
 # Weight calibrators: ranges read off the whole weight at once (no stream to observe).
@@ -56,31 +55,6 @@ class RTN(Quantizer):
     # Whether this class quantizes fused experts: declared by each class itself, so a subclass
     # with an algorithm of its own (smoothquant) leaves them alone until it says otherwise.
     handles_experts = True
-
-    def accepts(self, module) -> bool:
-        """Float linears, and float fused-experts modules when the stage quantizes weights (in
-        classes that declare ``handles_experts`` themselves)."""
-        if is_fused_experts(module):
-            return (vars(type(self)).get("handles_experts", False) and self.scheme.weights is not None
-                    and not isinstance(module, QuantExperts))
-        return super().accepts(module)
-
-    def takes(self, work: LayerWork, targets):
-        """All ``targets``; a :class:`RecipeError` (before any data is read) when experts are
-        among them and the stage quantizes activations, which experts cannot do yet; and a
-        :class:`~qframe.errors.ModelError` for experts whose layout cannot be told."""
-        experts = [n for n, m in targets if is_fused_experts(m)]
-        if experts and self.scheme.activations is not None:
-            raise RecipeError("activations", describe(self.scheme.activations),
-                              f"{self.stage.quantizer} would quantize the inputs of fused experts ({experts[0]}"
-                              f"{f' and {len(experts) - 1} more' if len(experts) > 1 else ''}), which needs per-expert "
-                              "input calibration qframe does not do yet; experts are quantized weights-only now: "
-                              "quantize the linears with activations (targets = [\"Linear\"]) and the experts in a "
-                              "weights-only stage (targets = [\"Experts\"], no activations)")
-        for _, module in targets:
-            if is_fused_experts(module):
-                expert_layouts(module)  # refuses, naming the class, what it cannot read
-        return targets
 
     def quantize_layer(self, work: LayerWork, targets, prescales: dict[str, torch.Tensor] | None = None) -> None:
         """Quantize ``targets``; ``prescales[name]`` (from a smoothing subclass) multiplies that

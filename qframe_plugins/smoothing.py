@@ -105,12 +105,12 @@ def active_groups(work, targets: list[tuple[str, nn.Module]]) -> list[ActiveGrou
     chosen = dict(targets)
     found = []
     for group in getattr(work.arch, "smoothing_groups", ()):
-        members = [(f"{work.prefix}.{c}", _submodule(work.layer, c)) for c in group.consumers]
+        members = [(f"{work.prefix}.{c}", submodule(work.layer, c)) for c in group.consumers]
         if any(m is None for _, m in members) or not any(n in chosen for n, _ in members):
             continue
         active = ActiveGroup([n for n, _ in members if n in chosen], [m for n, m in members if n in chosen],
                              [m for n, m in members if n not in chosen])
-        producer = _submodule(work.layer, group.producer)
+        producer = submodule(work.layer, group.producer)
         if (all(isinstance(m, nn.Linear) for m in active.others) and producer is not None
                 and not isinstance(producer, QuantLinear) and work.arch.can_fold(producer, active.linears[0].in_features)):
             active.producer = producer
@@ -118,7 +118,8 @@ def active_groups(work, targets: list[tuple[str, nn.Module]]) -> list[ActiveGrou
     return found
 
 
-def _submodule(layer: nn.Module, name: str) -> nn.Module | None:
+def submodule(layer: nn.Module, name: str) -> nn.Module | None:
+    """The submodule ``name`` of ``layer``, or ``None`` where the layer has none."""
     try:
         return layer.get_submodule(name)
     except AttributeError:

@@ -215,8 +215,10 @@ def test_static_activations_on_experts_refused_before_calibration(registry):
     check_plan(_model("qwen3_moe"), resolve(linears_only, registry), registry)
 
 
-def test_other_quantizers_leave_experts(registry):
-    recipe = parse_recipe({"stage": [{"quantizer": "gptq", "weights": {"bits": 4, "group_size": 32}}]})
+def test_smoothquant_leaves_experts(registry):
+    # W8A8 SmoothQuant needs expert inputs quantized; experts are quantized weights-only.
+    recipe = parse_recipe({"stage": [{"quantizer": "smoothquant", "weights": {"bits": 8},
+                                      "activations": {"bits": 8, "granularity": "tensor"}}]})
     description = check_plan(_model("qwen3_moe"), resolve(recipe, registry), registry).description
     assert description.experts and not any(s.quantized for s in description.experts.values())
     assert description.quantized()
