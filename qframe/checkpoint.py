@@ -73,6 +73,7 @@ def _experts_entry(module: QuantExperts) -> dict[str, Any]:
     return {
         "num_experts": next(iter(module.expert_weights_of().values()))[0],
         "weights": module.weight_args.to_dict(),
+        "activations": module.input_args.to_dict() if module.input_args else None,
         "matrices": {n: {"out": out, "in": inp, "layout": module.expert_layouts[n]}
                      for n, (_, out, inp) in module.expert_weights_of().items()},
     }
@@ -228,9 +229,9 @@ def _cache_args(manifest: dict[str, Any], path: Path) -> dict[str, tuple[QuantAr
     return parsed
 
 
-def _experts_args(manifest: dict[str, Any], path: Path) -> dict[str, QuantArgs]:
+def _experts_args(manifest: dict[str, Any], path: Path) -> dict[str, tuple[QuantArgs, QuantArgs | None]]:
     """Check the manifest's ``experts`` table (absent: no quantized experts); each module's
-    weight QuantArgs."""
+    weight and input QuantArgs."""
     def bad(key: str, why: str) -> ModelError:
         return ModelError(f"{path}: {key}: {why}; the manifest is damaged (write the output again with qframe apply)")
 
@@ -253,10 +254,16 @@ def _experts_args(manifest: dict[str, Any], path: Path) -> dict[str, QuantArgs]:
                     or matrix.get("layout") not in LAYOUTS:
                 raise bad(f"{key}.matrices[{weight!r}]", f"expected out and in (positive integers) and a layout "
                           f"({' or '.join(LAYOUTS)})")
-        try:
-            parsed[name] = QuantArgs(**entry["weights"])
-        except (QFrameError, TypeError, ValueError) as exc:
-            raise bad(f"{key}.weights", _short(exc)) from None
+        activations = entry.get("activations")
+        if activations is not None and not isinstance(activations, dict):
+            raise bad(f"{key}.activations", "expected a table of QuantArgs, or none")
+        parsed[name] = []
+        for role, table in (("weights", entry["weights"]), ("activations", activations)):
+            try:
+                parsed[name].append(None if table is None else QuantArgs(**table))
+            except (QFrameError, TypeError, ValueError) as exc:
+                raise bad(f"{key}.{role}", _short(exc)) from None
+        parsed[name] = tuple(parsed[name])
     return parsed
 
 
@@ -408,8 +415,9 @@ def _install(model: torch.nn.Module, name: str, entry: dict[str, Any], args: dic
     tensors[f"{name}.weight_codes"] = codes
 
 
-def _install_experts(model: torch.nn.Module, name: str, entry: dict[str, Any], args: QuantArgs,
-                     tensors: dict[str, torch.Tensor], weights_file: Path) -> None:
+def _install_experts(model: torch.nn.Module, name: str, entry: dict[str, Any],
+                     args: tuple[QuantArgs, QuantArgs | None], tensors: dict[str, torch.Tensor],
+                     weights_file: Path) -> None:
     """Convert the model's fused-experts module ``name`` into the :class:`QuantExperts` a manifest
     entry describes (same weights, shapes and layouts as the model's own), its codes unpacked
     into ``tensors``."""
@@ -432,9 +440,10 @@ def _install_experts(model: torch.nn.Module, name: str, entry: dict[str, Any], a
     if entry["matrices"] != mine or entry["num_experts"] != experts:
         raise ModelError(f"{where}: {entry['num_experts']} experts of {entry['matrices']}, but the model's config "
                          f"makes {experts} experts of {mine}; the output is damaged")
+    args, activations = args
     try:
-        QuantExperts.convert(module, args, None, layouts)
-    except ValueError as exc:
+        QuantExperts.convert(module, args, activations, layouts)
+    except (ValueError, QFrameError) as exc:
         raise ModelError(f"{where}: {_short(exc)}") from None
     for weight, matrix in mine.items():
         packed = tensors.pop(f"{name}.{weight}_packed", None)

@@ -95,8 +95,9 @@ def cmd_apply(args) -> int:
                    "needs_calibration_data": result.plan.needs_calibration_data}
     else:
         manifest = result.qmodel.manifest
-        summary = {"output": str(result.output), "modules": len(manifest["modules"]),
-                   "timings": manifest["timings"], "dataset": manifest["dataset"],
+        experts = len(manifest.get("experts") or {})
+        summary = {"output": str(result.output), "modules": len(manifest["modules"]) + experts,
+                   "experts_modules": experts, "timings": manifest["timings"], "dataset": manifest["dataset"],
                    "coverage": manifest.get("coverage")}
     if args.json:
         print(strict_dumps(summary, "the summary"))
@@ -105,8 +106,10 @@ def cmd_apply(args) -> int:
                   + ", ".join(s.quantizer for s in recipe.stages)
                   + ("; calibrates on " + recipe.calibration.dataset if result.plan.needs_calibration_data else "; needs no calibration data"))
     else:
+        experts = summary["experts_modules"]
+        of_them = f", {experts} of them fused experts" if experts else ""
         err.print(f"wrote {summary['output']} in {summary['timings']['total_s']:.1f} s ({summary['modules']} quantized "
-                  f"modules{_coverage_note(summary['coverage'])})", highlight=False, markup=False, soft_wrap=True)
+                  f"modules{of_them}{_coverage_note(summary['coverage'])})", highlight=False, markup=False, soft_wrap=True)
     return 0
 
 

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError, RecipeError
-from .experts import OUT_IN, expert_layouts, num_experts
+from .experts import expert_gate, expert_matrix, expert_weight_names, num_experts
 
 ALL, ROUTED = "all", "routed"
 # Elements of one chunk of per-expert hidden activations [experts, tokens, width] (1 GiB in float32).
@@ -77,38 +77,6 @@ class ExpertCalibration:
             raise RecipeError("expert_min_tokens", self.expert_min_tokens, "expected a positive number of tokens")
 
 
-def expert_weight_names(module: nn.Module) -> tuple[str, str]:
-    """The weight that reads the experts' input (``gate_up_proj``, or ``up_proj`` without a gate)
-    and the one that reads each expert's hidden activation (``down_proj``); a
-    :class:`ModelError` for a fused-experts class laid out otherwise, which data-driven
-    algorithms cannot calibrate (round-to-nearest still quantizes it)."""
-    layouts = expert_layouts(module)
-    first = next((n for n in ("gate_up_proj", "up_proj") if n in layouts), None)
-    if first is None or "down_proj" not in layouts or len(layouts) != 2:
-        raise ModelError(
-            f"{type(module).__name__} holds fused experts as {sorted(layouts)}; the data-driven algorithms (gptq, "
-            "awq) calibrate experts laid out as transformers 5 lays them out (gate_up_proj or up_proj, then "
-            "down_proj). Quantize these experts with rtn (or fp8/nvfp4/mxfp4), or leave them out of this stage's "
-            "targets (targets = [\"Linear\"])")
-    return first, "down_proj"
-
-
-def expert_matrix(module: nn.Module, name: str) -> torch.Tensor:
-    """The weight ``name`` of every expert as ``[E, out, in]`` (a view), float or dequantized."""
-    w = getattr(module, name)
-    return w if expert_layouts(module)[name] == OUT_IN else w.transpose(1, 2)
-
-
-def _gate(module: nn.Module, projected: torch.Tensor) -> torch.Tensor:
-    if not getattr(module, "has_gate", True):
-        return module.act_fn(projected)
-    apply_gate = getattr(module, "_apply_gate", None)
-    if apply_gate is not None:  # transformers' own (default or the family's), applied batched
-        return apply_gate(projected)
-    gate, up = projected.chunk(2, dim=-1)
-    return module.act_fn(gate) * up
-
-
 def expert_hidden(module: nn.Module, x: torch.Tensor, experts: slice = slice(None)) -> torch.Tensor:
     """Each expert's hidden activation ``[e, T, I]`` on the tokens ``x [T, H]``, for the experts
     in ``experts``: what its ``down_proj`` reads, computed as the module computes it (its gate,
@@ -124,7 +92,7 @@ def expert_hidden(module: nn.Module, x: torch.Tensor, experts: slice = slice(Non
     bias = getattr(module, f"{first}_bias", None) if getattr(module, "has_bias", False) else None
     if bias is not None:
         projected = projected + bias[experts].unsqueeze(1)
-    return _gate(module, projected)
+    return expert_gate(module, projected)
 
 
 def expert_chunk(module: nn.Module, tokens: int) -> int:
@@ -266,3 +234,46 @@ class WeightInputs:
             chunk = slice(start, min(start + step, total))
             self.sink.observe(expert_hidden(self.module, x, chunk), experts=chunk,
                               routed=None if routed is None else routed[chunk])
+
+
+class InputRanges:
+    """An :class:`ExpertObserver` that calibrates the quantized inputs of both fused weights, one
+    range each across the experts (:meth:`qframe.experts.QuantExperts.set_input_range`): the
+    experts' input tokens for the first weight, every expert's hidden activations for
+    ``down_proj`` — under ``"routed"`` only the tokens each expert is sent.
+
+    Example::
+
+        ranges = observe_experts(work, [name], lambda _n: InputRanges(module, make_calibrator))[name]
+        ranges.apply()
+    """
+
+    def __init__(self, module: nn.Module, make: Callable[[], "object"]):
+        self.module = module
+        self.first, self.second = expert_weight_names(module)
+        self.calibrators = {self.first: make(), self.second: make()}
+
+    def observe(self, x: torch.Tensor, routed: torch.Tensor | None) -> None:
+        self.calibrators[self.first].observe(x if routed is None else x[routed.any(0)])
+        total, step = num_experts(self.module), expert_chunk(self.module, x.shape[0])
+        for start in range(0, total, step):
+            chunk = slice(start, min(start + step, total))
+            hidden = expert_hidden(self.module, x, chunk)
+            self.calibrators[self.second].observe(hidden.reshape(-1, hidden.shape[-1]) if routed is None
+                                                  else hidden[routed[chunk]])
+
+    def apply(self) -> None:
+        """Set the module's input scales from what was observed."""
+        for name, calibrator in self.calibrators.items():
+            self.module.set_input_range(name, *calibrator.compute())
+
+
+def calibrate_expert_inputs(work, name: str, module: nn.Module, make: Callable[[], "object"], mode: str = ALL) -> None:
+    """Calibrate the static input scales of the quantized experts ``module`` (``name``, a full
+    name) on ``work``'s calibration batches with fresh calibrators from ``make``: one pass.
+
+    Example::
+
+        calibrate_expert_inputs(work, name, quantized, lambda: self.calibrator(self.scheme.activations))
+    """
+    observe_experts(work, [name], lambda _n: InputRanges(module, make), mode)[name].apply()

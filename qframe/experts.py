@@ -51,14 +51,14 @@ import torch
 from torch import nn
 
 from . import numerics
-from .errors import ModelError
+from .errors import ModelError, RecipeError
 from .scheme import QuantArgs
 
 OUT_IN = "out_in"  # W[e] is [out, in]: F.linear(x, W[e])
 IN_OUT = "in_out"  # W[e] is [in, out]: x @ W[e]
 LAYOUTS = (OUT_IN, IN_OUT)
 # Buffers of a quantized weight, by suffix: exact in their own dtypes, never cast.
-_SUFFIXES = ("_codes", "_scale", "_zero", "_global_scale")
+_SUFFIXES = ("_codes", "_scale", "_zero", "_global_scale", "_input_scale", "_input_zero")
 
 
 def _weights3d(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -137,6 +137,57 @@ def expert_layouts(module: nn.Module) -> dict[str, str]:
                 "(targets = [\"Linear\"]) or set is_transposed on the class")
         layouts[name] = OUT_IN if as_linear else IN_OUT
     return layouts
+
+
+def expert_weight_names(module: nn.Module) -> tuple[str, str]:
+    """The weight that reads the experts' input (``gate_up_proj``, or ``up_proj`` without a gate)
+    and the one that reads each expert's hidden activation (``down_proj``); a
+    :class:`ModelError` for a fused-experts class laid out otherwise, which data-driven
+    algorithms cannot calibrate (round-to-nearest still quantizes it)."""
+    layouts = expert_layouts(module)
+    first = next((n for n in ("gate_up_proj", "up_proj") if n in layouts), None)
+    if first is None or "down_proj" not in layouts or len(layouts) != 2:
+        raise ModelError(
+            f"{type(module).__name__} holds fused experts as {sorted(layouts)}; the data-driven algorithms (gptq, "
+            "awq) calibrate experts laid out as transformers 5 lays them out (gate_up_proj or up_proj, then "
+            "down_proj). Quantize these experts with rtn (or fp8/nvfp4/mxfp4), or leave them out of this stage's "
+            "targets (targets = [\"Linear\"])")
+    return first, "down_proj"
+
+
+def expert_matrix(module: nn.Module, name: str) -> torch.Tensor:
+    """The weight ``name`` of every expert as ``[E, out, in]`` (a view), float or dequantized."""
+    w = getattr(module, name)
+    return w if expert_layouts(module)[name] == OUT_IN else w.transpose(1, 2)
+
+
+def expert_gate(module: nn.Module, projected: torch.Tensor) -> torch.Tensor:
+    """What the experts make of their first weight's output ``[..., out]``: transformers' own
+    ``_apply_gate`` (``act(gate) · up`` on the halves, gpt-oss's clamped GLU), or ``act_fn``
+    alone for experts without a gate; batched over any leading dimensions."""
+    if not getattr(module, "has_gate", True):
+        return module.act_fn(projected)
+    apply_gate = getattr(module, "_apply_gate", None)
+    if apply_gate is not None:  # transformers' own (default or the family's), applied batched
+        return apply_gate(projected)
+    gate, up = projected.chunk(2, dim=-1)
+    return module.act_fn(gate) * up
+
+
+def check_expert_inputs(module: nn.Module, activations: QuantArgs) -> None:
+    """Refuse, naming why, quantized inputs the experts cannot take: static ones other than per
+    tensor (one scale a weight, shared by its experts, as serving engines keep it), and experts
+    not laid out as transformers 5 lays them out (their computation is then unknown), or with a
+    norm after each expert."""
+    if not (activations.dynamic or activations.granularity == "tensor" or activations.number_format.has_global_scale):
+        raise RecipeError("activations.granularity", activations.granularity,
+                          "the inputs of fused experts take one static scale per weight, shared by the experts "
+                          "(as TensorRT-LLM and vLLM serve them); allowed: tensor, NVFP4's blocks under a static "
+                          "global scale, or dynamic = true")
+    expert_weight_names(module)
+    if getattr(module, "has_post_expert_norm", False):
+        raise ModelError(f"{type(module).__name__} normalizes each expert's output; qframe quantizes its "
+                         "weights but not its inputs: drop the stage's activations for these experts")
 
 
 # -- batched arithmetic: every expert at once, each with its own scales ----------------------
@@ -289,11 +340,12 @@ class QuantExperts(nn.Module):
                 layouts: dict[str, str] | None = None) -> "QuantExperts":
         """Turn the fused-experts ``module`` into a :class:`QuantExperts` with zero codes and unit
         scales (what :func:`qframe.checkpoint.load_native` loads into); returns it."""
-        if activations is not None:
-            raise ValueError("quantized experts take weights only: their inputs are not quantized yet")
         if isinstance(module, QuantExperts):
             raise ValueError(f"{type(module).__name__} is quantized already")
         layouts = expert_layouts(module) if layouts is None else layouts
+        static = activations is not None and not activations.dynamic
+        if activations is not None:
+            check_expert_inputs(module, activations)
         fmt = weights.number_format
         for name, layout in layouts.items():
             param = module._parameters[name]
@@ -310,18 +362,24 @@ class QuantExperts(nn.Module):
             if fmt.has_global_scale:
                 module.register_buffer(f"{name}_global_scale", torch.ones(e, device=device))
             module.register_buffer(name, torch.zeros(param.shape, dtype=dtype, device=device), persistent=False)
+            if static:  # one input scale per weight, shared by the experts (what engines serve)
+                module.register_buffer(f"{name}_input_scale", torch.ones((), device=device))
+                if not activations.symmetric:
+                    module.register_buffer(f"{name}_input_zero", torch.zeros((), device=device))
         module.__class__ = _quant_class(type(module))
-        module.weight_args, module.input_args, module.expert_layouts = weights, None, dict(layouts)
+        module.weight_args, module.input_args, module.expert_layouts = weights, activations, dict(layouts)
         return module
 
     @classmethod
-    def quantize(cls, module: nn.Module, weights: QuantArgs, calibrator: str = "minmax") -> "QuantExperts":
+    def quantize(cls, module: nn.Module, weights: QuantArgs, calibrator: str = "minmax",
+                 activations: QuantArgs | None = None) -> "QuantExperts":
         """Quantize every 3-D weight of the fused-experts ``module`` in place (each expert with its
         own scales, :func:`quantize_experts`; group-wise int scales rounded to the module's dtype)
-        and return it, now a :class:`QuantExperts`."""
+        and return it, now a :class:`QuantExperts`. Static ``activations`` need their ranges
+        set afterwards (:meth:`set_input_range`, from calibration)."""
         layouts = expert_layouts(module)
         originals = {n: module._parameters[n].detach() for n in layouts}
-        converted = cls.convert(module, weights, None, layouts)
+        converted = cls.convert(module, weights, activations, layouts)
         for name, w in originals.items():
             converted.set_weight(name, w)
         return converted
@@ -351,6 +409,56 @@ class QuantExperts(nn.Module):
         if q.global_scale is not None:
             self._buffers[f"{name}_global_scale"].copy_(q.global_scale)
         self.refresh()
+
+    def set_input_range(self, name: str, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Set the static input scale of the weight ``name`` (all experts) from a calibrated range."""
+        scale, zero = numerics.input_qparams(lo, hi, self.input_args)
+        self._buffers[f"{name}_input_scale"].copy_(scale.reshape(()))
+        if zero is not None:
+            self._buffers[f"{name}_input_zero"].copy_(zero.reshape(()))
+
+    def quantize_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the weight ``name``'s quantized input reads it (unchanged without activations)."""
+        if self.input_args is None:
+            return x
+        b = self._buffers
+        return numerics.quantize_input(x, self.input_args, b.get(f"{name}_input_scale"),
+                                       b.get(f"{name}_input_zero")).to(x.dtype)
+
+    def forward(self, *args, **kwargs):
+        # Weights only: the model's own forward (and every implementation transformers dispatches
+        # to) on the dequantized weights. With quantized inputs, the experts' computation as
+        # transformers defines it for every fused family, each weight reading its input quantized.
+        if self.input_args is None:
+            return super().forward(*args, **kwargs)
+        return self._forward_quantized_inputs(*args, **kwargs)
+
+    def _forward_quantized_inputs(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                                  top_k_weights: torch.Tensor) -> torch.Tensor:
+        first, second = expert_weight_names(self)
+        w1, w2 = expert_matrix(self, first), expert_matrix(self, second)
+        biased = getattr(self, "has_bias", False)
+        b1 = getattr(self, f"{first}_bias", None) if biased else None
+        b2 = getattr(self, f"{second}_bias", None) if biased else None
+        x = self.quantize_input(first, hidden_states)
+        tokens, k = top_k_index.shape[0], top_k_index.reshape(top_k_index.shape[0], -1).shape[1]
+        index, weights = top_k_index.reshape(tokens, k), top_k_weights.reshape(tokens, k)
+        out = torch.zeros_like(hidden_states)
+        experts = w1.shape[0]
+        order = index.flatten().argsort(stable=True)
+        counts = torch.bincount(index.flatten().clamp(0, experts), minlength=experts + 1)[:experts].tolist()
+        start = 0
+        for e, n in enumerate(counts):  # as transformers' eager experts: one matmul pair per routed expert
+            if n == 0:
+                continue
+            pairs = order[start:start + n]
+            start += n
+            rows, slot = pairs // k, pairs % k
+            h = nn.functional.linear(x[rows], w1[e], None if b1 is None else b1[e])
+            a = self.quantize_input(second, expert_gate(self, h))
+            y = nn.functional.linear(a, w2[e], None if b2 is None else b2[e])
+            out.index_add_(0, rows, (y * weights[rows, slot, None]).to(out.dtype))
+        return out
 
     def dequantized(self, name: str) -> torch.Tensor:
         """Float32 ``[E, out, in]`` of the weight ``name``, from its codes and scales."""

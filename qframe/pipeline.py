@@ -37,11 +37,11 @@ from torch import nn
 from .calibrate import Calibrator, build_calibrator
 from .description import CacheState, ExpertsState, LinearState, ModelDescription, planned, staged
 from .errors import ModelError, QFrameError, RecipeError
-from .experts import ExpertTokens, QuantExperts, expert_layouts, is_fused_experts, unrouted_warning
+from .experts import ExpertTokens, QuantExperts, check_expert_inputs, expert_layouts, is_fused_experts, unrouted_warning
 from .model import Architecture, all_finite, check_finite_weights, find_architecture, listed, nonfinite_names
 from .qlinear import QuantLinear
 from .recipe import Plan, StageSpec
-from .scheme import QuantArgs, describe
+from .scheme import QuantArgs
 
 
 class Quantizer(ABC):
@@ -85,21 +85,15 @@ class Quantizer(ABC):
         (``kv_cache``: those of the layer's attention). The pipeline asks before calibrating, with
         no inputs in ``work``, to refuse a stage that would change nothing (:func:`check_stages`).
 
-        Experts among them are refused here, before any data is read, when the stage quantizes
-        activations (experts are quantized weights-only) or when their layout cannot be told
-        (a :class:`~qframe.errors.ModelError` naming the class).
+        Experts among them are refused here, before any data is read, when their layout cannot
+        be told, or when the stage quantizes inputs they cannot take
+        (:func:`qframe.experts.check_expert_inputs`).
         """
-        experts = [n for n, m in targets if is_fused_experts(m)]
-        if experts and self.scheme.activations is not None:
-            raise RecipeError("activations", describe(self.scheme.activations),
-                              f"{self.stage.quantizer} would quantize the inputs of fused experts ({experts[0]}"
-                              f"{f' and {len(experts) - 1} more' if len(experts) > 1 else ''}), which needs per-expert "
-                              "input calibration qframe does not do yet; experts are quantized weights-only now: "
-                              "quantize the linears with activations (targets = [\"Linear\"]) and the experts in a "
-                              "weights-only stage (targets = [\"Experts\"], no activations)")
         for _, module in targets:
             if is_fused_experts(module):
                 expert_layouts(module)  # refuses, naming the class, what it cannot read
+                if self.scheme.activations is not None:
+                    check_expert_inputs(module, self.scheme.activations)
         return targets
 
     def replaces_targets(self) -> bool:

@@ -41,7 +41,8 @@ from torch import nn
 from qframe import QuantizerPlugin, formats, hookimpl, numerics
 from qframe.calibrate import Prescaled
 from qframe.errors import RecipeError
-from qframe.expert_inputs import ExpertCalibration, expert_hidden, expert_matrix, expert_weight_names, observe_experts
+from qframe.expert_inputs import (ExpertCalibration, calibrate_expert_inputs, expert_hidden, expert_matrix,
+                                  expert_weight_names, observe_experts)
 from qframe.experts import QuantExperts, expert_layouts, experts_error, is_fused_experts, num_experts
 from qframe.model import listed
 from qframe.pipeline import LayerWork, Quantizer, weight_error
@@ -437,9 +438,12 @@ class AWQ(Quantizer):
             work.record(name, awq_clip_ratio=(ratio_first + ratio_second) / 2)
         layouts = expert_layouts(module)
         smoothed = {n: module._parameters[n].detach().clone() for n in layouts}
-        quantized = QuantExperts.convert(module, weights, None, layouts)
+        acts = self.scheme.activations
+        quantized = QuantExperts.convert(module, weights, acts, layouts)
         for weight_name, w in smoothed.items():
             quantized.set_weight(weight_name, w, ranges=ranges.get(weight_name))
+        if acts is not None and not acts.dynamic:  # after smoothing, on what the experts will quantize
+            calibrate_expert_inputs(work, name, quantized, lambda: self.calibrator(acts), opts.experts)
         work.record(name, weight_error=experts_error(smoothed, quantized))
 
     def _quantize_linears(self, work: LayerWork, targets) -> None:

@@ -38,8 +38,8 @@ from torch import nn
 
 from qframe import QuantizerPlugin, formats, hookimpl, numerics
 from qframe.errors import RecipeError
-from qframe.expert_inputs import (ALL, ExpertCalibration, ExpertHessians, WeightInputs, expert_matrix,
-                                  expert_weight_names, observe_experts)
+from qframe.expert_inputs import (ALL, ExpertCalibration, ExpertHessians, WeightInputs, calibrate_expert_inputs,
+                                  expert_matrix, expert_weight_names, observe_experts)
 from qframe.experts import OUT_IN, QuantExperts, expert_layouts, experts_error, is_fused_experts, num_experts
 from qframe.pipeline import LayerWork, Quantizer, weight_error
 from qframe.qlinear import QuantLinear
@@ -463,10 +463,13 @@ class GPTQ(Quantizer):
                 # The next weight's inputs are computed through this one as it will be served.
                 matrix.copy_(result.weight.to(matrix.dtype))
             results[weight_name] = result
-        quantized = QuantExperts.convert(module, weights, None, layouts)
+        acts = self.scheme.activations
+        quantized = QuantExperts.convert(module, weights, acts, layouts)
         for weight_name, result in results.items():
             rounded = result.weight if layouts[weight_name] == OUT_IN else result.weight.transpose(1, 2)
             quantized.set_weight(weight_name, rounded, ranges=result.ranges, global_scale=result.global_scale)
+        if acts is not None and not acts.dynamic:  # as for linears: input scales last, on the rounded weights
+            calibrate_expert_inputs(work, name, quantized, lambda: self.calibrator(acts), opts.experts)
         starved = sorted({e for r in results.values() for e in r.starved})
         fallback = sorted({e for r in results.values() for e in r.fallback})
         if starved:

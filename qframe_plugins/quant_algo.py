@@ -10,6 +10,7 @@ FP8                    FP8 E4M3 per tensor / static FP8 E4M3 per tensor         
 NVFP4                  NVFP4 / NVFP4 with a static global scale                     16
 W4A16_AWQ              symmetric int4 per group / none                              64, 128
 W4A8_AWQ               symmetric int4 per group / static FP8 E4M3 per tensor        128
+W4A16                  symmetric int4 per channel / none (TensorRT-LLM only)        —
 W8A16                  symmetric int8 per channel / none                            —
 W8A8_SQ_PER_CHANNEL    symmetric int8 per channel / static int8 per tensor          —
 =====================  ==========================================================  ===========
@@ -48,8 +49,9 @@ NVFP4_BLOCK = formats.NVFP4.block
 class Writer:
     """A backend's share of the vocabulary: its ``title`` in messages, the ``algorithms`` and
     ``kv_algorithms`` it writes, where to export what it cannot (``elsewhere``), what its
-    KV cache scales are (``kv_note``) and whether it writes quantized fused experts
-    (``experts``: W4A16_AWQ only, the one algorithm whose experts need no activation scales)."""
+    KV cache scales are (``kv_note``), whether it writes quantized fused experts
+    (``experts``) and in which of its algorithms (``expert_algorithms``: weight-only ones, since
+    quantized experts calibrate no activation scales)."""
 
     title: str
     algorithms: tuple[str, ...]
@@ -57,6 +59,7 @@ class Writer:
     elsewhere: str
     kv_note: str = "stores FP8 E4M3 or symmetric INT8 caches"
     experts: bool = False
+    expert_algorithms: tuple[str, ...] = ("W4A16_AWQ",)
 
 
 def _static_fp8(args: QuantArgs | None) -> bool:
@@ -95,16 +98,22 @@ def quant_algo(weights: QuantArgs | None, acts: QuantArgs | None, where: str, wr
         raise refuse(f"{writer.title} holds static activation scales only (dynamic per-token or per-block scales "
                      f"need kernels whose tensors it does not name); calibrate them: set activations.dynamic = false "
                      f"(not dynamic), or export with {writer.elsewhere}")
-    algo = _algorithm(weights, acts, fmt, refuse)
+    algo = _algorithm(weights, acts, fmt, refuse, per_channel_int4="W4A16" in writer.algorithms)
     if algo not in writer.algorithms:
         raise refuse(f"{writer.title} does not hold {algo}; export it with {writer.elsewhere}")
     return algo
 
 
-def _algorithm(weights: QuantArgs, acts: QuantArgs | None, fmt: formats.NumberFormat, refuse) -> str:
+def _algorithm(weights: QuantArgs, acts: QuantArgs | None, fmt: formats.NumberFormat, refuse,
+               per_channel_int4: bool = False) -> str:
     if isinstance(fmt, formats.IntFormat) and fmt.bits == 4:
+        # TensorRT-LLM's W4A16 (weight-only int4, one scale per output channel); the unified HF
+        # checkpoint has no per-channel int4.
+        if per_channel_int4 and weights.granularity == "channel" and acts is None:
+            return "W4A16"
         if weights.granularity != "group":
-            raise refuse("int4 weights are written as W4A16_AWQ/W4A8_AWQ, which scale groups of input channels; "
+            also = ", or as W4A16 per output channel without activations" if per_channel_int4 else ""
+            raise refuse(f"int4 weights are written as W4A16_AWQ/W4A8_AWQ, which scale groups of input channels{also}; "
                          "set weights.group_size = 64 or 128")
         if acts is None:
             algo = "W4A16_AWQ"
@@ -226,7 +235,8 @@ def choose(description: ModelDescription, writer: Writer, linears: list[str] | N
         result.quantized[name] = state
     for state in experts:
         algo = _experts_algo(state, writer, description.shapes_known)
-        chosen = _one_algorithm(chosen, algo, state.weights.group_size, state, writer, "experts and linears")
+        chosen = _one_algorithm(chosen, algo, state.weights.group_size if algo in AWQ_ALGOS else None, state, writer,
+                                "experts and linears")
         result.experts[state.name] = state
     if chosen is not None:
         result.quant_algo, result.group_size = chosen[0], chosen[1]
@@ -248,18 +258,33 @@ def _one_algorithm(chosen: tuple | None, algo: str, group: int | None, state: Li
     return chosen
 
 
+# What each weight-only algorithm holds, for messages about quantized experts.
+_EXPERT_FORMS = {"W4A16_AWQ": "symmetric int4 weights per group of 64 or 128",
+                 "W4A16": "symmetric int4 weights per output channel",
+                 "W8A16": "symmetric int8 weights per output channel"}
+
+
 def _experts_algo(state: ExpertsState, writer: Writer, shapes_known: bool) -> str:
-    """W4A16_AWQ for quantized experts ``writer`` can hold, or an :class:`~qframe.ExportError`."""
+    """The weight-only ``quant_algo`` of quantized experts ``writer`` can hold (one of its
+    ``expert_algorithms``), or an :class:`~qframe.ExportError`."""
     fmt = formats.of(state.weights)
-    if not (isinstance(fmt, formats.IntFormat) and fmt.bits == 4) or state.activations is not None:
+    int_bits = fmt.bits if isinstance(fmt, formats.IntFormat) else None
+    bits = {int(a[1]) for a in writer.expert_algorithms}  # W4A16_AWQ -> 4, W8A16 -> 8
+    if int_bits not in bits or state.activations is not None:
+        algos = " or ".join(writer.expert_algorithms)
+        forms = ", or ".join(_EXPERT_FORMS[a] for a in writer.expert_algorithms)
         raise ExportError(f"{state.where}: experts with weights {describe(state.weights)}, activations "
-                          f"{describe(state.activations)}: {writer.title} holds quantized experts as W4A16_AWQ only "
-                          "(symmetric int4 weights per group of 64 or 128, activations in float); FP8 and NVFP4 "
-                          "experts need activation scales, which quantized experts do not calibrate yet; export with "
-                          "--backend qframe, or keep the experts in float with targets = [\"Linear\"]")
+                          f"{describe(state.activations)}: {writer.title} holds quantized experts as {algos} only "
+                          f"({forms}, activations in float); FP8 and NVFP4 experts need activation scales, which "
+                          "quantized experts do not calibrate yet; export with --backend qframe, or keep the experts "
+                          "in float with targets = [\"Linear\"]")
     algo = quant_algo(state.weights, None, state.where, writer)
-    size = state.weights.group_size
-    for name, _, inp, _ in state.matrices if shapes_known else ():
+    if algo not in writer.expert_algorithms:
+        raise ExportError(f"{state.where}: experts with weights {describe(state.weights)}: {writer.title} holds "
+                          f"quantized experts as {' or '.join(writer.expert_algorithms)} only, not {algo}; export with "
+                          "--backend qframe, or keep the experts in float with targets = [\"Linear\"]")
+    size = state.weights.group_size if state.weights.granularity == "group" else None
+    for name, _, inp, _ in state.matrices if shapes_known and size else ():
         if inp % size:
             raise ExportError(f"{state.where}: {name}'s {inp} input channels per expert are not a whole number of "
                               f"groups of {size}, which the packed format needs; choose a group size that divides {inp}")

@@ -10,9 +10,9 @@ dynamically (per token, or per block for FP4).
 
 Fused mixture-of-experts modules (``targets`` kind ``Experts``, in the default targets) are
 quantized too: every expert's gate/up and down matrices with their own scales, all experts of a
-weight in one batched call (:class:`qframe.experts.QuantExperts`). Their inputs are not
-quantized yet (that needs per-expert calibration): a stage with activations that targets
-experts is refused before any data is read.
+weight in one batched call (:class:`qframe.experts.QuantExperts`). Their inputs, when the stage
+quantizes activations, take one static scale per weight shared by the experts (calibrated with
+every calibration token through every expert), or dynamic ones.
 
 Recipe::
 
@@ -29,6 +29,7 @@ import torch
 from qframe import QuantizerPlugin, formats, hookimpl, numerics
 from qframe.calibrate import Prescaled
 from qframe.errors import RecipeError
+from qframe.expert_inputs import calibrate_expert_inputs
 from qframe.experts import QuantExperts, experts_error, expert_layouts, is_fused_experts
 from qframe.pipeline import LayerWork, Quantizer, weight_error
 from qframe.qlinear import QuantLinear
@@ -59,7 +60,7 @@ class RTN(Quantizer):
     def quantize_layer(self, work: LayerWork, targets, prescales: dict[str, torch.Tensor] | None = None) -> None:
         """Quantize ``targets``; ``prescales[name]`` (from a smoothing subclass) multiplies that
         linear's inputs before they are quantized: its static range is calibrated on them.
-        Fused experts are quantized in place, weights only (see :meth:`takes`)."""
+        Fused experts are quantized in place (:meth:`quantize_experts`)."""
         experts = [(n, m) for n, m in targets if is_fused_experts(m)]
         targets = [(n, m) for n, m in targets if not is_fused_experts(m)]
         for name, module in experts:
@@ -87,9 +88,13 @@ class RTN(Quantizer):
 
     def quantize_experts(self, work: LayerWork, name: str, module) -> QuantExperts:
         """Quantize the fused-experts ``module`` in place, every expert with its own scales and the
-        stage's weight ranges (min/max or mse), and record its weight error."""
+        stage's weight ranges (min/max or mse), calibrate static input scales (every calibration
+        token through every expert), and record its weight error."""
         originals = {n: module._parameters[n].detach().clone() for n in expert_layouts(module)}
-        quantized = QuantExperts.quantize(module, self.scheme.weights, self.scheme.weights.calibrator)
+        acts = self.scheme.activations
+        quantized = QuantExperts.quantize(module, self.scheme.weights, self.scheme.weights.calibrator, acts)
+        if acts is not None and not acts.dynamic:
+            calibrate_expert_inputs(work, name, quantized, lambda: self.calibrator(acts))
         work.record(name, weight_error=experts_error(originals, quantized))
         return quantized
 

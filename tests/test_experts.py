@@ -16,8 +16,8 @@ from qframe.checkpoint import load_native, save_native
 from qframe.description import describe_model
 from qframe.errors import ExportError, ModelError, RecipeError
 from qframe.experts import (
-    IN_OUT, OUT_IN, QuantExperts, dequantize_experts, expert_layouts, is_fused_experts, quantize_experts,
-    quantized_experts,
+    IN_OUT, OUT_IN, QuantExperts, check_expert_inputs, dequantize_experts, expert_layouts, is_fused_experts,
+    quantize_experts, quantized_experts,
 )
 from qframe.pipeline import check_plan
 from qframe.qlinear import QuantLinear
@@ -200,19 +200,17 @@ def test_default_targets_include_experts():
     assert not QuantScheme(targets=("Linear",)).matches("model.layers.0.mlp.experts", experts)
 
 
-def test_static_activations_on_experts_refused_before_calibration(registry):
-    recipe = parse_recipe({"stage": [{"quantizer": "rtn", "weights": {"bits": 8},
-                                      "activations": {"bits": 8, "granularity": "tensor"}}]})
-    with pytest.raises(RecipeError, match=r"stage\[0\]\.activations.*fused experts.*weights-only"):
-        check_plan(_model("qwen3_moe"), resolve(recipe, registry), registry)
-    dynamic = parse_recipe({"stage": [{"quantizer": "fp8", "weights": {"type": "float", "bits": 8},
-                                       "activations": {"type": "float", "bits": 8, "dynamic": True,
-                                                       "granularity": "token"}}]})
-    with pytest.raises(RecipeError, match="fused experts"):
-        check_plan(_model("mixtral"), resolve(dynamic, registry), registry)
-    linears_only = parse_recipe({"stage": [{"quantizer": "rtn", "weights": {"bits": 8}, "targets": ["Linear"],
-                                            "activations": {"bits": 8, "granularity": "tensor"}}]})
-    check_plan(_model("qwen3_moe"), resolve(linears_only, registry), registry)
+def test_expert_inputs_take_one_scale_per_weight_or_dynamic(registry):
+    experts = _model("qwen3_moe").model.layers[0].mlp.experts
+    with pytest.raises(RecipeError, match=r"activations\.granularity.*fused experts.*allowed: tensor"):
+        check_expert_inputs(experts, QuantArgs(bits=8, granularity="channel"))
+    with pytest.raises(ModelError, match="gate_up_proj or up_proj"):
+        check_expert_inputs(_MatmulExperts3(), QuantArgs(bits=8, granularity="tensor"))
+    for activations in ({"bits": 8, "granularity": "tensor"},
+                        {"type": "float", "bits": 8, "dynamic": True, "granularity": "token"}):
+        recipe = parse_recipe({"stage": [{"quantizer": "rtn", "weights": {"bits": 8}, "activations": activations}]})
+        description = check_plan(_model("mixtral"), resolve(recipe, registry), registry).description
+        assert all(state.activations is not None for state in description.experts.values())
 
 
 def test_smoothquant_leaves_experts(registry):
@@ -251,6 +249,19 @@ class _MatmulExperts(torch.nn.Module):
         h = x @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]
         gate, up = h.chunk(2, dim=-1)
         return (torch.nn.functional.silu(gate) * up) @ self.down_proj[e]
+
+
+class _MatmulExperts3(_MatmulExperts):
+    """Three fused weights: a computation the experts interface does not describe."""
+
+    is_transposed = True
+
+    def __init__(self):
+        super().__init__()
+        self.extra_proj = torch.nn.Parameter(torch.randn(4, 32, 32))
+
+    def forward(self, x, e):
+        return super().forward(x, e) @ self.extra_proj[e]
 
 
 def test_matmul_layout_from_forward_and_biases_stay_float():

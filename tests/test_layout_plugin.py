@@ -92,7 +92,7 @@ def test_no_layout_for_a_model_type_names_it_and_the_installed_ones():
         layout_for(tiny_model("opt"), BUILTINS)
     message = str(info.value)
     assert "no layout for model_type 'opt' (OPTForCausalLM)" in message
-    assert "the installed layouts write gpt2, llama, mistral, qwen2" in message
+    assert "the installed layouts write gpt2, llama, mistral, mixtral, qwen2, qwen2_moe, qwen3_moe" in message
     assert "qframe_layouts" in message and "layout.py" not in message  # no "edit qframe's source"
 
 
@@ -252,4 +252,4 @@ def test_qframe_validate_finds_the_layout_through_the_installed_plugin(site, exp
     assert rows[("layout", "renamed-llama")] == ("renamed-llama", "qframe-renamed-llama 0.1.0")
     assert rows[("architecture", "renamed-llama")] == ("renamed-llama", "qframe-renamed-llama 0.1.0")
     assert {n for (k, n), (p, _) in rows.items() if k == "layout" and p == "qframe_plugins.tensorrt_llm.layout"} == {
-        "llama", "mistral", "qwen2", "gpt2"}
+        "llama", "mistral", "qwen2", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe", "qwen"}

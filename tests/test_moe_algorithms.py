@@ -267,3 +267,46 @@ def test_gptq_experts_reload_from_the_native_checkpoint(registry, tmp_path):
     again = qframe.load_quantized(tmp_path / "native", registry=registry)
     assert torch.equal(logits(again.model, ids), logits(model, ids))
 
+
+
+# -- quantized inputs ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", TINY_MOE_FAMILIES)
+def test_quantized_input_forward_is_the_models_computation(family, monkeypatch):
+    """With input quantization made the identity, the experts' own forward (used when inputs
+    are quantized) computes what the model's implementation does, routing weights, biases and
+    gates included."""
+    experts = _experts(tiny_model(family))[-1]
+    reference = copy.deepcopy(experts)
+    hidden_size = expert_matrix(experts, "gate_up_proj").shape[2]
+    quantized = QuantExperts.quantize(experts, QuantArgs(bits=8), activations=QuantArgs(bits=8, dynamic=True,
+                                                                                     granularity="token"))
+    for name in quantized.expert_layouts:  # the float reference computes with the same weights
+        reference._parameters[name].data.copy_(quantized._buffers[name])
+    monkeypatch.setattr(QuantExperts, "quantize_input", lambda self, name, x: x)
+    x = torch.randn(7, hidden_size)
+    index = torch.randint(0, quantized.gate_up_proj_codes.shape[0], (7, 2))
+    weights = torch.rand(7, 2)
+    torch.testing.assert_close(quantized(x, index, weights), reference(x, index, weights), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("stage", [
+    {"quantizer": "fp8", "weights": {"type": "float", "bits": 8, "granularity": "tensor"},
+     "activations": {"type": "float", "bits": 8}},
+    {"quantizer": "nvfp4", "weights": {"type": "float", "bits": 4, "format": "nvfp4", "group_size": 16},
+     "activations": {"type": "float", "bits": 4, "format": "nvfp4", "group_size": 16}},
+    {"quantizer": "gptq", "weights": {"bits": 8}, "activations": {"bits": 8, "granularity": "tensor"}},
+    {"quantizer": "awq", "weights": INT4_G16, "activations": {"type": "float", "bits": 8}},
+], ids=["fp8", "nvfp4", "gptq-w8a8", "awq-w4a8"])
+def test_static_expert_inputs_calibrated_and_reloaded(family, stage, registry, tmp_path):
+    model = tiny_model(family)
+    ids = _ids(model)
+    qmodel = _quantize(model, stage, registry, ids)
+    for experts in _experts(model):
+        assert experts.input_args is not None
+        scales = [experts.get_buffer(f"{n}_input_scale") for n in experts.expert_layouts]
+        assert all(bool(torch.isfinite(s)) and float(s) > 0 for s in scales) and not torch.equal(*scales)
+    qframe.export(qmodel, "qframe", tmp_path / "native", registry=registry)
+    again = qframe.load_quantized(tmp_path / "native", registry=registry)
+    assert torch.equal(logits(again.model, ids), logits(model, ids))

@@ -418,9 +418,11 @@ def test_layouts_of_different_backends_may_claim_one_model_type(qframe_registry)
 
 def test_builtin_layouts_come_through_the_hook(qframe_registry):
     layouts = {e.record.name: e for e in qframe_registry().entries("layout")}
-    assert set(layouts) == {"llama", "mistral", "qwen2", "gpt2"}
+    assert set(layouts) == {"llama", "mistral", "qwen2", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe", "qwen"}
     assert {e.provider for e in layouts.values()} == {"qframe_plugins.tensorrt_llm.layout"}
-    assert {t for e in layouts.values() for t in e.record.model_types} == {"llama", "mistral", "qwen2", "gpt2"}
+    # "qwen" only reads QWenForCausalLM checkpoints back: it claims no model type
+    assert {t for e in layouts.values() for t in e.record.model_types} == {
+        "llama", "mistral", "qwen2", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe"}
     assert "layout" not in {e.kind for e in qframe_registry(disabled=["qframe_plugins.tensorrt_llm.layout"]).entries()}
 
 

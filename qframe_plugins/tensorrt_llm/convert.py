@@ -15,11 +15,21 @@ W4A8_AWQ               as W4A16_AWQ plus ``weights_scaling_factor_2`` (amax/448)
                        ``activation_scaling_factor``
 W8A8_SQ_PER_CHANNEL    int8 weight; f32 per-row ``weights_scaling_factor``; int8 per-tensor
                        ``activation_scaling_factor``; ``prequant_scaling_factor`` md [in]
-W8A16                  the dequantized weight in md (the builder quantizes it again)
+W8A16, W4A16           the dequantized weight in md (the builder quantizes it again, per
+                       output channel, int8 or int4)
 NVFP4                  E2M1 codes packed along the input (uint8 [out, in/2]); E4M3 block
                        scales [out, in/16]; ``weights_scaling_factor_2`` and
                        ``activation_scaling_factor`` (the static global scales) f32 [1]
 =====================  =================================================================
+
+A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE) keeps each layer's routed experts stacked
+(:class:`~.layout.ExpertsSpec`): ``mlp.fc`` ``[E, 2I, H]`` (each expert's up rows, then its gate
+rows) and ``mlp.proj`` ``[E, H, I]``, unquantized or weight-only: W8A16/W4A16 as 16-bit weights,
+W4A16_AWQ as int8 ``[E, I, H]`` / ``[E, H/2, I]`` (int4 rows packed per expert) with f32 group
+scales ``[E, 2I, H/g]`` / ``[E, H, I/g]`` and, when ``pre_quant_scale`` is true, md
+``prequant_scaling_factor`` ``[E, H]`` / ``[E, I]`` (ones: TensorRT-LLM's MoE keeps one for all
+experts, and experts keep none of their own). The router ``mlp.router.weight`` is float32 and,
+with Qwen2-MoE's ``shared_expert_gate``, always in ``exclude_modules``.
 
 A layer's KV cache adds ``attention.kv_cache_scaling_factor`` (f32 [1]: amax/448 for FP8,
 amax/127 for INT8, of the keys after RoPE and the values, as the cache holds them; one scale
@@ -43,17 +53,23 @@ import torch
 from torch import nn
 
 from qframe import formats, numerics
-from qframe.description import LinearState, ModelDescription
+from qframe.description import ExpertsState, LinearState, ModelDescription
 from qframe.errors import ExportError
+from qframe.experts import OUT_IN
 
-from ..quant_algo import (AWQ_ALGOS, NVFP4_BLOCK, Writer, choose, quant_algo, w4a8_weight_scale_2,
+from ..quant_algo import (AWQ_ALGOS, NVFP4_BLOCK, Quantization, Writer, choose, quant_algo, w4a8_weight_scale_2,
                           warn_inexact_group_scales)
-from .layout import Layout, LinearSpec, Part
+from .layout import ExpertsSpec, Layout, LinearSpec, Part
 
-WRITER = Writer("TensorRT-LLM", ("FP8", "NVFP4", "W4A16_AWQ", "W4A8_AWQ", "W8A16", "W8A8_SQ_PER_CHANNEL"),
-                ("FP8", "INT8"), elsewhere="another backend (hf, qframe)")
+# Fused experts are written weight-only: quantized experts calibrate no activation scales, and
+# TensorRT-LLM's MoE holds no W4A8/FP8/NVFP4 experts without them.
+WRITER = Writer("TensorRT-LLM", ("FP8", "NVFP4", "W4A16_AWQ", "W4A8_AWQ", "W4A16", "W8A16", "W8A8_SQ_PER_CHANNEL"),
+                ("FP8", "INT8"), elsewhere="another backend (hf, qframe)", experts=True,
+                expert_algorithms=("W4A16_AWQ", "W4A16", "W8A16"))
 # Algorithms whose linears carry a smoother (ones where it was folded into the layer before).
 PRESCALED_ALGOS = (*AWQ_ALGOS, "W8A8_SQ_PER_CHANNEL")
+# Weight-only per channel: the checkpoint holds 16-bit weights, which the builder quantizes.
+WEIGHT_ONLY = ("W4A16", "W8A16")
 
 
 def algorithm(state: LinearState) -> str | None:
@@ -74,8 +90,10 @@ def algorithm(state: LinearState) -> str | None:
 @dataclass
 class CheckpointPlan:
     """What is written: ``quant_algo`` (None: unquantized), its group size, whether
-    prequantization scales are written, the KV cache's algorithm, the checkpoint dtype, and the
-    TensorRT-LLM linears left in it."""
+    prequantization scales are written, the KV cache's algorithm, the checkpoint dtype, the
+    TensorRT-LLM linears and MoE modules left in float (``excluded``), the modules every layer
+    keeps in float (``float_modules``: MoE routers, Qwen2-MoE's shared expert gates) and, for the
+    weight-only algorithms, the weight names those float modules hold (``weight_patterns``)."""
 
     quant_algo: str | None
     group_size: int | None
@@ -83,6 +101,8 @@ class CheckpointPlan:
     kv_cache_quant_algo: str | None
     dtype: torch.dtype
     excluded: list[str] = field(default_factory=list)
+    float_modules: list[str] = field(default_factory=list)
+    weight_patterns: list[str] = field(default_factory=list)
 
     def quantization(self) -> dict:
         """``config.json``'s ``quantization`` table (explicit ``exclude_modules`` always)."""
@@ -92,7 +112,8 @@ class CheckpointPlan:
         elif self.quant_algo == "NVFP4":
             out["group_size"] = NVFP4_BLOCK
         # An empty list means "defaults" in older TensorRT-LLM and "nothing" in newer: never empty.
-        out["exclude_modules"] = ["lm_head", "*lm_head", "*vocab_embedding", "*position_embedding", *self.excluded]
+        out["exclude_modules"] = ["lm_head", "*lm_head", "*vocab_embedding", "*position_embedding", *self.excluded,
+                                  *self.float_modules, *self.weight_patterns]
         return out
 
 
@@ -115,24 +136,131 @@ def _fused_alike(description: ModelDescription, spec: LinearSpec) -> None:
             "recipe's ignore list must name all or none of them)")
 
 
+def _experts_state(description: ModelDescription, spec: ExpertsSpec) -> ExpertsState:
+    """The fused experts ``spec`` names, checked to be what TensorRT-LLM's MoE holds:
+    ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` used as ``F.linear``, no biases."""
+    state = description.experts.get(spec.module)
+    if state is None:
+        raise ExportError(f"{spec.module}: the model has no fused experts module here, which TensorRT-LLM's mixture "
+                          "of experts layout needs; export this model with --backend qframe")
+    found = {(name, layout) for name, _, _, layout in state.matrices}
+    shapes = {(name, out, inp) for name, out, inp, _ in state.matrices}
+    want = {("gate_up_proj", 2 * spec.inter, spec.hidden), ("down_proj", spec.hidden, spec.inter)}
+    module = state.module
+    biases = sorted(n for n, _ in module.named_parameters(recurse=False) if n not in ("gate_up_proj", "down_proj")) \
+        if module is not None else []
+    if found != {("gate_up_proj", OUT_IN), ("down_proj", OUT_IN)} or biases or description.shapes_known and (
+            shapes != want or state.num_experts != spec.num_experts):
+        raise ExportError(
+            f"{state.where}: TensorRT-LLM's mixture of experts holds {spec.num_experts} experts as gate_up_proj "
+            f"[E, {2 * spec.inter}, {spec.hidden}] and down_proj [E, {spec.hidden}, {spec.inter}] used as F.linear, "
+            f"without biases, as the model's config describes them; this module has {state.num_experts} experts and "
+            f"{sorted(state.matrices)}{f' with {biases}' if biases else ''}; export it with --backend qframe")
+    return state
+
+
+def _weight_only_prescales(chosen: Quantization, algo: str | None) -> None:
+    """Refuse a linear that kept an input prescale in a weight-only (W8A16/W4A16) checkpoint."""
+    kept = [s.where for s in chosen.quantized.values() if s.prescale]
+    if algo in WEIGHT_ONLY and kept:
+        raise ExportError(f"{kept[0]}: keeps an input prescale (AWQ's, where it could not fold it), but a {algo} "
+                          "checkpoint holds 16-bit weights that TensorRT-LLM's builder quantizes again, and no "
+                          "prequant_scaling_factor; quantize in groups of 64 or 128 (W4A16_AWQ holds it), or with a "
+                          "quantizer that keeps none (rtn, gptq)")
+
+
+def _warn_inexact_expert_scales(chosen: Quantization, dtype: torch.dtype) -> None:
+    """As :func:`~qframe_plugins.quant_algo.warn_inexact_group_scales`, for experts' group scales."""
+    if not chosen.awq:
+        return
+    inexact = [n for n, s in chosen.experts.items() for w in ("gate_up_proj", "down_proj")
+               if not torch.equal(s.module._buffers[f"{w}_scale"].to(dtype).float(), s.module._buffers[f"{w}_scale"].float())]
+    if inexact:
+        warnings.warn(f"{inexact[0]}: int4 group scales are not exact in {str(dtype).removeprefix('torch.')}, in which "
+                      "TensorRT-LLM's MoE kernels take them, so the served experts differ slightly from the evaluated "
+                      "ones; quantize the model in its serving dtype ([model] dtype = \"bfloat16\" or \"float16\")",
+                      stacklevel=3)
+
+
+def _warn_weight_only_requantized(chosen: Quantization, algo: str | None) -> None:
+    """Warn where TensorRT-LLM's builder will not reproduce qframe's W4A16/W8A16 weights. It
+    quantizes the checkpoint's 16-bit weights again per output channel with ``scale = amax /
+    2^(bits-1)`` (8 or 128; the positive extreme clipped to 7 or 127: its
+    ``symmetric_quantize``), while qframe fits ``scale = max(hi / 7, -lo / 8)``: the two agree
+    only on a channel whose codes reach -8 (-128), and a channel's weights move elsewhere."""
+    if algo not in WEIGHT_ONLY:
+        return
+    qmin = -8 if algo == "W4A16" else -128
+    codes = [(n, s.module.weight_codes) for n, s in chosen.quantized.items()]
+    codes += [(n, s.module._buffers[f"{w}_codes"]) for n, s in chosen.experts.items() for w in ("gate_up_proj", "down_proj")]
+    moved, total, first = 0, 0, None
+    for name, c in codes:
+        rows = ((c != 0).any(-1) & ~(c == qmin).any(-1)).sum().item()  # all-zero channels stay zero
+        moved, total, first = moved + rows, total + c[..., 0].numel(), first or (name if rows else None)
+    if moved:
+        warnings.warn(f"{first} and others: {moved} of {total} output channels never reach the code {qmin}, and "
+                      f"TensorRT-LLM's builder quantizes a {algo} checkpoint's 16-bit weights again with scale = amax / "
+                      f"{-qmin} per channel, so those channels are served on another grid than the one qframe "
+                      "evaluated; for int4, quantize in groups of 64 or 128 (W4A16_AWQ keeps qframe's codes and "
+                      "scales as they are)", stacklevel=3)
+
+
 def make_plan(description: ModelDescription, layout: Layout, dtype: torch.dtype, tp_size: int = 1,
               pp_size: int = 1) -> CheckpointPlan:
-    """Read the decoder layers' linears and caches into a :class:`CheckpointPlan`, refusing
-    what TensorRT-LLM's format cannot express (a format it lacks, mixed algorithms, fused parts
-    quantized differently, shapes that do not split). Works on a planned description (before
-    calibration) and on a quantized model's alike."""
+    """Read the decoder layers' linears, fused experts and caches into a :class:`CheckpointPlan`,
+    refusing what TensorRT-LLM's format cannot express (a format it lacks, mixed algorithms, fused
+    parts quantized differently, experts it cannot hold, shapes that do not split). Works on a
+    planned description (before calibration) and on a quantized model's alike.
+
+    Example::
+
+        >>> from qframe.testing import make_registry, tiny_model
+        >>> from qframe.description import describe_model
+        >>> from .layout import layout_for
+        >>> model, registry = tiny_model("mixtral"), make_registry()
+        >>> plan = make_plan(describe_model(model, registry), layout_for(model, registry), torch.float16)
+        >>> plan.quant_algo, plan.float_modules
+        (None, ['transformer.layers.0.mlp.router', 'transformer.layers.1.mlp.router'])
+    """
     specs = [spec for i in range(layout.num_layers) for spec in layout.linears(i)]
+    experts = [spec for i in range(layout.num_layers) for spec in layout.experts(i)]
     for spec in specs:
         _fused_alike(description, spec)
+    for spec in experts:
+        _experts_state(description, spec)
     chosen = choose(description, WRITER, [spec.parts[0].module for spec in specs])
+    placed = {spec.module for spec in experts}
+    unplaced = [s.where for n, s in chosen.experts.items() if n not in placed]
+    if unplaced:  # a layout plugin for a mixture of experts that does not say where its experts go
+        raise ExportError(f"{unplaced[0]}: quantized experts that the {type(layout).__name__} layout places nowhere "
+                          "in TensorRT-LLM's checkpoint; export with --backend qframe, or keep them in float")
     if description.calibrated:
         warn_inexact_group_scales(chosen, dtype, WRITER.title)
-    excluded = [spec.name for spec in specs if spec.parts[0].module in chosen.excluded]
+        _warn_inexact_expert_scales(chosen, dtype)
+        _warn_weight_only_requantized(chosen, chosen.quant_algo)
     algo = chosen.quant_algo
+    float_experts = [spec for spec in experts if spec.module not in chosen.experts]
+    if algo is not None and float_experts and layout.shared_expert:
+        where = description.experts[float_experts[0].module].where
+        raise ExportError(f"{where}: the routed experts stay in float while the model is {algo}, but TensorRT-LLM "
+                          "rebuilds an excluded Qwen2-MoE mixture of experts without its shared expert, whose weights "
+                          "would then not load; quantize the experts too (targets = [\"Linear\", \"Experts\"]) or "
+                          "nothing")
+    _weight_only_prescales(chosen, algo)
+    excluded = [spec.name for spec in specs if spec.parts[0].module in chosen.excluded]
+    excluded += [spec.name for spec in float_experts]
+    float_modules = [name for i in range(layout.num_layers) for name in layout.float_modules(i)]
+    patterns: list[str] = []
+    if algo in WEIGHT_ONLY:
+        # TensorRT-LLM quantizes a weight-only checkpoint's 16-bit weights itself, skipping those
+        # whose *weight* name exclude_modules matches (the module's name is not enough there).
+        plain = [name for name in excluded if name not in {spec.name for spec in float_experts}] + float_modules
+        patterns = [f"{name}.weight" for name in plain]
+        patterns += [f"{name}.weight" for spec in float_experts for name in (spec.fc, spec.proj)]
     # SmoothQuant linears always carry a smoother; AWQ's where qframe kept one.
     prescaled = algo == "W8A8_SQ_PER_CHANNEL" or any(s.prescale for s in chosen.quantized.values())
     plan = CheckpointPlan(algo, chosen.group_size, prescaled and algo in PRESCALED_ALGOS, chosen.kv_cache_quant_algo,
-                          dtype, excluded)
+                          dtype, excluded, float_modules, patterns)
     if description.shapes_known:
         check_parallel(layout, plan, tp_size, pp_size)
     return plan
@@ -152,8 +280,10 @@ def check_parallel(layout: Layout, plan: CheckpointPlan, tp_size: int, pp_size: 
     if kv % tp_size and tp_size % kv:
         raise ExportError(f"{where}: the model's {kv} key/value heads are neither divisible by it nor do they divide "
                           f"it; choose a tp_size that divides {kv} or that {kv} divides")
-    if layout.intermediate % tp_size:
-        raise ExportError(f"{where} does not divide the MLP width {layout.intermediate}; choose a tp_size that divides it")
+    for key, width in layout.mlp_widths().items():
+        if width % tp_size:
+            raise ExportError(f"{where} does not divide the model's MLP width {key} = {width}; choose a tp_size that "
+                              "divides it")
     if layout.num_layers % pp_size:
         raise ExportError(f"pp_size = {pp_size} does not divide the model's {layout.num_layers} decoder layers; "
                           f"choose a pp_size that divides {layout.num_layers}")
@@ -165,7 +295,7 @@ def check_parallel(layout: Layout, plan: CheckpointPlan, tp_size: int, pp_size: 
                           "exclude_modules against each pipeline stage's own layer numbers, so that cannot be "
                           "expressed; quantize it too (remove it from the stage's ignore) or export with pp_size = 1")
     if plan.quant_algo == "NVFP4":
-        for what, size in {"attention width": layout.heads * layout.head_size, "MLP width": layout.intermediate}.items():
+        for what, size in {"attention width": layout.heads * layout.head_size, **layout.mlp_widths()}.items():
             if size % (16 * tp_size):
                 raise ExportError(f"NVFP4 at {where}: each rank's share of the model's {what} {size} must be a whole "
                                   f"number of 16-channel blocks; choose a tp_size that divides {size // 16}")
@@ -173,7 +303,8 @@ def check_parallel(layout: Layout, plan: CheckpointPlan, tp_size: int, pp_size: 
         # TensorRT-LLM pads group-wise int4 linears to multiples of max(64, group) * tp (128 for
         # W4A8), and a padded linear no longer matches the checkpoint's shapes.
         multiple = max(128 if plan.quant_algo == "W4A8_AWQ" else 64, plan.group_size) * tp_size
-        sizes = {"hidden size": layout.hidden, "MLP width": layout.intermediate,
+        # (TensorRT-LLM's MoE does not pad, but splits each expert's groups across ranks: the same multiple.)
+        sizes = {"hidden size": layout.hidden, **layout.mlp_widths(),
                  "attention width": layout.heads * layout.head_size,
                  "q/k/v width": (layout.heads + 2 * layout.kv_heads) * layout.head_size}
         for what, size in sizes.items():
@@ -205,9 +336,19 @@ class Piece:
     encode: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-def _pack_int4_rows_int8(codes: torch.Tensor) -> torch.Tensor:
-    # TensorRT-LLM's W4A16_AWQ/W4A8_AWQ weight is typed int8 (the same bytes).
-    return numerics.pack_int4_rows(codes).view(torch.int8)
+def pack_int4_rows_int8(codes: torch.Tensor) -> torch.Tensor:
+    """Int4 codes ``[..., rows, in]`` packed two a byte along the rows of each matrix (stacked
+    experts each their own), low nibble the even row, typed int8 as TensorRT-LLM's
+    W4A16_AWQ/W4A8_AWQ weights are (the same bytes as :func:`qframe.numerics.pack_int4_rows`).
+
+    Example::
+
+        >>> pack_int4_rows_int8(torch.tensor([[[1], [-2]], [[3], [4]]], dtype=torch.int8)).flatten().tolist()
+        [-31, 67]
+    """
+    rows, cols = codes.shape[-2:]
+    packed = numerics.pack_int4_rows(codes.reshape(-1, cols))  # rows are even: no pair spans two experts
+    return packed.view(torch.int8).reshape(*codes.shape[:-2], rows // 2, cols)
 
 
 def pack_e2m1_columns(codes: torch.Tensor) -> torch.Tensor:
@@ -270,7 +411,7 @@ def linear_pieces(description: ModelDescription, spec: LinearSpec, plan: Checkpo
         return Piece([value], stage, par, None, in_dim)
 
     out: dict[str, Piece] = {}
-    if algo in (None, "W8A16"):
+    if algo in (None, *WEIGHT_ONLY):
         out["weight"] = rows(lambda m, p: _rows(m.weight.detach(), p).to(md))
     elif algo in ("FP8", "NVFP4"):
         codes, block, joint = _shared_per_tensor(spec, modules, algo)
@@ -283,7 +424,7 @@ def linear_pieces(description: ModelDescription, spec: LinearSpec, plan: Checkpo
             out["weights_scaling_factor_2"] = single(joint.float().reshape(1))
         out["activation_scaling_factor"] = single(torch.stack([m.input_scale.float().reshape(()) for m in modules]).amax().reshape(1))
     elif algo in AWQ_ALGOS:
-        out["weight"] = rows(lambda m, p: _rows(m.weight_codes, p), _pack_int4_rows_int8)
+        out["weight"] = rows(lambda m, p: _rows(m.weight_codes, p), pack_int4_rows_int8)
         out["weights_scaling_factor"] = rows(lambda m, p: _rows(m.weight_scale, p).float())
         if algo == "W4A8_AWQ":
             scale_2 = w4a8_weight_scale_2([_rows(m.weight, p) for m, p in zip(modules, spec.parts)])
@@ -295,13 +436,61 @@ def linear_pieces(description: ModelDescription, spec: LinearSpec, plan: Checkpo
         out["weights_scaling_factor"] = rows(lambda m, p: _rows(m.weight_scale, p).float().reshape(-1), in_dim=None)
         out["activation_scaling_factor"] = single(_same([m.input_scale.float().reshape(1) for m in modules],
                                                         "activation scales", spec.name))
-    if algo is not None and algo != "W8A16" and plan.pre_quant_scale:
+    if algo is not None and algo not in WEIGHT_ONLY and plan.pre_quant_scale:
         ones = torch.ones(modules[0].in_features)
         prescale = _same([m.input_prescale.float() if m.has_prescale else ones for m in modules],
                          "input prescales", spec.name)
         out["prequant_scaling_factor"] = single(prescale.to(md), in_dim=0)
     if modules[0].bias is not None:
         out["bias"] = rows(lambda m, p: _rows(m.bias.detach(), p).to(md), in_dim=None)
+    return {f"{spec.name}.{suffix}": piece for suffix, piece in out.items()}
+
+
+def experts_pieces(description: ModelDescription, spec: ExpertsSpec, plan: CheckpointPlan, stage: int
+                   ) -> dict[str, Piece]:
+    """The checkpoint tensors of one layer's mixture of experts (``mlp.fc``, ``mlp.proj``), keyed
+    by full name: stacked over the experts, each expert's up rows before its gate rows in ``fc``
+    (Hugging Face's ``gate_up_proj`` holds gate first). Unquantized and weight-only experts are
+    the weights the model computes with, in the checkpoint dtype; W4A16_AWQ experts their codes
+    and group scales.
+
+    Example::
+
+        >>> from qframe.testing import make_registry, tiny_model
+        >>> from qframe.description import describe_model
+        >>> from .layout import layout_for
+        >>> model, registry = tiny_model("mixtral"), make_registry()
+        >>> layout, description = layout_for(model, registry), describe_model(model, registry)
+        >>> plan = make_plan(description, layout, torch.float16)
+        >>> pieces = experts_pieces(description, layout.experts(0)[0], plan, 0)
+        >>> {name: [tuple(t.shape) for t in piece.parts] for name, piece in pieces.items()}
+        {'transformer.layers.0.mlp.fc.weight': [(4, 32, 64), (4, 32, 64)], 'transformer.layers.0.mlp.proj.weight': [(4, 64, 32)]}
+    """
+    module = description.experts[spec.module].module
+    algo = None if spec.name in plan.excluded else plan.quant_algo
+    md, inter = plan.dtype, spec.inter
+
+    def up_gate(t: torch.Tensor) -> list[torch.Tensor]:
+        # Split apart so that tensor parallelism gives every rank its own up and gate rows.
+        return [t[:, inter:], t[:, :inter]]
+
+    out: dict[str, Piece] = {}
+    if algo in (None, *WEIGHT_ONLY):
+        # The float weights, or the dequantized ones the quantized experts compute with.
+        out["fc.weight"] = Piece(up_gate(module.gate_up_proj.detach().to(md)), stage, "column", 1)
+        out["proj.weight"] = Piece([module.down_proj.detach().to(md)], stage, "row", None, 2)
+    else:  # W4A16_AWQ, the one grouped algorithm WRITER takes for experts
+        b = module._buffers
+        out["fc.weight"] = Piece(up_gate(b["gate_up_proj_codes"]), stage, "column", 1, encode=pack_int4_rows_int8)
+        out["fc.weights_scaling_factor"] = Piece(up_gate(b["gate_up_proj_scale"].float()), stage, "column", 1)
+        out["proj.weight"] = Piece([b["down_proj_codes"]], stage, "row", None, 2, encode=pack_int4_rows_int8)
+        out["proj.weights_scaling_factor"] = Piece([b["down_proj_scale"].float()], stage, "row", None, 2)
+        if plan.pre_quant_scale:
+            # One row an expert, as modelopt stacks them; TensorRT-LLM reads expert 0's for all of
+            # them, and qframe's experts keep no prescale: ones.
+            e, h = spec.num_experts, spec.hidden
+            out["fc.prequant_scaling_factor"] = Piece([torch.ones(e, h, dtype=md)], stage)
+            out["proj.prequant_scaling_factor"] = Piece([torch.ones(e, inter, dtype=md)], stage, "row", None, 1)
     return {f"{spec.name}.{suffix}": piece for suffix, piece in out.items()}
 
 
@@ -315,7 +504,8 @@ def checkpoint_pieces(description: ModelDescription, layout: Layout, plan: Check
         # A quantized lm_head's dequantized weight is a buffer: named_buffers finds it too.
         if entry.source not in params:
             raise ExportError(f"{entry.source}: the model has no such tensor, which TensorRT-LLM's layout needs")
-        return Piece([params[entry.source].detach().to(plan.dtype)], stage, entry.split, 0 if entry.split else None)
+        dtype = getattr(torch, entry.dtype) if entry.dtype else plan.dtype  # a MoE router is float32
+        return Piece([params[entry.source].detach().to(dtype)], stage, entry.split, 0 if entry.split else None)
 
     pieces: dict[str, Piece] = {}
     for entry in layout.first_tensors():
@@ -325,6 +515,8 @@ def checkpoint_pieces(description: ModelDescription, layout: Layout, plan: Check
             pieces[entry.name] = plain(entry, i)
         for spec in layout.linears(i):
             pieces.update(linear_pieces(description, spec, plan, i))
+        for experts in layout.experts(i):
+            pieces.update(experts_pieces(description, experts, plan, i))
         if plan.kv_cache_quant_algo is not None:
             # TensorRT-LLM reads one scale for both (the larger: nothing saturates); modelopt
             # also writes each, and so does qframe.

@@ -8,8 +8,12 @@ rank, and in every rank each tensor TensorRT-LLM will ask for, by name, with its
 that rank (tensor-parallel splits, key/value heads repeated when there are fewer than ranks,
 pipeline stages numbering their layers from 0, ``lm_head`` padded to a multiple of ``tp_size``)
 and its dtype for the ``quant_algo``; modules ``exclude_modules`` names must be unquantized;
-tensors nobody asks for are reported; scales must be finite and positive. Anything else in
-the directory (an ``engine/`` folder) is not looked at.
+tensors nobody asks for are reported; scales must be finite and positive. A mixture of experts
+(Mixtral, Qwen2-MoE, Qwen3-MoE) has each layer's experts stacked in ``mlp.fc`` and ``mlp.proj``
+(every expert's tensors, their scales' shapes per ``quant_algo``), a float32 ``mlp.router``,
+the ``moe`` keys of ``config.json`` checked, and its routers (and Qwen2-MoE's shared expert
+gates) named in ``exclude_modules``. Anything else in the directory (an ``engine/`` folder) is
+not looked at.
 
 Which tensors a family has (names, unsplit shapes, biases, fused parts) comes from its layout
 plugin (:mod:`.layout`), found in the registry by the config's ``architecture``; how they
@@ -34,7 +38,7 @@ from typing import Any
 
 from qframe.errors import ExportError, shorten
 
-from .layout import BACKEND, Layout, LinearSpec, Plain, Sizes, layout_class
+from .layout import BACKEND, ExpertsSpec, Layout, LinearSpec, Plain, Sizes, layout_class
 
 # TensorRT-LLM's ``MODEL_MAP`` names (GPT2LMHeadModel only from v1.0 on): an architecture no
 # installed layout reads is still one TensorRT-LLM builds, only its tensors go unchecked. A
@@ -44,7 +48,8 @@ TRTLLM_ARCHITECTURES = (
     "GPTForCausalLM", "GPT2LMHeadModel",
     "OPTForCausalLM", "BloomForCausalLM", "FalconForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM",
     "GPTNeoXForCausalLM", "GPTJForCausalLM", "MPTForCausalLM", "GemmaForCausalLM", "BaichuanForCausalLM",
-    "ChatGLMForCausalLM", "MixtralForCausalLM", "QWenForCausalLM", "Qwen2MoeForCausalLM",
+    "ChatGLMForCausalLM", "MixtralForCausalLM", "QWenForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
 )
 
 DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
@@ -66,6 +71,14 @@ KV_ALGOS = ("FP8", "INT8", "NVFP4")
 QUANT_KEYS = ("quant_algo", "kv_cache_quant_algo", "group_size", "has_zero_point", "pre_quant_scale",
               "exclude_modules", "smoothquant_val", "clamp_val", "use_meta_recipe")
 MAPPING_KEYS = ("world_size", "tp_size", "pp_size")
+# Mapping's split of a mixture of experts (modelopt writes them; absent, they are tp_size and 1).
+MOE_MAPPING_KEYS = ("moe_tp_size", "moe_ep_size")
+# The algorithms whose experts this validator predicts (the weight-only ones qframe writes).
+EXPERT_ALGOS = (None, "NO_QUANT", "W8A16", "W4A16", "W4A16_AWQ")
+# TensorRT-LLM quantizes a W8A16/W4A16 checkpoint's 16-bit weights itself: every weight whose name
+# holds one of these, unless exclude_modules matches the *weight's* name
+# (tensorrt_llm/models/convert_utils.py, weight_only_quantize_dict).
+WEIGHT_ONLY_NAMES = ("qkv.weight", "dense.weight", "fc.weight", "proj.weight", "gate.weight")
 _RANK_FILE = re.compile(r"rank(\d+)\.safetensors")
 
 
@@ -208,9 +221,6 @@ def _read_config(config: dict, registry: Any, problems: list[str]) -> Spec | Non
         if tp and kv_heads % tp and tp % kv_heads:
             problems.append(f"config.json: mapping.tp_size: {tp} and num_key_value_heads {kv_heads}: one must divide "
                             "the other (TensorRT-LLM splits or repeats whole key/value heads)")
-        if tp and sizes.intermediate % tp:
-            problems.append(f"config.json: mapping.tp_size: {tp} does not divide intermediate_size "
-                            f"{sizes.intermediate}")
         if pp and sizes.num_layers % pp:
             problems.append(f"config.json: mapping.pp_size: {pp} does not divide num_hidden_layers {sizes.num_layers} "
                             "(TensorRT-LLM before v1.0 drops the remainder; later versions give the first stages one "
@@ -221,11 +231,27 @@ def _read_config(config: dict, registry: Any, problems: list[str]) -> Spec | Non
             layout = layout_class(entry).from_checkpoint(config)
         except ExportError as exc:  # the family needs a key this config lacks
             problems.append(f"config.json: {exc}")
+    if sizes is not None and tp:
+        # The MLP widths tensor parallelism splits: a mixture of experts' experts (and shared expert).
+        widths = layout.mlp_widths() if layout is not None else {"intermediate_size": sizes.intermediate}
+        problems += [f"config.json: mapping.tp_size: {tp} does not divide {key} {width}"
+                     for key, width in widths.items() if width % tp]
     if len(problems) > start or quant is None:
         return None
     algo, kv_algo, group, pre_quant, exclude = quant
     if unchecked is None and algo not in CHECKED_ALGOS:
         unchecked = f"quant_algo {algo!r} is valid, but this validator has no tensor layout for it"
+    experts = layout is not None and sizes.num_layers > 0 and bool(layout.experts(0))
+    if unchecked is None and experts and algo not in EXPERT_ALGOS:
+        unchecked = (f"quant_algo {algo!r} is valid, but this validator has no tensor layout for a mixture of experts "
+                     f"quantized with it (only for {', '.join(str(a) for a in EXPERT_ALGOS[2:])})")
+    ep = (config.get("mapping") or {}).get("moe_ep_size", 1)
+    if unchecked is None and experts and ep != 1:
+        unchecked = f"expert parallelism (mapping.moe_ep_size = {ep}) is valid, but this validator has no tensor layout for it"
+    if layout is not None and algo not in (None, "NO_QUANT") and isinstance(exclude, list):
+        problems += _exclusion_problems(layout, algo, exclude)
+        if len(problems) > start:
+            return None
     if unchecked is None and kv_algo not in (None, "FP8", "INT8"):
         unchecked = f"kv_cache_quant_algo {kv_algo!r} is valid, but this validator has no tensor layout for it"
     return Spec(
@@ -271,8 +297,9 @@ def _read_mapping(config: dict, problems: list[str]) -> tuple[int | None, int | 
     if not isinstance(mapping, dict):
         problems.append(f"config.json: mapping: {mapping!r}, expected {{\"world_size\", \"tp_size\", \"pp_size\"}}")
         return None, None
+    moe = isinstance(config.get("moe"), dict)
     for key in mapping:
-        if key not in MAPPING_KEYS:
+        if key not in MAPPING_KEYS and not (moe and key in MOE_MAPPING_KEYS):
             problems.append(f"config.json: mapping.{key}: unexpected; write exactly world_size, tp_size and pp_size "
                             "(TensorRT-LLM's Mapping raises on keys it lacks, and others change what each rank holds)")
     sizes = {}
@@ -288,6 +315,17 @@ def _read_mapping(config: dict, problems: list[str]) -> tuple[int | None, int | 
         problems.append(f"config.json: mapping.world_size: {sizes['world_size']}, expected tp_size * pp_size = "
                         f"{sizes['tp_size'] * sizes['pp_size']}")
         return None, None
+    if moe and any(k in mapping for k in MOE_MAPPING_KEYS):
+        split = {k: mapping.get(k, sizes["tp_size"] if k == "moe_tp_size" else 1) for k in MOE_MAPPING_KEYS}
+        bad = [k for k, v in split.items() if not _is_int(v) or v < 1]
+        if bad:
+            problems.append(f"config.json: mapping.{bad[0]}: {split[bad[0]]!r}, expected a positive integer")
+            return None, None
+        if split["moe_tp_size"] * split["moe_ep_size"] != sizes["tp_size"]:
+            problems.append(f"config.json: mapping.moe_tp_size * moe_ep_size: {split['moe_tp_size']} * "
+                            f"{split['moe_ep_size']}, expected tp_size = {sizes['tp_size']} (the tensor-parallel "
+                            "ranks split the experts between them)")
+            return None, None
     return sizes["tp_size"], sizes["pp_size"]
 
 
@@ -337,6 +375,46 @@ def _read_quantization(config: dict, problems: list[str]):
     if len(problems) > start:
         return None
     return algo, kv_algo, group, pre_quant, exclude
+
+
+def _exclusion_problems(layout: Layout, algo: str, exclude: list[str]) -> list[str]:
+    """What ``exclude_modules`` must name for a quantized checkpoint and does not: each layer's
+    always-float modules (MoE routers, Qwen2-MoE's shared expert gates: TensorRT-LLM's own
+    defaults exclude them only when the list is empty); for W8A16/W4A16, the weights of every
+    excluded module by their own names (TensorRT-LLM quantizes those weights by name); and no
+    Qwen2-MoE experts (TensorRT-LLM rebuilds an excluded SharedMoE without its shared expert).
+    At most five lines, and how many more."""
+    def named(name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
+
+    def weight_unnamed(name: str) -> bool:  # TensorRT-LLM would quantize this excluded module's weight
+        weight = f"{name}.weight"
+        return algo in ("W8A16", "W4A16") and any(part in weight for part in WEIGHT_ONLY_NAMES) and not named(weight)
+
+    def by_weight(module: str, weight_of: str) -> str:
+        return (f"does not name {weight_of}.weight (it names {module}, but TensorRT-LLM quantizes {algo} weights by "
+                "their own names)")
+
+    problems = []
+    for i in range(layout.num_layers):
+        for module in layout.float_modules(i):
+            if not named(module):
+                problems.append(f"does not name {module}, which TensorRT-LLM would then quantize with {algo} (its "
+                                "defaults exclude MoE routers and shared expert gates only when the list is empty)")
+            elif weight_unnamed(module):
+                problems.append(by_weight(module, module))
+        problems += [by_weight(linear.name, linear.name) for linear in layout.linears(i)
+                     if named(linear.name) and weight_unnamed(linear.name)]
+        for experts in layout.experts(i):
+            if not named(experts.name):
+                continue
+            if layout.shared_expert:
+                problems.append(f"names {experts.name}, and TensorRT-LLM rebuilds an excluded Qwen2-MoE mixture of "
+                                "experts without its shared expert, whose weights would then not load")
+            problems += [by_weight(experts.name, w) for w in (experts.fc, experts.proj) if weight_unnamed(w)]
+    prefix = "config.json: quantization.exclude_modules: "
+    more = [f"{prefix}and {len(problems) - 5} more like these"] if len(problems) > 5 else []
+    return [prefix + p for p in problems[:5]] + more
 
 
 def _check_rank_files(directory: Path, world_size: int) -> list[str]:
@@ -449,6 +527,8 @@ def expected_tensors(spec: Spec, rank: int) -> tuple[dict[str, Expect], list[str
             expect.update(_plain(spec, plain, first, impossible))
         for linear in layout.linears(i):
             expect.update(_linear_spec(spec, linear, impossible))
+        for experts in layout.experts(i):
+            expect.update(_experts(spec, experts, impossible))
         if spec.kv_algo is not None:
             prefix = f"transformer.layers.{i}"
             why = f"{spec.kv_algo} key/value cache"
@@ -472,9 +552,43 @@ def _linear_spec(spec: Spec, linear: LinearSpec, impossible: list[str]) -> dict[
     return _linear(spec, linear.name, out, inp, linear.bias, linear.parallel, linear.out_features)
 
 
+def _experts(spec: Spec, experts: ExpertsSpec, impossible: list[str]) -> dict[str, Expect]:
+    """A layer's stacked experts on this rank (``fc``: each expert's up and gate rows, split by
+    rank; ``proj``: its input columns, split by rank), as the ``quant_algo`` stores them; an
+    excluded MoE holds 16-bit weights."""
+    md = DTYPES[spec.dtype]
+    pattern = _excluded(spec, experts.name)
+    algo = None if pattern else spec.quant_algo
+    note = f" (excluded by {pattern!r})" if pattern and spec.quant_algo else ""
+    e, rows, h = experts.fc_shape(spec.tp)
+    inner = experts.proj_shape(spec.tp)[2]
+    fc, proj = experts.fc, experts.proj
+    if algo != "W4A16_AWQ":  # unquantized, or weight-only: the builder quantizes 16-bit weights itself
+        kind = f"{algo}: 16-bit, the builder quantizes them" if algo else f"unquantized{note}"
+        return {f"{fc}.weight": Expect((e, rows, h), (md,), f"experts' up and gate rows, {kind}"),
+                f"{proj}.weight": Expect((e, h, inner), (md,), f"experts' down projections, {kind}")}
+    g = spec.group_size
+    impossible += [f"{name}: {width} inputs not divisible by group_size {g}"
+                   for name, width in ((fc, h), (proj, inner)) if width % g]
+    out = {
+        f"{fc}.weight": Expect((e, rows // 2, h), (I8,), "int4 packed two a byte along each expert's rows"),
+        f"{fc}.weights_scaling_factor": Expect((e, rows, h // g), (F32, md), f"per expert, row and group of {g} inputs",
+                                               scale=True, per_block=True),
+        f"{proj}.weight": Expect((e, h // 2, inner), (I8,), "int4 packed two a byte along each expert's rows"),
+        f"{proj}.weights_scaling_factor": Expect((e, h, inner // g), (F32, md),
+                                                 f"per expert, row and group of {g} inputs", scale=True, per_block=True),
+    }
+    if spec.pre_quant_scale:
+        out[f"{fc}.prequant_scaling_factor"] = Expect((e, h), (md,), "pre_quant_scale is true (a row an expert)",
+                                                      scale=True)
+        out[f"{proj}.prequant_scaling_factor"] = Expect((e, inner), (md,), "pre_quant_scale is true (a row an expert)",
+                                                        scale=True)
+    return out
+
+
 def _plain(spec: Spec, plain: Plain, first: bool, impossible: list[str]) -> dict[str, Expect]:
     """A layout's plain tensor on this rank (an output head: a linear, which may be quantized)."""
-    md, tp = DTYPES[spec.dtype], spec.tp
+    md, tp = DTYPES[plain.dtype or spec.dtype], spec.tp
     rows, *rest = plain.shape or (0,)
     if plain.head:
         prefix = plain.name.removesuffix(".weight")
