@@ -274,6 +274,14 @@ def quantize_experts(w: torch.Tensor, args: QuantArgs, calibrator: str = "minmax
     if calibrator not in RANGES:
         raise ValueError(f"weight ranges of experts come from {' or '.join(RANGES)}, not {calibrator!r}")
     e, out, inp = w.shape
+    step = _experts_per_chunk(w)
+    if step < e:  # experts are independent: a chunk at a time bounds the float32 temporaries
+        parts = [quantize_experts(w[i:i + step], args, calibrator, served_dtype=served_dtype or w.dtype,
+                                  ranges=None if ranges is None else tuple(r[i:i + step] for r in ranges),
+                                  global_scale=None if global_scale is None else global_scale.reshape(e)[i:i + step])
+                 for i in range(0, e, step)]
+        joined = lambda key: None if getattr(parts[0], key) is None else torch.cat([getattr(p, key) for p in parts])
+        return QuantizedExperts(joined("codes"), joined("scale"), joined("zero"), joined("global_scale"))
     row_args = _row_args(args)
     rows = _rows(w, args)
     per_expert, row_global = _row_global(w, args)
@@ -289,6 +297,15 @@ def quantize_experts(w: torch.Tensor, args: QuantArgs, calibrator: str = "minmax
     shape = (e, 1, 1) if args.granularity == "tensor" else (e, out, -1)
     return QuantizedExperts(q.codes.reshape(e, out, inp), q.scale.reshape(shape),
                             None if q.zero is None else q.zero.reshape(shape), per_expert)
+
+
+# Weight elements of one chunk of experts rounded at once: the float32 temporaries of rounding a
+# whole fused weight (Qwen3-30B-A3B's gate_up_proj: 128 experts, 403 M elements) would be many GiB.
+CHUNK_ELEMENTS = 1 << 25
+
+
+def _experts_per_chunk(w: torch.Tensor) -> int:
+    return max(1, CHUNK_ELEMENTS // max(1, w[0].numel()))
 
 
 def dequantize_experts(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, args: QuantArgs,
@@ -467,10 +484,20 @@ class QuantExperts(nn.Module):
                                   b.get(f"{name}_global_scale"))
 
     def refresh(self) -> None:
-        """Recompute every dequantized weight from codes and scales (after loading them)."""
+        """Recompute every dequantized weight from codes and scales (after loading them), a chunk
+        of experts at a time."""
+        b = self._buffers
         for name in self.expert_layouts:
-            w = self.matrix(name, self.dequantized(name))
-            self._buffers[name] = w.contiguous().to(self._buffers[name].dtype)
+            codes = b[f"{name}_codes"]
+            served = torch.empty(b[name].shape, dtype=b[name].dtype, device=codes.device)
+            step = _experts_per_chunk(codes)
+            for i in range(0, codes.shape[0], step):
+                part = slice(i, i + step)
+                zero, glob = b.get(f"{name}_zero"), b.get(f"{name}_global_scale")
+                w = dequantize_experts(codes[part], b[f"{name}_scale"][part], None if zero is None else zero[part],
+                                       self.weight_args, None if glob is None else glob[part])
+                served[part] = self.matrix(name, w).to(served.dtype)
+            b[name] = served
 
     def _apply(self, fn, recurse=True):
         # As QuantLinear: codes and scales keep their dtypes and bits through casts; the derived

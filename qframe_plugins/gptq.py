@@ -371,13 +371,19 @@ class ExpertsGPTQ:
     fallback: list[int]
 
 
+# Weight elements rounded in one batched GPTQ call: bounds its float32 copies of the weight, its
+# scales and its blocks (Qwen3-30B-A3B's gate_up_proj is 403 M elements) at a few GiB.
+EXPERT_CHUNK_ELEMENTS = 1 << 28
+
+
 def gptq_experts(w: torch.Tensor, hessians: ExpertHessians, args: QuantArgs, *, min_tokens: int = 1,
                  **options) -> ExpertsGPTQ:
-    """GPTQ on every expert of one fused weight ``w [E, out, in]`` at once. Experts sharing one
-    Hessian (every token through every expert) are rounded as the rows of one matrix; otherwise
-    each against its own, batched (:func:`gptq_batched`). An expert with fewer than
-    ``min_tokens`` tokens is rounded to nearest on its min/max ranges. ``options`` go to
-    :func:`gptq_batched` (``block_size``, ``dampening``, ``act_order``).
+    """GPTQ on every expert of one fused weight ``w [E, out, in]`` at once (in chunks of experts
+    of at most ``EXPERT_CHUNK_ELEMENTS`` weights). Experts sharing one Hessian (every token
+    through every expert) are rounded as the rows of one matrix; otherwise each against its own,
+    batched (:func:`gptq_batched`). An expert with fewer than ``min_tokens`` tokens is rounded to
+    nearest on its min/max ranges. ``options`` go to :func:`gptq_batched` (``block_size``,
+    ``dampening``, ``act_order``).
 
     Example::
 
@@ -389,28 +395,38 @@ def gptq_experts(w: torch.Tensor, hessians: ExpertHessians, args: QuantArgs, *, 
     """
     e, out, columns = w.shape
     matrices = hessians.matrices()
-    hessians.sums = None  # consumed: the matrices are factorized in place
-    if hessians.shared:
-        if int(hessians.tokens[0]) < min_tokens:
-            matrices = torch.eye(columns, device=w.device).unsqueeze(0)  # no data: round to nearest
-        ranges, global_scale = _expert_ranges(w, args)
-        r = gptq_batched(w.reshape(1, e * out, columns), matrices, args, ranges=ranges, global_scale=global_scale,
-                         **options)
-        lo, hi = (t.view(e, out, -1)[:, :1] if args.granularity == "tensor" else t.view(e, out, -1) for t in r.ranges)
-        glob = None if r.global_scale is None else r.global_scale.view(e, out)[:, 0]
-        starved = list(range(e)) if int(hessians.tokens[0]) < min_tokens else []
-        fallback = list(range(e)) if bool(r.fallback[0]) else []
-        return ExpertsGPTQ(r.weight.view(e, out, columns), (lo, hi), glob, float(r.loss.nan_to_num().mean()),
-                           starved, fallback)
+    hessians.sums = None  # consumed: each chunk's matrices are factorized in place
     fed = hessians.tokens >= min_tokens
-    # Experts without enough data get H = I: GPTQ then spreads no error, which is rounding to nearest.
-    matrices[~fed] = torch.eye(columns, device=matrices.device)
-    r = gptq_batched(w, matrices, args, **options)
-    glob = None if r.global_scale is None else r.global_scale.view(e)
+    if hessians.shared and not bool(fed[0]):
+        matrices = torch.eye(columns, device=w.device).unsqueeze(0)  # no data: round to nearest
+    elif not hessians.shared:
+        # Experts without enough data get H = I: GPTQ then spreads no error, which is rounding to nearest.
+        matrices[~fed] = torch.eye(columns, device=matrices.device)
+    step = max(1, EXPERT_CHUNK_ELEMENTS // max(1, out * columns))
+    parts = []
+    for i in range(0, e, step):
+        chunk = slice(i, min(i + step, e))
+        count = chunk.stop - chunk.start
+        if hessians.shared:
+            ranges, global_scale = _expert_ranges(w[chunk], args)
+            h = matrices if chunk.stop == e and i == 0 else matrices.clone()
+            r = gptq_batched(w[chunk].reshape(1, count * out, columns), h, args, ranges=ranges,
+                             global_scale=global_scale, **options)
+            lo, hi = (t.view(count, out, -1)[:, :1] if args.granularity == "tensor" else t.view(count, out, -1)
+                      for t in r.ranges)
+            glob = None if r.global_scale is None else r.global_scale.view(count, out)[:, 0]
+            parts.append((r.weight.view(count, out, columns), lo, hi, glob, r.loss.expand(count),
+                          r.fallback.expand(count)))
+        else:
+            r = gptq_batched(w[chunk], matrices[chunk], args, **options)
+            parts.append((r.weight, *r.ranges, None if r.global_scale is None else r.global_scale.view(count),
+                          r.loss, r.fallback))
+    weight, lo, hi, glob, loss, fallback = (None if p[0] is None else torch.cat(p) for p in zip(*parts))
+    fed = fed.expand(e).to(loss.device) if hessians.shared else fed.to(loss.device)
     starved = (~fed).nonzero().flatten().tolist()
-    fallback = (r.fallback & fed.to(r.fallback.device)).nonzero().flatten().tolist()
-    loss = r.loss[fed.to(r.loss.device)]
-    return ExpertsGPTQ(r.weight, r.ranges, glob, float(loss.nan_to_num().mean()) if loss.numel() else float("nan"),
+    fallback = (fallback & fed).nonzero().flatten().tolist()
+    loss = loss[fed]
+    return ExpertsGPTQ(weight, (lo, hi), glob, float(loss.nan_to_num().mean()) if loss.numel() else float("nan"),
                        starved, fallback)
 
 

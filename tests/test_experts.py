@@ -320,6 +320,27 @@ def test_batched_equals_one_expert_at_a_time(args):
     assert torch.equal(back[3], numerics.quantize_weight(w[3], args).dequantize())
 
 
+@pytest.mark.parametrize("calibrator", ["minmax", "mse"])
+def test_chunks_of_experts_equal_all_at_once(calibrator, monkeypatch):
+    """Large fused weights are rounded (and served weights rebuilt) a chunk of experts at a time."""
+    torch.manual_seed(0)
+    w = torch.randn(5, 6, 40) * torch.arange(1, 6).reshape(5, 1, 1)
+    for args in (QuantArgs(type="float", bits=4, granularity="group", group_size=16),
+                 QuantArgs(bits=4, symmetric=False, granularity="tensor")):
+        whole = quantize_experts(w, args, calibrator)
+        monkeypatch.setattr("qframe.experts.CHUNK_ELEMENTS", 2 * 6 * 40)  # two experts a chunk
+        chunked = quantize_experts(w, args, calibrator)
+        monkeypatch.undo()
+        for key in ("codes", "scale", "zero", "global_scale"):
+            a, b = getattr(whole, key), getattr(chunked, key)
+            assert (a is None and b is None) or torch.equal(a, b), key
+    module = QuantExperts.quantize(_MatmulExperts(), QuantArgs(bits=4, granularity="group", group_size=16))
+    served = module.gate_up_proj.clone()
+    monkeypatch.setattr("qframe.experts.CHUNK_ELEMENTS", 32 * 32)
+    module.refresh()
+    assert torch.equal(module.gate_up_proj, served)
+
+
 # -- calibration tokens per expert ----------------------------------------------------------------
 
 CALIBRATED = {"stage": [RECIPES["rtn-int4-g32"],

@@ -127,6 +127,27 @@ def test_experts_sharing_a_hessian_equal_experts_with_copies_of_it():
         torch.testing.assert_close(dequantize_experts(q.codes, q.scale, q.zero, args, q.global_scale), one.weight)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_chunks_of_experts_equal_all_at_once(shared, monkeypatch):
+    torch.manual_seed(0)
+    w, x = torch.randn(5, 8, 32), torch.randn(60, 32)
+    args = QuantArgs(type="float", bits=4, granularity="group", group_size=16)
+
+    def run():
+        h = ExpertHessians(5, 32, shared=shared, device=torch.device("cpu"))
+        h.observe(x, experts=slice(None), routed=None if shared else torch.rand(5, 60) > 0.2)
+        return gptq_experts(w, h, args, block_size=8)
+
+    torch.manual_seed(1)
+    whole = run()
+    monkeypatch.setattr("qframe_plugins.gptq.EXPERT_CHUNK_ELEMENTS", 2 * 8 * 32)  # two experts a chunk
+    torch.manual_seed(1)
+    chunked = run()
+    for a, b in [(whole.weight, chunked.weight), *zip(whole.ranges, chunked.ranges), (whole.global_scale,
+                                                                                      chunked.global_scale)]:
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_starved_experts_are_rounded_to_nearest():
     torch.manual_seed(0)
     w = torch.randn(3, 8, 16)
