@@ -37,7 +37,8 @@ from torch import nn
 from .calibrate import Calibrator, build_calibrator
 from .description import CacheState, ExpertsState, LinearState, ModelDescription, planned, staged
 from .errors import ModelError, QFrameError, RecipeError
-from .experts import ExpertTokens, QuantExperts, check_expert_inputs, expert_layouts, is_fused_experts, unrouted_warning
+from .experts import (ExpertTokens, QuantExperts, check_expert_inputs, expert_layouts, expert_weight_names,
+                      is_fused_experts, unrouted_warning)
 from .model import Architecture, all_finite, check_finite_weights, find_architecture, listed, nonfinite_names
 from .qlinear import QuantLinear
 from .recipe import Plan, StageSpec
@@ -86,12 +87,15 @@ class Quantizer(ABC):
         no inputs in ``work``, to refuse a stage that would change nothing (:func:`check_stages`).
 
         Experts among them are refused here, before any data is read, when their layout cannot
-        be told, or when the stage quantizes inputs they cannot take
-        (:func:`qframe.experts.check_expert_inputs`).
+        be told, when a stage calibrating on data meets experts not laid out as transformers 5
+        lays them out (:func:`qframe.experts.expert_weight_names`), or when the stage quantizes
+        inputs they cannot take (:func:`qframe.experts.check_expert_inputs`).
         """
         for _, module in targets:
             if is_fused_experts(module):
                 expert_layouts(module)  # refuses, naming the class, what it cannot read
+                if self.needs_calibration(self.stage):
+                    expert_weight_names(module)
                 if self.scheme.activations is not None:
                     check_expert_inputs(module, self.scheme.activations)
         return targets

@@ -324,14 +324,6 @@ class AWQ(Quantizer):
     def replaces_targets(self) -> bool:
         return self.options.quantize  # false: smoothed linears stay float for a later stage
 
-    def takes(self, work: LayerWork, targets):
-        """As every quantizer; experts only in transformers' layout (gate_up_proj/up_proj, down_proj)."""
-        targets = super().takes(work, targets)
-        for _, module in targets:
-            if is_fused_experts(module):
-                expert_weight_names(module)
-        return targets
-
     def quantize_layer(self, work: LayerWork, targets) -> None:
         experts = [(n, m) for n, m in targets if is_fused_experts(m)]
         linears = [(n, m) for n, m in targets if not is_fused_experts(m)]

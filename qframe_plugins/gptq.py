@@ -444,14 +444,6 @@ class GPTQ(Quantizer):
     def needs_calibration(cls, stage) -> bool:
         return True  # the Hessians come from data
 
-    def takes(self, work: LayerWork, targets):
-        """As every quantizer; experts only in transformers' layout (gate_up_proj/up_proj, down_proj)."""
-        targets = super().takes(work, targets)
-        for _, module in targets:
-            if is_fused_experts(module):
-                expert_weight_names(module)
-        return targets
-
     def quantize_layer(self, work: LayerWork, targets: list[tuple[str, nn.Module]]) -> None:
         experts = [(n, m) for n, m in targets if is_fused_experts(m)]
         self._quantize_linears(work, [(n, m) for n, m in targets if not is_fused_experts(m)])
