@@ -30,7 +30,6 @@ Recipe::
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from dataclasses import dataclass
@@ -50,7 +49,8 @@ from qframe.qlinear import QuantLinear
 from qframe.scheme import QuantArgs
 
 from .rtn import check as check_rtn
-from .smoothing import CandidateLoss, ChannelStats, active_groups, submodule, apply_scale, scale_columns
+from .smoothing import (CandidateLoss, ChannelStats, active_groups, apply_scale, concatenated_gate, expert_group,
+                        fold_block_input, fold_up_down, scale_columns)
 
 # The clip search's partial outputs [tokens, rows, groups] are computed this many elements at a time.
 CLIP_CHUNK = 1 << 24
@@ -284,34 +284,6 @@ class ExpertSample:
         return rows[:, : self.width], routed
 
 
-def _concatenated_gate(module: nn.Module) -> bool:
-    """Whether the experts compute ``act(gate) · up`` on ``[gate; up]`` halves of ``gate_up_proj``
-    (transformers' default gate): then scaling ``up``'s rows by ``1 / s`` divides ``down_proj``'s
-    input by ``s`` exactly. Not gpt-oss's interleaved, clamped ``(up + 1) · glu``."""
-    if not getattr(module, "has_gate", True) or not getattr(module, "is_concatenated", True):
-        return False
-    gate = getattr(type(module), "_apply_gate", None)
-    if gate is None:
-        return "act_fn" in vars(module).get("_modules", {})
-    from transformers.integrations.moe import _default_apply_gate
-
-    return inspect.unwrap(gate) is _default_apply_gate
-
-
-def _scale_reader(module: nn.Module, scale: torch.Tensor) -> None:
-    """Multiply the input channels of a module reading a smoothed output by ``scale``: a linear's
-    or router's ``weight [out, in]`` columns, or the fused experts' first weight ``[E, out, in]``."""
-    w = expert_matrix(module, expert_weight_names(module)[0]) if is_fused_experts(module) else module.weight
-    with torch.no_grad():
-        w.mul_(scale.to(w.device, w.dtype))
-
-
-def _float_reader(module: nn.Module | None) -> bool:
-    w = getattr(module, "weight", None)
-    return (not isinstance(module, QuantLinear) and isinstance(w, torch.Tensor) and w.dim() == 2
-            and w.is_floating_point())
-
-
 class AWQ(Quantizer):
     """Search smoothing scales and weight clipping per group, then quantize (see module doc)."""
 
@@ -341,17 +313,11 @@ class AWQ(Quantizer):
         objective summed over every expert and the stage's shared-expert linears, folded into
         the norm; the router and shared gate (float) take ``W · s`` too, so routing is unchanged."""
         opts, weights = self.options, self.scheme.weights
-        relative = name[len(work.prefix) + 1:]
-        for group in getattr(work.arch, "expert_groups", ()):
-            if relative not in group.consumers:
-                continue
-            readers = {c: submodule(work.layer, c) for c in group.consumers if c != relative}
-            producer = submodule(work.layer, group.producer)
+        found = expert_group(work, name, module)
+        if found is not None:
+            producer, readers = found
             first = expert_weight_names(module)[0]
             w = expert_matrix(module, first)
-            if (producer is None or isinstance(producer, QuantLinear) or not work.arch.can_fold(producer, w.shape[2])
-                    or not all(_float_reader(r) for r in readers.values())):
-                continue  # not exact here: leave the norm alone
             sample = observe_experts(work, [name], lambda _n: ExpertSample(opts.expert_tokens), opts.experts)[name]
             x, routed = sample.tokens()
             shared = [r.weight for c, r in readers.items() if f"{work.prefix}.{c}" in chosen]
@@ -365,13 +331,10 @@ class AWQ(Quantizer):
                 loss, energy = loss + search.loss, energy + search.energy
             best = int(loss.argmin())
             if best:
-                work.arch.fold_scale(producer, 1.0 / scales[best])
-                for reader in [module, *readers.values()]:
-                    _scale_reader(reader, scales[best])
+                fold_block_input(work, producer, [module, *readers.values()], scales[best])
             energy = float(energy.clamp_min(1e-30))
             work.record(name, awq_ratio=best / opts.n_grid, awq_loss=float(loss[best]) / energy,
                         awq_rtn_loss=float(loss[0]) / energy, awq_folded=1.0)
-            return
 
     def _quantize_experts(self, work: LayerWork, name: str, module: nn.Module) -> None:
         """Up → down inside each expert (its own scale, folded into ``up``'s rows where the gate is
@@ -387,8 +350,8 @@ class AWQ(Quantizer):
         if sample.routed_tokens is not None:
             starved = (sample.routed_tokens < opts.expert_min_tokens).nonzero().flatten().tolist()
         with torch.no_grad():
-            if _concatenated_gate(module) and x.shape[0]:
-                gate_up, down = expert_matrix(module, first), expert_matrix(module, second)
+            if concatenated_gate(module) and x.shape[0]:
+                down = expert_matrix(module, second)
                 hidden = expert_hidden(module, x)  # [E, n, I]
                 magnitude = hidden.abs().float()
                 if routed is None:
@@ -404,9 +367,7 @@ class AWQ(Quantizer):
                 del hidden
                 best = loss.argmin(0)
                 best[starved] = 0  # too few tokens to trust a search: the identity
-                chosen_scale = scales[best.to(scales.device), torch.arange(total, device=scales.device)]  # [E, I]
-                gate_up[:, inner:].mul_((1.0 / chosen_scale).unsqueeze(-1).to(gate_up.dtype))
-                down.mul_(chosen_scale.unsqueeze(1).to(down.dtype))
+                fold_up_down(module, scales[best.to(scales.device), torch.arange(total, device=scales.device)])
                 picked = loss.gather(0, best.to(loss.device).unsqueeze(0)).sum()
                 whole = float(energy.sum().clamp_min(1e-30))
                 work.record(name, awq_expert_ratio=float(best.float().mean()) / opts.n_grid,

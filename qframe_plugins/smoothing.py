@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from qframe import numerics
+from qframe.experts import expert_matrix, expert_weight_names, is_fused_experts
 from qframe.qlinear import QuantLinear
 from qframe.scheme import QuantArgs
 
@@ -231,3 +233,67 @@ class CandidateLoss:
         return float(self.loss[c] / self.energy.clamp_min(1e-30))
 
 
+
+
+# -- mixtures of experts: the sparse block's input and each expert's up -> down -----------------
+
+def expert_group(work, name: str, module: nn.Module) -> tuple[nn.Module, dict[str, nn.Module]] | None:
+    """The norm in front of the sparse block whose fused experts ``module`` (full name ``name``)
+    are, and every other module reading its output (router, shared expert, its gate), by name
+    relative to the layer, from the adapter's ``expert_groups``; ``None`` where no group names
+    these experts or folding would not be exact here (a reader missing, quantized already, or
+    not a float ``weight [out, in]``; a producer that cannot take the scale)."""
+    relative = name[len(work.prefix) + 1:]
+    for group in getattr(work.arch, "expert_groups", ()):
+        if relative not in group.consumers:
+            continue
+        readers = {c: submodule(work.layer, c) for c in group.consumers if c != relative}
+        producer = submodule(work.layer, group.producer)
+        width = expert_matrix(module, expert_weight_names(module)[0]).shape[2]
+        if (producer is not None and not isinstance(producer, QuantLinear) and work.arch.can_fold(producer, width)
+                and all(_float_reader(r) for r in readers.values())):
+            return producer, readers
+    return None
+
+
+def _float_reader(module: nn.Module | None) -> bool:
+    w = getattr(module, "weight", None)
+    return (not isinstance(module, QuantLinear) and isinstance(w, torch.Tensor) and w.dim() == 2
+            and w.is_floating_point())
+
+
+def fold_block_input(work, producer: nn.Module, readers: list[nn.Module], scale: torch.Tensor) -> None:
+    """Fold ``1 / scale`` into the sparse block's norm and ``scale`` into the input channels of
+    every reader: a linear's or router's ``weight [out, in]`` columns, the fused experts' first
+    weight ``[E, out, in]``. The layer computes the same function, routing included."""
+    work.arch.fold_scale(producer, 1.0 / scale)
+    for module in readers:
+        w = expert_matrix(module, expert_weight_names(module)[0]) if is_fused_experts(module) else module.weight
+        with torch.no_grad():
+            w.mul_(scale.to(w.device, w.dtype))
+
+
+def concatenated_gate(module: nn.Module) -> bool:
+    """Whether fused experts compute ``act(gate) · up`` on ``[gate; up]`` halves of
+    ``gate_up_proj`` (transformers' default gate): then scaling ``up``'s rows by ``1 / s``
+    divides ``down_proj``'s input by ``s`` exactly. Not gpt-oss's interleaved, clamped
+    ``(up + 1) · glu``."""
+    if not getattr(module, "has_gate", True) or not getattr(module, "is_concatenated", True):
+        return False
+    gate = getattr(type(module), "_apply_gate", None)
+    if gate is None:
+        return "act_fn" in vars(module).get("_modules", {})
+    from transformers.integrations.moe import _default_apply_gate
+
+    return inspect.unwrap(gate) is _default_apply_gate
+
+
+def fold_up_down(module: nn.Module, scale: torch.Tensor) -> None:
+    """Each expert's up → down smoothing, ``scale [E, I]``: ``up``'s rows (the second half of
+    ``gate_up_proj``'s) times ``1 / s``, ``down_proj``'s columns times ``s`` (exact where
+    :func:`concatenated_gate`)."""
+    gate_up, down = expert_matrix(module, "gate_up_proj"), expert_matrix(module, "down_proj")
+    inner = down.shape[2]
+    with torch.no_grad():
+        gate_up[:, inner:].mul_((1.0 / scale).unsqueeze(-1).to(gate_up.dtype))
+        down.mul_(scale.unsqueeze(1).to(down.dtype))

@@ -213,15 +213,6 @@ def test_expert_inputs_take_one_scale_per_weight_or_dynamic(registry):
         assert all(state.activations is not None for state in description.experts.values())
 
 
-def test_smoothquant_leaves_experts(registry):
-    # W8A8 SmoothQuant needs expert inputs quantized; experts are quantized weights-only.
-    recipe = parse_recipe({"stage": [{"quantizer": "smoothquant", "weights": {"bits": 8},
-                                      "activations": {"bits": 8, "granularity": "tensor"}}]})
-    description = check_plan(_model("qwen3_moe"), resolve(recipe, registry), registry).description
-    assert description.experts and not any(s.quantized for s in description.experts.values())
-    assert description.quantized()
-
-
 def test_plan_describes_experts_and_nvidia_backends_refuse(registry):
     from qframe_plugins.quant_algo import Writer, choose
 

@@ -191,14 +191,20 @@ def test_candidate_loss_per_expert_by_hand():
             assert float(loss[k, e]) == pytest.approx(float(want), rel=1e-4)
 
 
+W8A8 = {"weights": {"bits": 8}, "activations": {"bits": 8, "granularity": "tensor"}}
+
+
 @pytest.mark.parametrize("family", TINY_MOE_FAMILIES)
-def test_awq_smoothing_alone_keeps_the_function(family, registry):
-    """awq with quantize = false folds the sparse block's norm scale (router, experts, shared
-    expert compensated) and each expert's up → down scale: the model computes what it did."""
+@pytest.mark.parametrize("stage", [{"quantizer": "awq", "weights": INT4_G16},
+                                   {"quantizer": "smoothquant", **W8A8}], ids=["awq", "smoothquant"])
+def test_smoothing_alone_keeps_the_function(family, stage, registry):
+    """awq and smoothquant with quantize = false fold the sparse block's norm scale (router,
+    experts, shared expert compensated) and each expert's up → down scale: the model computes
+    what it did."""
     model = tiny_model(family)
     reference = copy.deepcopy(model)
     ids = _ids(model)
-    _quantize(model, {"quantizer": "awq", "weights": INT4_G16, "options": {"quantize": False}}, registry, ids)
+    _quantize(model, {**stage, "options": {"quantize": False}}, registry, ids)
     assert _error(model, reference, ids) < 1e-10
     changed = [not torch.equal(a.post_attention_layernorm.weight, b.post_attention_layernorm.weight)
                for a, b in zip(model.model.layers, reference.model.layers)]
@@ -208,14 +214,15 @@ def test_awq_smoothing_alone_keeps_the_function(family, registry):
 # -- end to end ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", TINY_MOE_FAMILIES)
-@pytest.mark.parametrize("quantizer", ["gptq", "awq"])
+@pytest.mark.parametrize("quantizer", ["gptq", "awq", "smoothquant"])
 def test_every_expert_quantized_and_searches_beat_nearest(family, quantizer, registry):
     model = tiny_model(family)
     reference = copy.deepcopy(model)
     ids = _ids(model)
+    stage = {"quantizer": quantizer, **(W8A8 if quantizer == "smoothquant" else {"weights": INT4_G16})}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing left in float, no expert starved
-        qmodel = _quantize(model, {"quantizer": quantizer, "weights": INT4_G16}, registry, ids)
+        qmodel = _quantize(model, stage, registry, ids)
     experts = _experts(model)
     assert experts and all(isinstance(e, QuantExperts) for e in experts)
     figures = {n: f for layer in qmodel.layers for n, f in layer["modules"].items() if n.endswith(".experts")}
@@ -224,14 +231,16 @@ def test_every_expert_quantized_and_searches_beat_nearest(family, quantizer, reg
         assert 0 < f["weight_error"] < 0.05 and sum(f["tokens_per_expert"]) > 0
         if quantizer == "gptq":
             assert f["gptq_loss"] > 0 and f["rtn_experts"] == 0 and f["gptq_fallback"] == 0
+        elif quantizer == "smoothquant":
+            assert f["smoothquant_folded"] == 1.0 and f.get("smoothquant_up_down", 0.0) == float(family != "gpt_oss")
         else:
             assert f["awq_loss"] <= f["awq_rtn_loss"]
             if "awq_expert_loss" in f:  # not gpt-oss: its clamped GLU cannot take an up → down scale
                 assert f["awq_expert_loss"] <= f["awq_expert_rtn_loss"]
             else:
                 assert family == "gpt_oss"
-    rtn = _quantize(copy.deepcopy(reference), {"quantizer": "rtn", "weights": INT4_G16}, registry, ids)
-    if quantizer == "gptq":  # GPTQ minimizes the output error it is measured by here
+    if quantizer != "awq":  # GPTQ minimizes the output error measured here; SmoothQuant flattens the inputs
+        rtn = _quantize(copy.deepcopy(reference), {**stage, "quantizer": "rtn"}, registry, ids)
         assert _error(model, reference, ids) < _error(rtn.model, reference, ids)
 
 
