@@ -20,13 +20,17 @@ W4A8_AWQ   as W4A16_AWQ plus ``weight_scale_2`` (amax/448, one for linears that 
 An FP8 KV cache adds each layer's ``k_proj.k_scale`` and ``v_proj.v_scale`` (f32 scalars,
 amax/448 of the keys after RoPE and of the values, as the cache holds them; on the attention
 module itself where q/k/v are one fused projection).
-Quantized fused experts (W4A16_AWQ only; transformers 5's ``experts.gate_up_proj [E, 2I, H]``
-and ``experts.down_proj [E, H, I]``) are written one linear an expert, as modelopt's exporter
-splits them and as the model's Hugging Face checkpoints name them (the reverse of transformers'
-conversion mapping): ``mlp.experts.<e>.gate_proj``/``up_proj``/``down_proj`` on Qwen-MoE and
-DeepSeek, ``block_sparse_moe.experts.<e>.w1``/``w3``/``w2`` on Mixtral (whose other tensors
-then take its checkpoints' ``block_sparse_moe`` too), each a packed ``weight`` and its
-``weight_scale`` as a W4A16_AWQ linear.
+Quantized fused experts (W4A16_AWQ, FP8 or NVFP4; transformers 5's ``experts.gate_up_proj
+[E, 2I, H]`` and ``experts.down_proj [E, H, I]``) are written one linear an expert, as modelopt's
+exporter splits them and as the model's Hugging Face checkpoints name them (the reverse of
+transformers' conversion mapping): ``mlp.experts.<e>.gate_proj``/``up_proj``/``down_proj`` on
+Qwen-MoE and DeepSeek, ``block_sparse_moe.experts.<e>.w1``/``w3``/``w2`` on Mixtral (whose other
+tensors then take its checkpoints' ``block_sparse_moe`` too), each with the tensors of a linear
+of the model's algorithm above. The gate and up halves of an expert's ``gate_up_proj`` were
+quantized as one matrix, so they share its FP8 ``weight_scale`` and NVFP4 ``weight_scale_2``
+(what engines that fuse gate and up again need); every expert's ``input_scale`` is the module's
+one for that fused weight, as modelopt writes its one input quantizer a fused weight.
+Experts and linears are quantized alike (or left in float): one algorithm a model.
 
 Unquantized tensors keep their names in the checkpoint dtype; ``exclude_modules`` lists every
 unquantized linear and embedding. What the format cannot express is refused before
@@ -117,7 +121,8 @@ class HFOptions:
 # -- what the checkpoint holds -------------------------------------------------------------------------
 
 WRITER = Writer("the unified HF checkpoint", ALGORITHMS, ("FP8",), elsewhere="--backend tensorrt-llm or qframe",
-                experts=True, kv_note="stores FP8 caches only (its k_scale/v_scale are FP8 E4M3 cache scales, amax/448; export INT8 "
+                experts=True, expert_algorithms=("W4A16_AWQ", "FP8", "NVFP4"),
+                kv_note="stores FP8 caches only (its k_scale/v_scale are FP8 E4M3 cache scales, amax/448; export INT8 "
                         "caches with --backend tensorrt-llm)")
 
 
@@ -207,7 +212,9 @@ def check_description(description: ModelDescription) -> Quantization:
         hub_naming(getattr(description.model.config, "model_type", None), next(iter(quantization.experts)))
     for state in quantization.experts.values():
         found = {(n, layout) for n, _, _, layout in state.matrices}
-        extra = sorted(n for n, p in state.module.named_parameters(recurse=False)) if state.module is not None else []
+        # Parameters besides the weights (which are parameters still before calibration): biases.
+        params = state.module.named_parameters(recurse=False) if state.module is not None else ()
+        extra = sorted(n for n, _ in params if n not in {name for name, _ in found})
         if found != {("gate_up_proj", OUT_IN), ("down_proj", OUT_IN)} or extra:
             raise ExportError(f"{state.where}: the unified HF checkpoint writes quantized experts whose weights are "
                               "gate_up_proj [E, 2I, H] and down_proj [E, H, I] (used as F.linear) and nothing else; "
@@ -218,7 +225,8 @@ def check_description(description: ModelDescription) -> Quantization:
 
 # Per-expert linears of a fused gate_up_proj / down_proj where transformers names no others.
 _EXPERT_LEAVES = ("gate_proj", "up_proj", "down_proj")
-_EXPERT_BUFFERS = {f"{w}_{s}" for w in ("gate_up_proj", "down_proj") for s in ("codes", "scale", "zero", "global_scale")}
+_EXPERT_BUFFERS = {f"{w}_{s}" for w in ("gate_up_proj", "down_proj")
+                   for s in ("codes", "scale", "zero", "global_scale", "input_scale", "input_zero")}
 _LITERAL = re.compile(r"^[\w.]+$")
 
 
@@ -282,22 +290,37 @@ def _weight_scale_2(quantization: Quantization, description: ModelDescription) -
     return out
 
 
+def weight_tensors(algo: str, codes: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor | None = None,
+                   input_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """A quantized linear's ``weight`` and the scales ``algo`` stores beside it (but W4A8's
+    ``weight_scale_2`` and ``input_scale``), from its codes ``[out, in]`` and scales as qframe
+    holds them: FP8 ``weight`` E4M3 and ``weight_scale``, ``input_scale`` scalars; NVFP4 packed
+    ``weight``, E4M3 block ``weight_scale``, ``weight_scale_2`` (the global scale) and
+    ``input_scale`` (the input's global scale) scalars; int4 rows packed and f32 group scales.
+
+    Example::
+
+        >>> out = weight_tensors("FP8", torch.ones(2, 4).to(torch.float8_e4m3fn), torch.full((1, 1), 0.5),
+        ...                      input_scale=torch.tensor(0.25))
+        >>> {k: tuple(t.shape) for k, t in out.items()}
+        {'weight': (2, 4), 'weight_scale': (), 'input_scale': ()}
+    """
+    if algo == "FP8":
+        return {"weight": codes.to(formats.E4M3.code_dtype), "weight_scale": _scalar(scale),
+                "input_scale": _scalar(input_scale)}
+    if algo == "NVFP4":
+        return {"weight": formats.NVFP4.pack(codes), "weight_scale": scale.to(formats.NVFP4.scale_dtype),
+                "weight_scale_2": _scalar(global_scale), "input_scale": _scalar(input_scale)}
+    return {"weight": numerics.pack_int4_rows(codes), "weight_scale": scale.float()}
+
+
 def linear_tensors(state: LinearState, quantization: Quantization, dtype: torch.dtype, prescaled: set[str],
                    scale_2: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of one quantized linear, keyed by full name."""
-    name, module, algo, out = state.name, state.module, quantization.quant_algo, {}
-    if algo == "FP8":
-        out["weight"] = module.weight_codes.to(formats.E4M3.code_dtype)
-        out["weight_scale"] = _scalar(module.weight_scale)
-        out["input_scale"] = _scalar(module.input_scale)
-    elif algo == "NVFP4":
-        out["weight"] = formats.NVFP4.pack(module.weight_codes)
-        out["weight_scale"] = module.weight_scale.to(formats.NVFP4.scale_dtype)
-        out["weight_scale_2"] = _scalar(module.weight_global_scale)
-        out["input_scale"] = _scalar(module.input_scale)
-    else:
-        out["weight"] = numerics.pack_int4_rows(module.weight_codes)
-        out["weight_scale"] = module.weight_scale.float()
+    name, module, algo = state.name, state.module, quantization.quant_algo
+    out = weight_tensors(algo, module.weight_codes, module.weight_scale, getattr(module, "weight_global_scale", None),
+                         getattr(module, "input_scale", None))
+    if algo in AWQ_ALGOS:
         if algo == "W4A8_AWQ":
             out["weight_scale_2"] = scale_2[name]
             out["input_scale"] = _scalar(module.input_scale)
@@ -309,20 +332,26 @@ def linear_tensors(state: LinearState, quantization: Quantization, dtype: torch.
     return {f"{name}.{suffix}": t.detach().contiguous().cpu() for suffix, t in out.items()}
 
 
-def expert_tensors(state: ExpertsState, leaves: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors of one quantized fused-experts module, one W4A16_AWQ linear an
-    expert (``<name>.<e>.<leaf>.weight`` packed int4 rows and ``weight_scale`` f32), keyed by full
-    in-memory name: gate_up_proj's first half of rows is the gate, the second the up projection."""
+def expert_tensors(state: ExpertsState, algo: str, leaves: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one quantized fused-experts module, one ``algo`` linear an
+    expert (:func:`weight_tensors` under ``<name>.<e>.<leaf>``), keyed by full in-memory name:
+    gate_up_proj's first half of rows is the gate, the second the up projection. Per-tensor
+    scales (FP8's ``weight_scale``, NVFP4's ``weight_scale_2``) are the expert's, for both
+    halves; ``input_scale`` is the module's, for every expert."""
     buffers, out = state.module._buffers, {}
+    per_tensor = state.module.weight_args.granularity == "tensor"  # scales [E, 1, 1]: the expert's, whole
     for fused, halves in (("gate_up_proj", leaves[:2]), ("down_proj", leaves[2:])):
         codes, scale = buffers[f"{fused}_codes"], buffers[f"{fused}_scale"]
+        global_scale, input_scale = buffers.get(f"{fused}_global_scale"), buffers.get(f"{fused}_input_scale")
         rows = codes.shape[1] // len(halves)
         for e in range(codes.shape[0]):
             for i, leaf in enumerate(halves):
                 part = slice(i * rows, (i + 1) * rows)
-                out[f"{state.name}.{e}.{leaf}.weight"] = numerics.pack_int4_rows(codes[e, part])
-                out[f"{state.name}.{e}.{leaf}.weight_scale"] = scale[e, part].float()
-    return {n: t.detach().contiguous().cpu() for n, t in out.items()}
+                tensors = weight_tensors(algo, codes[e, part], scale[e] if per_tensor else scale[e, part],
+                                         None if global_scale is None else global_scale[e], input_scale)
+                out.update({f"{state.name}.{e}.{leaf}.{suffix}": t for suffix, t in tensors.items()})
+    # Copies: a slice kept as it is would share its buffer's memory, which safetensors refuses.
+    return {n: t.detach().clone().contiguous().cpu() for n, t in out.items()}
 
 
 def kv_scale_names(description: ModelDescription, cache) -> dict[str, torch.Tensor]:
@@ -389,7 +418,7 @@ def checkpoint_tensors(description: ModelDescription, quantization: Quantization
     if quantization.experts:
         renames, leaves = hub_naming(getattr(description.model.config, "model_type", None))
         for state in quantization.experts.values():
-            tensors.update(expert_tensors(state, leaves))
+            tensors.update(expert_tensors(state, quantization.quant_algo, leaves))
         tensors = {_hub_name(n, renames): t for n, t in tensors.items()}
     return tensors
 
@@ -582,8 +611,9 @@ def _linear_problems(prefix: str, specs: dict, quant: dict) -> list[str]:
 
 def validate_checkpoint(directory: Path) -> list[str]:
     """Check a unified HF checkpoint directory: ``config.json`` and ``hf_quant_config.json`` agree,
-    every quantized linear has its tensors with the right dtypes and shapes for ``quant_algo``,
-    every other linear weight is excluded, and the KV cache has its scales.
+    every quantized linear (each expert's, where fused experts are written one linear an expert)
+    has its tensors with the right dtypes and shapes for ``quant_algo`` (FP8 and NVFP4: its
+    ``input_scale`` too), every other linear weight is excluded, and the KV cache has its scales.
 
     Example::
 
@@ -720,7 +750,8 @@ def _unfused_experts(skeleton, config, specs: dict, expected: dict, modules: set
     """``expected`` and ``modules`` as the checkpoint names them where it holds the fused experts
     one linear an expert (:func:`expert_tensors`): every name as the Hugging Face checkpoints
     have it, and each such module's ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` as
-    ``<e>.<gate>.weight [I, H]``, ``<e>.<up>.weight [I, H]``, ``<e>.<down>.weight [H, I]``."""
+    ``<e>.<gate>.weight [I, H]``, ``<e>.<up>.weight [I, H]``, ``<e>.<down>.weight [H, I]``, each
+    then checked as a linear of ``quant_algo`` is (its packed weight, scales and input scale)."""
     fused = {n: m for n, m in skeleton.named_modules() if n and is_fused_experts(m)}
     if not fused:
         return expected, modules

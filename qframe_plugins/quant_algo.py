@@ -30,7 +30,7 @@ Example::
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -50,8 +50,8 @@ class Writer:
     """A backend's share of the vocabulary: its ``title`` in messages, the ``algorithms`` and
     ``kv_algorithms`` it writes, where to export what it cannot (``elsewhere``), what its
     KV cache scales are (``kv_note``), whether it writes quantized fused experts
-    (``experts``) and in which of its algorithms (``expert_algorithms``: weight-only ones, since
-    quantized experts calibrate no activation scales)."""
+    (``experts``) and in which of its algorithms (``expert_algorithms``: weight-only ones, or FP8
+    and NVFP4 with the experts' static input scales, one a fused weight shared by its experts)."""
 
     title: str
     algorithms: tuple[str, ...]
@@ -258,32 +258,52 @@ def _one_algorithm(chosen: tuple | None, algo: str, group: int | None, state: Li
     return chosen
 
 
-# What each weight-only algorithm holds, for messages about quantized experts.
+# What each algorithm quantized experts can be written in holds, for messages about them.
 _EXPERT_FORMS = {"W4A16_AWQ": "symmetric int4 weights per group of 64 or 128",
                  "W4A16": "symmetric int4 weights per output channel",
-                 "W8A16": "symmetric int8 weights per output channel"}
+                 "W8A16": "symmetric int8 weights per output channel",
+                 "FP8": "FP8 E4M3 weights per tensor, static FP8 E4M3 activations per tensor",
+                 "NVFP4": "NVFP4 weights and activations, with a static input global scale"}
+# The number format of each one's weights (whatever their grouping), and which ones are weight-only.
+_EXPERT_WEIGHTS = {"W4A16_AWQ": "int4", "W4A16": "int4", "W8A16": "int8", "FP8": "e4m3", "NVFP4": "nvfp4"}
+_WEIGHT_ONLY = ("W4A16_AWQ", "W4A16", "W8A16")
+
+
+def _weight_kind(fmt: formats.NumberFormat) -> str:
+    return f"int{fmt.bits}" if isinstance(fmt, formats.IntFormat) else fmt.name
+
+
+def _expert_choices(writer: Writer) -> str:
+    """``writer``'s expert algorithms and what each holds, for a refusal."""
+    algos = writer.expert_algorithms
+    if all(a in _WEIGHT_ONLY for a in algos):
+        return f"{' or '.join(algos)} only ({', or '.join(_EXPERT_FORMS[a] for a in algos)}, activations in float)"
+    forms = "; ".join(f"{a}: {_EXPERT_FORMS[a]}{', activations in float' if a in _WEIGHT_ONLY else ''}" for a in algos)
+    return f"{' or '.join([', '.join(algos[:-1]), algos[-1]] if len(algos) > 2 else algos)} only ({forms})"
 
 
 def _experts_algo(state: ExpertsState, writer: Writer, shapes_known: bool) -> str:
-    """The weight-only ``quant_algo`` of quantized experts ``writer`` can hold (one of its
+    """The ``quant_algo`` of quantized experts ``writer`` can hold (one of its
     ``expert_algorithms``), or an :class:`~qframe.ExportError`."""
-    fmt = formats.of(state.weights)
-    int_bits = fmt.bits if isinstance(fmt, formats.IntFormat) else None
-    bits = {int(a[1]) for a in writer.expert_algorithms}  # W4A16_AWQ -> 4, W8A16 -> 8
-    if int_bits not in bits or state.activations is not None:
-        algos = " or ".join(writer.expert_algorithms)
-        forms = ", or ".join(_EXPERT_FORMS[a] for a in writer.expert_algorithms)
-        raise ExportError(f"{state.where}: experts with weights {describe(state.weights)}, activations "
-                          f"{describe(state.activations)}: {writer.title} holds quantized experts as {algos} only "
-                          f"({forms}, activations in float); FP8 and NVFP4 experts need activation scales, which "
-                          "quantized experts do not calibrate yet; export with --backend qframe, or keep the experts "
-                          "in float with targets = [\"Linear\"]")
-    algo = quant_algo(state.weights, None, state.where, writer)
+    weights, acts = state.weights, state.activations
+    kind = _weight_kind(formats.of(weights))
+    held = [a for a in writer.expert_algorithms if _EXPERT_WEIGHTS[a] == kind]
+    if not held or (acts is not None and all(a in _WEIGHT_ONLY for a in held)):
+        floats = kind in ("e4m3", "nvfp4") and not {"FP8", "NVFP4"} & set(writer.expert_algorithms)
+        why = (f"; FP8 and NVFP4 experts need activation scales beside their weights, which qframe writes for "
+               f"experts in the unified HF checkpoint but not for {writer.title} yet; export with --backend hf or "
+               "qframe" if floats else "; export with --backend qframe")
+        raise ExportError(f"{state.where}: experts with weights {describe(weights)}, activations {describe(acts)}: "
+                          f"{writer.title} holds quantized experts as {_expert_choices(writer)}{why}, or keep the "
+                          "experts in float with targets = [\"Linear\"]")
+    # The linears' rules (group sizes, symmetry, the activations FP8 and NVFP4 need) hold for experts too;
+    # where they send what they refuse elsewhere (dynamic inputs), only the native checkpoint takes experts.
+    algo = quant_algo(weights, acts, state.where, replace(writer, elsewhere="--backend qframe"))
     if algo not in writer.expert_algorithms:
-        raise ExportError(f"{state.where}: experts with weights {describe(state.weights)}: {writer.title} holds "
-                          f"quantized experts as {' or '.join(writer.expert_algorithms)} only, not {algo}; export with "
-                          "--backend qframe, or keep the experts in float with targets = [\"Linear\"]")
-    size = state.weights.group_size if state.weights.granularity == "group" else None
+        raise ExportError(f"{state.where}: experts with weights {describe(weights)}, activations {describe(acts)}: "
+                          f"{writer.title} holds quantized experts as {_expert_choices(writer)}, not {algo}; export "
+                          "with --backend qframe, or keep the experts in float with targets = [\"Linear\"]")
+    size = weights.group_size if weights.granularity == "group" else None
     for name, _, inp, _ in state.matrices if shapes_known and size else ():
         if inp % size:
             raise ExportError(f"{state.where}: {name}'s {inp} input channels per expert are not a whole number of "

@@ -61,8 +61,9 @@ from ..quant_algo import (AWQ_ALGOS, NVFP4_BLOCK, Quantization, Writer, choose, 
                           warn_inexact_group_scales)
 from .layout import ExpertsSpec, Layout, LinearSpec, Part
 
-# Fused experts are written weight-only: quantized experts calibrate no activation scales, and
-# TensorRT-LLM's MoE holds no W4A8/FP8/NVFP4 experts without them.
+# Fused experts are written weight-only for now: their FP8/NVFP4 activation scales exist (one per
+# fused weight) but TensorRT-LLM's MoE layout for them (per-expert fc/proj scaling factors) is not
+# written yet; the hf backend writes such experts.
 WRITER = Writer("TensorRT-LLM", ("FP8", "NVFP4", "W4A16_AWQ", "W4A8_AWQ", "W4A16", "W8A16", "W8A8_SQ_PER_CHANNEL"),
                 ("FP8", "INT8"), elsewhere="another backend (hf, qframe)", experts=True,
                 expert_algorithms=("W4A16_AWQ", "W4A16", "W8A16"))
