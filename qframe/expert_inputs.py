@@ -262,18 +262,35 @@ class InputRanges:
             self.calibrators[self.second].observe(hidden.reshape(-1, hidden.shape[-1]) if routed is None
                                                   else hidden[routed[chunk]])
 
-    def apply(self) -> None:
-        """Set the module's input scales from what was observed."""
+    def apply(self, quantized: nn.Module | None = None) -> None:
+        """Set the input scales of ``quantized`` (default: the observed module itself) from what
+        was observed."""
         for name, calibrator in self.calibrators.items():
-            self.module.set_input_range(name, *calibrator.compute())
+            (quantized or self.module).set_input_range(name, *calibrator.compute())
+
+
+def expert_input_ranges(work, name: str, module: nn.Module, make: Callable[[], "object"],
+                        mode: str = ALL) -> InputRanges:
+    """Observe the inputs of both weights of the fused-experts ``module`` (``name``, a full name)
+    on ``work``'s calibration batches with fresh calibrators from ``make``: one pass. The hidden
+    activations are computed with ``module``'s weights as they are now, so observing the float
+    experts and applying the ranges to their quantized module calibrates them as linears are
+    (on the float layer's activations).
+
+    Example::
+
+        ranges = expert_input_ranges(work, name, module, lambda: self.calibrator(acts))
+        ranges.apply(QuantExperts.quantize(module, weights, "minmax", acts))
+    """
+    return observe_experts(work, [name], lambda _n: InputRanges(module, make), mode)[name]
 
 
 def calibrate_expert_inputs(work, name: str, module: nn.Module, make: Callable[[], "object"], mode: str = ALL) -> None:
     """Calibrate the static input scales of the quantized experts ``module`` (``name``, a full
-    name) on ``work``'s calibration batches with fresh calibrators from ``make``: one pass.
+    name) on ``work``'s calibration batches, through its weights as they will be served.
 
     Example::
 
         calibrate_expert_inputs(work, name, quantized, lambda: self.calibrator(self.scheme.activations))
     """
-    observe_experts(work, [name], lambda _n: InputRanges(module, make), mode)[name].apply()
+    expert_input_ranges(work, name, module, make, mode).apply()

@@ -40,7 +40,7 @@ from torch import nn
 from qframe import QuantizerPlugin, formats, hookimpl, numerics
 from qframe.calibrate import Prescaled
 from qframe.errors import RecipeError
-from qframe.expert_inputs import (ExpertCalibration, calibrate_expert_inputs, expert_hidden, expert_matrix,
+from qframe.expert_inputs import (ExpertCalibration, expert_input_ranges, expert_hidden, expert_matrix,
                                   expert_weight_names, observe_experts)
 from qframe.experts import QuantExperts, expert_layouts, experts_error, is_fused_experts, num_experts
 from qframe.model import listed
@@ -392,11 +392,14 @@ class AWQ(Quantizer):
         layouts = expert_layouts(module)
         smoothed = {n: module._parameters[n].detach().clone() for n in layouts}
         acts = self.scheme.activations
+        inputs = None
+        if acts is not None and not acts.dynamic:  # after smoothing, on the float experts, as for linears
+            inputs = expert_input_ranges(work, name, module, lambda: self.calibrator(acts), opts.experts)
         quantized = QuantExperts.convert(module, weights, acts, layouts)
         for weight_name, w in smoothed.items():
             quantized.set_weight(weight_name, w, ranges=ranges.get(weight_name))
-        if acts is not None and not acts.dynamic:  # after smoothing, on what the experts will quantize
-            calibrate_expert_inputs(work, name, quantized, lambda: self.calibrator(acts), opts.experts)
+        if inputs is not None:
+            inputs.apply(quantized)
         work.record(name, weight_error=experts_error(smoothed, quantized))
 
     def _quantize_linears(self, work: LayerWork, targets) -> None:

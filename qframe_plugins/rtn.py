@@ -29,7 +29,7 @@ import torch
 from qframe import QuantizerPlugin, formats, hookimpl, numerics
 from qframe.calibrate import Prescaled
 from qframe.errors import RecipeError
-from qframe.expert_inputs import calibrate_expert_inputs
+from qframe.expert_inputs import expert_input_ranges
 from qframe.experts import QuantExperts, experts_error, expert_layouts, is_fused_experts
 from qframe.pipeline import LayerWork, Quantizer, weight_error
 from qframe.qlinear import QuantLinear
@@ -92,9 +92,12 @@ class RTN(Quantizer):
         token through every expert), and record its weight error."""
         originals = {n: module._parameters[n].detach().clone() for n in expert_layouts(module)}
         acts = self.scheme.activations
+        ranges = None
+        if acts is not None and not acts.dynamic:  # on the float experts, as linears are calibrated
+            ranges = expert_input_ranges(work, name, module, lambda: self.calibrator(acts))
         quantized = QuantExperts.quantize(module, self.scheme.weights, self.scheme.weights.calibrator, acts)
-        if acts is not None and not acts.dynamic:
-            calibrate_expert_inputs(work, name, quantized, lambda: self.calibrator(acts))
+        if ranges is not None:
+            ranges.apply(quantized)
         work.record(name, weight_error=experts_error(originals, quantized))
         return quantized
 

@@ -18,7 +18,8 @@ from qframe.experts import QuantExperts, dequantize_experts, quantize_experts
 from qframe.pipeline import check_plan
 from qframe.recipe import parse_recipe, resolve
 from qframe.scheme import QuantArgs
-from qframe.testing import TINY_MOE_FAMILIES, logits, make_registry, random_tokens, tiny_model
+from qframe.testing import (TINY_MOE_FAMILIES, logits, make_registry, moe_from_dense, random_tokens,
+                            tiny_llama_model, tiny_model)
 from qframe_plugins.awq import clip_ranges, clip_ranges_batched, experts_candidate_loss
 from qframe_plugins.gptq import gptq_batched, gptq_experts, gptq_quantize
 
@@ -340,3 +341,27 @@ def test_static_expert_inputs_calibrated_and_reloaded(family, stage, registry, t
     qframe.export(qmodel, "qframe", tmp_path / "native", registry=registry)
     again = qframe.load_quantized(tmp_path / "native", registry=registry)
     assert torch.equal(logits(again.model, ids), logits(model, ids))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("stage", [
+    {"quantizer": "fp8", "weights": {"type": "float", "bits": 8, "granularity": "tensor"},
+     "activations": {"type": "float", "bits": 8, "calibrator": "mse"}},
+    {"quantizer": "nvfp4", "weights": {"type": "float", "bits": 4, "format": "nvfp4", "group_size": 16},
+     "activations": {"type": "float", "bits": 4, "format": "nvfp4", "group_size": 16}},
+], ids=["fp8", "nvfp4"])
+def test_expert_input_scales_equal_the_dense_linears(family, stage, registry):
+    # Experts copied from a dense MLP read what its linears read, so their static input scales
+    # are the linears' own: both calibrated on the float layer's activations (down_proj's
+    # through the float gate and up, not through the rounded ones).
+    dense = tiny_llama_model()
+    moe = moe_from_dense(dense, family)
+    ids = _ids(dense)
+    recipe = parse_recipe({"calibration": {"propagate": "float"}, "stage": [{"ignore": ["lm_head"], **stage}]})
+    for model in (dense, moe):
+        qframe.quantize(model, recipe, calibration=ids, device="cpu", registry=registry)
+    for linear, experts in zip([layer.mlp for layer in dense.model.layers], _experts(moe)):
+        for fused, parts in (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))):
+            for part in parts:
+                torch.testing.assert_close(experts.get_buffer(f"{fused}_input_scale"),
+                                           getattr(linear, part).input_scale, rtol=1e-5, atol=0)
