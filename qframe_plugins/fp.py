@@ -8,8 +8,8 @@ format's own constraints checked before any model loads.
   calibrator, as TensorRT-LLM serves it) or dynamic per token, or none (weight-only).
 - ``mxfp4``: E2M1 in blocks of 32 with E8M0 (power-of-two) scales, per the OCP MX spec.
 
-Linears that read one input (the adapter's smoothing groups: q/k/v, gate/up) share one
-per-tensor weight scale: FP8's per-tensor scale, NVFP4's FP32 global scale. Serving stacks
+Linears that read one input (the adapter's smoothing groups: q/k/v, gate/up; in a sparse
+block, a shared expert's gate/up) share one per-tensor weight scale: FP8's per-tensor scale, NVFP4's FP32 global scale. Serving stacks
 fuse them (TensorRT-LLM's ``qkv``, vLLM's ``gate_up_proj``) and keep one such scale for the
 fused weight; sharing it here makes the checkpoint hold exactly the model that was evaluated.
 Fused experts (``targets`` kind ``Experts``) get scales of their own, per expert: FP8's per-tensor
@@ -79,21 +79,32 @@ def _check_fp4(fmt: formats.FP4Format):
 
 def input_sharing_groups(work: LayerWork, names) -> list[list[str]]:
     """The groups of two or more of ``names`` (full names) that read one input, per the
-    architecture adapter's smoothing groups.
+    architecture adapter's smoothing groups (all of a group's readers among ``names``) and
+    expert groups (those of its readers that are among ``names``: a shared expert's gate and up).
 
     Example::
 
         >>> from qframe.model import SmoothingGroup
-        >>> class Arch: smoothing_groups = (SmoothingGroup("norm", ("q", "k")), SmoothingGroup("k", ("o",)))
+        >>> class Arch:
+        ...     smoothing_groups = (SmoothingGroup("norm", ("q", "k")), SmoothingGroup("k", ("o",)))
+        ...     expert_groups = (SmoothingGroup("norm2", ("router", "experts", "shared.gate", "shared.up")),)
         >>> work = LayerWork(0, "layers.0", None, None, torch.device("cpu"), arch=Arch())
-        >>> input_sharing_groups(work, ["layers.0.q", "layers.0.k", "layers.0.o"])
-        [['layers.0.q', 'layers.0.k']]
+        >>> input_sharing_groups(work, ["layers.0.q", "layers.0.k", "layers.0.o", "layers.0.shared.gate",
+        ...                             "layers.0.shared.up"])
+        [['layers.0.q', 'layers.0.k'], ['layers.0.shared.gate', 'layers.0.shared.up']]
     """
     wanted = set(names)
     groups = []
     for group in getattr(work.arch, "smoothing_groups", ()):
         members = [f"{work.prefix}.{c}" for c in group.consumers]
         if len(members) > 1 and all(m in wanted for m in members):
+            groups.append(members)
+    # A sparse block's norm feeds the router, the fused experts and a shared expert's gate and
+    # up, which engines fuse into one linear with one scale (TensorRT-LLM's shared_expert.fc):
+    # those of its readers that are linears here share. Experts keep scales of their own.
+    for group in getattr(work.arch, "expert_groups", ()):
+        members = [m for m in (f"{work.prefix}.{c}" for c in group.consumers) if m in wanted]
+        if len(members) > 1:
             groups.append(members)
     return groups
 

@@ -1,8 +1,9 @@
 """TensorRT-LLM checkpoints of mixtures of experts (Mixtral, Qwen2-MoE with its shared expert,
-Qwen3-MoE) with weight-only int experts: the layout against modelopt's
-``export_tensorrt_llm_checkpoint`` (tensor names, shapes, dtypes, the quantization section),
-bit-exact unpacking of every expert, tensor/pipeline-parallel shards, the validator naming
-what a broken checkpoint lacks, and what TensorRT-LLM cannot take refused before calibration.
+Qwen3-MoE) with weight-only int, FP8 and NVFP4 experts: the layout against modelopt's
+``export_tensorrt_llm_checkpoint`` (tensor names, shapes, dtypes, the quantization section; FP8
+and NVFP4 experts' tensors bit for bit), bit-exact unpacking of every expert, tensor/pipeline-
+parallel shards, the validator naming what a broken checkpoint lacks, and what TensorRT-LLM
+cannot take refused before calibration.
 
 modelopt 0.47 cannot export transformers 5's fused experts (``len()`` of the experts module:
 pinned below). It exports the same weights once each MoE block is rebuilt the way transformers
@@ -71,6 +72,11 @@ def stage(targets=("Linear", "Experts"), **weights) -> dict:
 # The weight-only algorithms TensorRT-LLM's MoE takes, as qframe's RTN produces them.
 ALGOS = {"W4A16_AWQ": stage(bits=4, group_size=64), "W4A16": stage(bits=4, granularity="channel"),
          "W8A16": stage(bits=8)}
+# FP8 and NVFP4 with static inputs (one calibrated scale a fused weight, shared by its experts).
+FP8_W, FP8_A = {"type": "float", "bits": 8, "granularity": "tensor"}, {"type": "float", "bits": 8}
+NVFP4_WA = {"type": "float", "bits": 4, "format": "nvfp4", "group_size": 16}
+STATIC = {"FP8": {**stage(), "quantizer": "fp8", "weights": FP8_W, "activations": FP8_A},
+          "NVFP4": {**stage(), "quantizer": "nvfp4", "weights": NVFP4_WA, "activations": NVFP4_WA}}
 
 
 def quantize(model, *stages: dict):
@@ -98,8 +104,18 @@ def signature(directory: Path) -> set[tuple[str, tuple[int, ...], str]]:
 
 def unpack_experts(tensors: dict, prefix: str, algo: str) -> torch.Tensor:
     """``fc`` or ``proj`` of a layer's experts as TensorRT-LLM computes with them, ``[E, out, in]``:
-    int4 codes times their group scales for W4A16_AWQ (float32), else the stored 16-bit weights."""
+    int4 codes times their group scales for W4A16_AWQ (float32); FP8 codes times each expert's
+    scale; NVFP4 E2M1 codes times their block scales times each expert's global scale; else the
+    stored 16-bit weights."""
     w = tensors[f"{prefix}.weight"]
+    if algo == "FP8":
+        return w.float() * tensors[f"{prefix}.weights_scaling_factor"].unsqueeze(-1)  # [E, 1] -> [E, 1, 1]
+    if algo == "NVFP4":
+        e, out, half = w.shape
+        codes = numerics.unpack(w.reshape(e * out, half), 4, False, 2 * half, "nvfp4").reshape(e, out, 2 * half)
+        global_scale = tensors[f"{prefix}.weights_scaling_factor_2"][:, None, None]
+        block = tensors[f"{prefix}.weights_scaling_factor"].float() * global_scale
+        return numerics.e2m1_decode(codes) * block.repeat_interleave(16, dim=-1)
     if algo != "W4A16_AWQ":
         return w
     codes = torch.stack([numerics.unpack_int4_rows(w[e]) for e in range(w.shape[0])]).float()
@@ -111,6 +127,11 @@ def up_then_gate(gate_up: torch.Tensor) -> torch.Tensor:
     """Hugging Face's ``gate_up_proj [E, 2I, H]`` (gate rows first) in TensorRT-LLM's order."""
     gate, up = gate_up.chunk(2, dim=1)
     return torch.cat([up, gate], dim=1)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` compared bit for bit (float8 has no equality of its own everywhere)."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
 # -- modelopt ---------------------------------------------------------------------------------------
@@ -129,7 +150,8 @@ awq = copy.deepcopy(mtq.INT4_AWQ_CFG)
 for entry in awq["quant_cfg"]:
     if isinstance(entry, dict) and entry.get("quantizer_name") == "*weight_quantizer":
         entry["cfg"]["block_sizes"][-1] = 64
-ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+CONFIGS = {"W4A16_AWQ": awq, "FP8": mtq.FP8_DEFAULT_CFG, "NVFP4": mtq.NVFP4_DEFAULT_CFG}
+ids = torch.load(directory / "ids.pt")
 # decoder type, the per-expert linears (gate, up, down), the MoE block's class name modelopt knows
 FAMILIES = {"mixtral": ("llama", ("w1", "w3", "w2"), "MixtralSparseMoeBlock"),
             "qwen2_moe": ("qwen", ("gate_proj", "up_proj", "down_proj"), "Qwen2MoeSparseMoeBlock"),
@@ -182,38 +204,45 @@ def unfused(mlp, names, class_name, renormalize):
 
 results = {}
 for family, (decoder, names, class_name) in FAMILIES.items():
-    # transformers 5's fused experts, as they are
-    model = AutoModelForCausalLM.from_pretrained(directory / family).eval()
-    with contextlib.redirect_stdout(io.StringIO()):
-        model = mtq.quantize(model, copy.deepcopy(awq), lambda m: m(input_ids=ids, use_cache=False))
-        try:
-            export_tensorrt_llm_checkpoint(model, decoder, torch.float16, directory / f"{family}-fused",
+    for algo, config in CONFIGS.items():
+        # transformers 5's fused experts, as they are
+        model = AutoModelForCausalLM.from_pretrained(directory / family).eval()
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = mtq.quantize(model, copy.deepcopy(config), lambda m: m(input_ids=ids, use_cache=False))
+            try:
+                export_tensorrt_llm_checkpoint(model, decoder, torch.float16, directory / f"{family}-{algo}-fused",
+                                               inference_tensor_parallel=1)
+                results[f"{family} {algo}"] = "exported"
+            except Exception as exc:
+                results[f"{family} {algo}"] = f"{type(exc).__name__}: {exc}"
+        # the same weights, each MoE block held as transformers 4 did
+        model = AutoModelForCausalLM.from_pretrained(directory / family).eval()
+        for layer in model.model.layers:
+            layer.mlp = unfused(layer.mlp, names, class_name, getattr(model.config, "norm_topk_prob", True))
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = mtq.quantize(model, copy.deepcopy(config), lambda m: m(input_ids=ids, use_cache=False))
+            export_tensorrt_llm_checkpoint(model, decoder, torch.float16, directory / family / algo,
                                            inference_tensor_parallel=1)
-            results[family] = "exported"
-        except Exception as exc:
-            results[family] = f"{type(exc).__name__}: {exc}"
-    # the same weights, each MoE block held as transformers 4 did
-    model = AutoModelForCausalLM.from_pretrained(directory / family).eval()
-    for layer in model.model.layers:
-        layer.mlp = unfused(layer.mlp, names, class_name, getattr(model.config, "norm_topk_prob", True))
-    with contextlib.redirect_stdout(io.StringIO()):
-        model = mtq.quantize(model, copy.deepcopy(awq), lambda m: m(input_ids=ids, use_cache=False))
-        export_tensorrt_llm_checkpoint(model, decoder, torch.float16, directory / family / "trt",
-                                       inference_tensor_parallel=1)
 (directory / "results.json").write_text(json.dumps(results))
 """
 CONFIG_KEYS = ("quant_algo", "kv_cache_quant_algo", "group_size", "has_zero_point", "pre_quant_scale")
 
 
+# The tokens modelopt calibrates on, and qframe's FP8/NVFP4 runs too (on the float model's activations).
+CALIBRATION = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
 @pytest.fixture(scope="module")
 def modelopt(tmp_path_factory) -> Path:
-    """modelopt's checkpoints (INT4_AWQ_CFG, groups of 64) of the three families, float32 weights
-    exported in float16, and how its export of the fused experts ended: one peer process."""
+    """modelopt's checkpoints of the three families (``<family>/<algo>``: INT4_AWQ_CFG with groups
+    of 64, FP8_DEFAULT_CFG, NVFP4_DEFAULT_CFG), float32 weights exported in float16, and how its
+    export of the fused experts ended for each: one peer process."""
     folder = tmp_path_factory.mktemp("modelopt-moe")
     for family in FAMILIES:
         model = moe_model(family, torch.float32)
         model.config.architectures = [ARCHITECTURES[family]]
         model.save_pretrained(folder / family)
+    torch.save(CALIBRATION, folder / "ids.pt")
     run_peer_script(MODELOPT, folder)
     return folder
 
@@ -237,11 +266,13 @@ def qframe_awq(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 def test_modelopt_cannot_export_transformers5_fused_experts(modelopt):
     """modelopt 0.47 quantizes the fused experts (one weight quantizer an expert) but its
     TensorRT-LLM export takes ``len()`` of the experts module, which transformers 5 no longer
-    makes a ModuleList. When a later modelopt exports them, this test fails: compare its
-    checkpoint of the fused model directly then."""
+    makes a ModuleList, with INT4_AWQ_CFG, FP8_DEFAULT_CFG and NVFP4_DEFAULT_CFG alike. When a later
+    modelopt exports them, this test fails: compare its checkpoint of the fused model directly then."""
     results = json.loads((modelopt / "results.json").read_text())
     for family in FAMILIES:
-        assert results[family].startswith("TypeError") and "has no len()" in results[family], results[family]
+        for algo in ("W4A16_AWQ", *STATIC):
+            found = results[f"{family} {algo}"]
+            assert found.startswith("TypeError") and "has no len()" in found, (family, algo, found)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -252,7 +283,7 @@ def test_tensors_and_quantization_config_equal_modelopts(modelopt, qframe_awq, f
     qframe writes them where an input prescale was kept (``pre_quant_scale``), so the plain RTN
     checkpoint equals modelopt's without them."""
     plain, prescaled = qframe_awq[family]
-    theirs = modelopt / family / "trt"
+    theirs = modelopt / family / "W4A16_AWQ"
     reference = config(theirs)["quantization"]
     assert signature(prescaled) == signature(theirs)
     assert {k: config(prescaled)["quantization"].get(k) for k in CONFIG_KEYS} == {k: reference.get(k) for k in CONFIG_KEYS}
@@ -268,17 +299,202 @@ def test_tensors_and_quantization_config_equal_modelopts(modelopt, qframe_awq, f
 
 
 def test_the_validator_accepts_modelopts_mixtral_and_names_what_its_qwen_configs_lack(modelopt):
-    """modelopt's Mixtral checkpoint validates as it is (its moe_tp_size/moe_ep_size mapping
-    keys too). Its Qwen-MoE configs lack what TensorRT-LLM's QWen model builds the layers from:
-    ``qwen_type`` (Qwen3-MoE; then TensorRT-LLM builds no query/key norms) and the whole ``moe``
-    table (Qwen2-MoE; then it builds dense MLPs). The validator names them."""
-    assert validate_checkpoint(modelopt / "mixtral" / "trt", REGISTRY) == []
-    qwen3 = "\n".join(validate_checkpoint(modelopt / "qwen3_moe" / "trt", REGISTRY))
+    """modelopt's Mixtral checkpoints validate as they are (INT4_AWQ, FP8 and NVFP4; its
+    moe_tp_size/moe_ep_size mapping keys too). Its Qwen-MoE configs lack what TensorRT-LLM's QWen
+    model builds the layers from: ``qwen_type`` (Qwen3-MoE; then TensorRT-LLM builds no query/key
+    norms) and the whole ``moe`` table (Qwen2-MoE; then it builds dense MLPs). The validator names
+    them."""
+    for algo in ("W4A16_AWQ", *STATIC):
+        assert validate_checkpoint(modelopt / "mixtral" / algo, REGISTRY) == [], algo
+    qwen3 = "\n".join(validate_checkpoint(modelopt / "qwen3_moe" / "W4A16_AWQ", REGISTRY))
     assert "moe_intermediate_size: None, expected a positive integer" in qwen3, qwen3
     assert "qwen_type: None, expected 'qwen3_moe'" in qwen3, qwen3
-    qwen2 = "\n".join(validate_checkpoint(modelopt / "qwen2_moe" / "trt", REGISTRY))
+    qwen2 = "\n".join(validate_checkpoint(modelopt / "qwen2_moe" / "W4A16_AWQ", REGISTRY))
     assert "config.json: moe: None, expected a table with num_experts, top_k and normalization_mode" in qwen2, qwen2
     assert "qwen_type: None, expected 'qwen2_moe'" in qwen2, qwen2
+
+
+# -- FP8 and NVFP4 experts ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def qframe_float(tmp_path_factory) -> dict[tuple[str, str], tuple]:
+    """``{(family, algo): (qmodel, directory)}``: qframe's FP8 and NVFP4 checkpoints (the ``fp8`` and
+    ``nvfp4`` quantizers, experts and linears, static inputs) of the same float32 weights as
+    modelopt's, exported in float16, calibrated on the same tokens and, as modelopt calibrates, on
+    the float model's activations."""
+    folder, out = tmp_path_factory.mktemp("qframe-moe-float"), {}
+    for family in FAMILIES:
+        for algo, static in STATIC.items():
+            recipe = parse_recipe({"calibration": {"propagate": "float"}, "stage": [static]})
+            qmodel = qframe.quantize(moe_model(family, torch.float32), recipe, calibration=CALIBRATION, device="cpu",
+                                     registry=REGISTRY)
+            out[family, algo] = qmodel, export(qmodel, folder / f"{family}-{algo}", dtype="float16")
+    return out
+
+
+@pytest.mark.parametrize("algo", list(STATIC))
+def test_shared_expert_gate_and_up_share_the_scale_fc_holds(qframe_float, algo, tmp_path):
+    """TensorRT-LLM fuses Qwen2-MoE's shared-expert gate and up into ``shared_expert.fc`` with
+    one per-tensor scale (FP8) or global scale (NVFP4): the quantizer gives them that one scale,
+    so the checkpoint is written without requantizing them (no warning) and serves the evaluated
+    weights."""
+    qmodel, _ = qframe_float["qwen2_moe", algo]
+    buffer = "weight_scale" if algo == "FP8" else "weight_global_scale"
+    for layer in qmodel.model.model.layers:
+        shared = layer.mlp.shared_expert
+        assert torch.equal(shared.gate_proj.get_buffer(buffer), shared.up_proj.get_buffer(buffer))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qframe.export(qmodel, "tensorrt-llm", tmp_path / "trt", registry=REGISTRY)
+    assert not [w for w in caught if "different per-tensor weight" in str(w.message)], [str(w.message) for w in caught]
+
+
+FLOAT_CASES = pytest.mark.parametrize("family, algo", [(f, a) for f in FAMILIES for a in STATIC])
+
+
+def _one_for_scalar(found: set[tuple[str, tuple[int, ...], str]]) -> set[tuple[str, tuple[int, ...], str]]:
+    return {(name, shape or (1,), dtype) for name, shape, dtype in found}
+
+
+@FLOAT_CASES
+def test_fp8_and_nvfp4_experts_equal_modelopts(modelopt, qframe_float, family, algo):
+    """Against modelopt's export of the same weights (its per-expert ModuleList): the same names,
+    shapes and dtypes in rank0 and the same quantization keys (modelopt writes NVFP4's per-tensor
+    scales of ordinary linears 0-d where qframe writes ``[1]``: TensorRT-LLM's Parameter takes a
+    0-d value for a shape of ones). The experts' tensors are modelopt's bit for bit — FP8 ``fc``/
+    ``proj`` E4M3 ``[E, out, in]`` with one f32 scale an expert ``[E, 1]``; NVFP4 packed uint8
+    ``[E, out, in/2]``, E4M3 block scales ``[E, out, in/16]`` and one global scale an expert
+    ``[E]``; each expert's up rows before its gate rows — since modelopt requantizes an expert's
+    gate and up to the larger of their scales, which is the one scale qframe's fused
+    ``gate_up_proj`` has. The one activation scale ``[1]`` of ``fc`` is modelopt's (both calibrate
+    the experts' input over every token); ``proj``'s is at least modelopt's: qframe sends every
+    token through every expert to calibrate it, modelopt each expert's routed tokens."""
+    _, ours = qframe_float[family, algo]
+    theirs = modelopt / family / algo
+    assert _one_for_scalar(signature(ours)) == _one_for_scalar(signature(theirs))
+    mine, reference = config(ours), config(theirs)
+    assert {k: mine["quantization"].get(k) for k in CONFIG_KEYS} == \
+        {k: reference["quantization"].get(k) for k in CONFIG_KEYS}
+    assert mine["quantization"]["quant_algo"] == algo
+    assert set(mine["quantization"]["exclude_modules"]) >= set(reference["quantization"]["exclude_modules"])
+    if "moe" in reference:
+        assert mine["moe"] == reference["moe"]
+    mine, reference = rank(ours), rank(theirs)
+    experts = [n for n in mine if n.split(".")[3:5] in (["mlp", "fc"], ["mlp", "proj"])]
+    assert len(experts) == 2 * 2 * (3 if algo == "FP8" else 4)
+    for name in experts:
+        if name.endswith("activation_scaling_factor"):
+            assert mine[name].shape == (1,)
+            if ".fc." in name:
+                torch.testing.assert_close(mine[name], reference[name], rtol=1e-6, atol=0)
+            else:
+                assert mine[name].item() >= reference[name].item() * (1 - 1e-6), name
+        else:
+            assert torch.equal(bits(mine[name]), bits(reference[name])), name
+
+
+@FLOAT_CASES
+def test_fp8_and_nvfp4_experts_unpack_to_the_quantized_model_exactly(qframe_float, family, algo):
+    """Every expert dequantized from the checkpoint as TensorRT-LLM computes it (``fc``: up rows,
+    then gate rows) is the quantized model's expert bit for bit, and the checkpoint holds the
+    experts' own numbers: codes, scales per expert (FP8 ``[E, 1, 1]`` as ``[E, 1]``, NVFP4 block
+    scales and ``[E]`` global scales) and each fused weight's one static input scale."""
+    qmodel, directory = qframe_float[family, algo]
+    tensors = rank(directory)
+    for i, layer in enumerate(qmodel.model.model.layers):
+        experts, trt = layer.mlp.experts, f"transformer.layers.{i}.mlp"
+        for part, weight, order in (("fc", "gate_up_proj", up_then_gate), ("proj", "down_proj", lambda t: t)):
+            prefix, buffer = f"{trt}.{part}", lambda what: experts.get_buffer(f"{weight}_{what}")
+            unpacked = unpack_experts(tensors, prefix, algo)
+            assert torch.equal(unpacked, order(experts.dequantized(weight))), prefix
+            assert torch.equal(unpacked, order(getattr(experts, weight))), prefix  # what the model computes with
+            scales = tensors[f"{prefix}.weights_scaling_factor"]
+            if algo == "FP8":
+                assert torch.equal(bits(tensors[f"{prefix}.weight"]), bits(order(buffer("codes"))))
+                assert torch.equal(scales, buffer("scale").reshape(-1, 1))
+            else:
+                assert torch.equal(bits(scales), bits(order(buffer("scale"))))
+                assert torch.equal(tensors[f"{prefix}.weights_scaling_factor_2"], buffer("global_scale"))
+            assert torch.equal(tensors[f"{prefix}.activation_scaling_factor"], buffer("input_scale").reshape(1))
+
+
+@pytest.mark.parametrize("algo", list(STATIC))
+def test_tensor_parallel_shards_split_fp8_and_nvfp4_experts(qframe_float, algo, tmp_path):
+    """At tp_size 2 each rank holds every expert's share: ``fc`` its own up rows and gate rows
+    (with NVFP4's block scales), ``proj`` its input columns (NVFP4's packed bytes and block
+    scales alike); each expert's weight scale (FP8 ``[E, 1]``, NVFP4 ``[E]``) and the one
+    activation scale ``[1]`` are replicated. No expert parallelism: the mapping holds no
+    ``moe_tp_size``/``moe_ep_size`` (TensorRT-LLM then splits every expert by tp_size), and the
+    validator says it cannot check an expert-parallel mapping rather than pass one."""
+    qmodel, one_dir = qframe_float["qwen2_moe", algo]
+    one, two = rank(one_dir), export(qmodel, tmp_path / "tp2", tp_size=2, dtype="float16")
+    assert config(two)["mapping"] == {"world_size": 2, "tp_size": 2, "pp_size": 1}
+    ranks = [rank(two, r) for r in range(2)]
+    assert all(set(r) == set(one) for r in ranks)
+    experts = [n for n in one if n.split(".")[3:5] in (["mlp", "fc"], ["mlp", "proj"])]
+    for name in experts:
+        full, shards = bits(one[name]), [bits(r[name]) for r in ranks]
+        if full.dim() < 3:  # per expert or per layer: replicated
+            assert all(torch.equal(s, full) for s in shards), name
+        elif ".fc." in name:  # [E, up | gate, ...]: each half split by rank
+            halves = [s.chunk(2, 1) for s in shards]
+            whole = torch.cat([torch.cat([h[0] for h in halves], 1), torch.cat([h[1] for h in halves], 1)], 1)
+            assert torch.equal(whole, full), name
+        else:  # proj: input columns
+            assert torch.equal(torch.cat(shards, 2), full), name
+    expert_parallel = tmp_path / "ep"
+    shutil.copytree(two, expert_parallel)
+    edit_config(lambda c: c["mapping"].update(moe_tp_size=1, moe_ep_size=2))(expert_parallel)
+    assert validate_checkpoint(expert_parallel, REGISTRY) == [
+        "config.json: expert parallelism (mapping.moe_ep_size = 2) is valid, but this validator has no tensor layout "
+        "for it; its tensors were not checked"]
+
+
+# On the Mixtral checkpoints: hidden 64, 4 experts 64 wide.
+FC1, PROJ0 = "transformer.layers.1.mlp.fc", "transformer.layers.0.mlp.proj"
+FLOAT_CORRUPTIONS = {
+    "FP8 activation scale missing": (
+        "FP8", lambda t: t.pop(f"{FC1}.activation_scaling_factor"),
+        f"{FC1}.activation_scaling_factor: missing (expected float32 [1], one for all experts)"),
+    "FP8 activation scale per expert": (
+        "FP8", lambda t: t.update({f"{FC1}.activation_scaling_factor": torch.ones(4)}),
+        f"{FC1}.activation_scaling_factor: shape [4], expected [1] (one for all experts"),
+    "FP8 weight scales flat": (
+        "FP8", lambda t: t.update({f"{PROJ0}.weights_scaling_factor": t[f"{PROJ0}.weights_scaling_factor"].reshape(4)}),
+        f"{PROJ0}.weights_scaling_factor: shape [4], expected [4, 1] (one per expert"),
+    "FP8 experts in float16": (
+        "FP8", lambda t: t.update({f"{FC1}.weight": t[f"{FC1}.weight"].half()}),
+        f"{FC1}.weight: dtype float16, expected float8_e4m3fn (FP8 experts' up and gate rows)"),
+    "NVFP4 global scales [E, 1]": (
+        "NVFP4", lambda t: t.update({f"{PROJ0}.weights_scaling_factor_2": torch.ones(4, 1)}),
+        f"{PROJ0}.weights_scaling_factor_2: shape [4, 1], expected [4] (one global scale per expert"),
+    "NVFP4 global scales missing": (
+        "NVFP4", lambda t: t.pop(f"{FC1}.weights_scaling_factor_2"),
+        f"{FC1}.weights_scaling_factor_2: missing (expected float32 [4], one global scale per expert)"),
+    "NVFP4 codes unpacked": (
+        "NVFP4", lambda t: t.update({f"{FC1}.weight": torch.zeros(4, 128, 64, dtype=torch.uint8)}),
+        f"{FC1}.weight: shape [4, 128, 64], expected [4, 128, 32]"),
+    "NVFP4 block scales in float32": (
+        "NVFP4", lambda t: t.update({f"{PROJ0}.weights_scaling_factor": t[f"{PROJ0}.weights_scaling_factor"].float()}),
+        f"{PROJ0}.weights_scaling_factor: dtype float32, expected float8_e4m3fn (per expert, row and block of 16 "
+        "inputs)"),
+    "NVFP4 activation scale zero": (
+        "NVFP4", lambda t: t.update({f"{FC1}.activation_scaling_factor": torch.zeros(1)}),
+        f"{FC1}.activation_scaling_factor: smallest value 0.0, expected every scale > 0"),
+}
+
+
+@pytest.mark.parametrize("algo, change, needle", FLOAT_CORRUPTIONS.values(), ids=FLOAT_CORRUPTIONS.keys())
+def test_the_validator_names_what_fp8_and_nvfp4_experts_lack(qframe_float, tmp_path, algo, change, needle):
+    """qframe's FP8/NVFP4 MoE checkpoints validate (every family, checked on export); a broken one
+    is named tensor by tensor, with the shape and dtype TensorRT-LLM's MoE loads."""
+    _, directory = qframe_float["mixtral", algo]
+    assert validate_checkpoint(directory, REGISTRY) == []
+    broken = tmp_path / "broken"
+    shutil.copytree(directory, broken)
+    edit_tensors(change)(broken)
+    problems = validate_checkpoint(broken, REGISTRY)
+    assert any(needle in p for p in problems), problems
 
 
 # -- qframe's checkpoints, unpacked ----------------------------------------------------------------
@@ -542,17 +758,39 @@ def _check(model, *stages: dict, **options) -> str:
 
 
 @pytest.mark.parametrize("experts, needle", [
-    ({"quantizer": "fp8", "weights": {"type": "float", "bits": 8, "granularity": "tensor"}},
-     "TensorRT-LLM holds quantized experts as W4A16_AWQ or W4A16 or W8A16 only (symmetric int4 weights per group of 64 "
-     "or 128, or symmetric int4 weights per output channel, or symmetric int8 weights per output channel, activations "
-     "in float); FP8 and NVFP4 experts need activation scales"),
-    ({"quantizer": "nvfp4", "weights": {"type": "float", "bits": 4}}, "FP8 and NVFP4 experts need activation scales"),
+    ({"quantizer": "fp8", "weights": FP8_W},
+     "activations none: FP8 needs static FP8 E4M3 activations with one calibrated scale per tensor (input_scale)"),
+    ({"quantizer": "nvfp4", "weights": NVFP4_WA},
+     "activations none: NVFP4 quantizes activations to NVFP4 too, with a static global scale (input_scale)"),
+    ({"quantizer": "fp8", "weights": FP8_W, "activations": {**FP8_A, "dynamic": True, "granularity": "token"}},
+     "TensorRT-LLM holds static activation scales only"),
+    ({"quantizer": "rtn", "weights": {"bits": 8}, "activations": {"bits": 8}},
+     "TensorRT-LLM holds quantized experts as W4A16_AWQ, W4A16, W8A16, FP8 or NVFP4 only (W4A16_AWQ: symmetric int4 "
+     "weights per group of 64 or 128, activations in float; W4A16: symmetric int4 weights per output channel, "
+     "activations in float; W8A16: symmetric int8 weights per output channel, activations in float; FP8: FP8 E4M3 "
+     "weights per tensor, static FP8 E4M3 activations per tensor; NVFP4: NVFP4 weights and activations, with a static "
+     "input global scale)"),
     ({"quantizer": "rtn", "weights": {"bits": 4, "group_size": 32}}, "take groups of 64 or 128 input channels"),
     ({"quantizer": "rtn", "weights": {"bits": 4, "group_size": 64, "symmetric": False}}, "set weights.symmetric = true"),
-])
+], ids=["fp8-weights-only", "nvfp4-weights-only", "fp8-dynamic", "int8-w8a8", "int4-group-32", "int4-asymmetric"])
 def test_experts_tensorrt_llm_cannot_hold_are_refused(experts, needle):
     message = _check(moe_model("mixtral"), {**experts, "targets": ["Experts"]})
     assert "model.layers.0.mlp.experts" in message and needle in message, message
+
+
+@pytest.mark.parametrize("algo", list(STATIC))
+def test_fp8_and_nvfp4_experts_pass_the_check_before_calibration(algo):
+    description = qframe.describe(moe_model("qwen2_moe"), parse_recipe({"stage": [STATIC[algo]]}), registry=REGISTRY)
+    assert not description.calibrated and description.experts
+    TensorRTLLMExporter(TensorRTLLMOptions(tp_size=2)).check(description)
+
+
+def test_nvfp4_experts_whose_share_of_a_rank_splits_a_block_are_refused():
+    """NVFP4 ``proj`` holds block scales per 16 input columns of each rank: an expert 48 wide
+    splits into 24 columns at tp_size 2."""
+    message = _check(moe_model("qwen3_moe", inter=48), STATIC["NVFP4"], tp_size=2)
+    assert ("NVFP4 at tp_size = 2: each rank's share of the model's moe_intermediate_size 48 must be a whole number "
+            "of 16-channel blocks") in message, message
 
 
 def test_experts_with_quantized_activations_are_refused():

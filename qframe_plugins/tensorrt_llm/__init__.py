@@ -4,8 +4,10 @@ Writes what ``trtllm-build --checkpoint_dir`` reads, for Llama, Mistral, Qwen2 a
 unquantized or in one of TensorRT-LLM's algorithms: FP8 (with an FP8 or INT8 KV cache),
 W4A16_AWQ (AWQ, GPTQ and RTN int4 alike), W4A8_AWQ, W8A8_SQ_PER_CHANNEL, W8A16, W4A16 and NVFP4,
 split across ``tp_size * pp_size`` ranks; and for the mixtures of experts Mixtral, Qwen2-MoE and
-Qwen3-MoE, whose fused experts TensorRT-LLM's MoE holds stacked, float or weight-only
-(W4A16_AWQ, W4A16, W8A16). What the format cannot express is refused before
+Qwen3-MoE, whose fused experts TensorRT-LLM's MoE holds stacked (``mlp.fc``, ``mlp.proj``), float,
+weight-only (W4A16_AWQ, W4A16, W8A16), FP8 or NVFP4 (each expert's weight scales, one static
+activation scale per fused weight for all experts: see :mod:`.convert`), split across ranks by
+tensor parallelism (no expert parallelism). What the format cannot express is refused before
 calibration (:meth:`TensorRTLLMExporter.check`, from the model's planned description) and again
 before anything is written.
 

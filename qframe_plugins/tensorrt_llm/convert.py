@@ -24,12 +24,30 @@ NVFP4                  E2M1 codes packed along the input (uint8 [out, in/2]); E4
 
 A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE) keeps each layer's routed experts stacked
 (:class:`~.layout.ExpertsSpec`): ``mlp.fc`` ``[E, 2I, H]`` (each expert's up rows, then its gate
-rows) and ``mlp.proj`` ``[E, H, I]``, unquantized or weight-only: W8A16/W4A16 as 16-bit weights,
-W4A16_AWQ as int8 ``[E, I, H]`` / ``[E, H/2, I]`` (int4 rows packed per expert) with f32 group
-scales ``[E, 2I, H/g]`` / ``[E, H, I/g]`` and, when ``pre_quant_scale`` is true, md
-``prequant_scaling_factor`` ``[E, H]`` / ``[E, I]`` (ones: TensorRT-LLM's MoE keeps one for all
-experts, and experts keep none of their own). The router ``mlp.router.weight`` is float32 and,
-with Qwen2-MoE's ``shared_expert_gate``, always in ``exclude_modules``.
+rows) and ``mlp.proj`` ``[E, H, I]``:
+
+=====================  =================================================================
+experts' quant_algo    ``fc`` / ``proj`` tensors
+=====================  =================================================================
+none, W8A16, W4A16     md ``weight`` (the builder quantizes W8A16/W4A16 per channel itself)
+W4A16_AWQ              int8 ``weight`` ``[E, I, H]`` / ``[E, H/2, I]`` (int4 rows packed per
+                       expert); f32 group scales ``[E, 2I, H/g]`` / ``[E, H, I/g]``; with
+                       ``pre_quant_scale``, md ``prequant_scaling_factor`` ``[E, H]`` / ``[E, I]``
+                       (ones: TensorRT-LLM's MoE keeps one for all experts, qframe's experts none)
+FP8                    E4M3 ``weight``; f32 ``weights_scaling_factor`` ``[E, 1]`` (one an expert,
+                       gate and up rows sharing it); f32 ``activation_scaling_factor`` ``[1]``
+NVFP4                  uint8 ``weight`` ``[E, 2I, H/2]`` / ``[E, H, I/2]``; E4M3 block scales
+                       ``weights_scaling_factor`` ``[E, 2I, H/16]`` / ``[E, H, I/16]``; f32
+                       ``weights_scaling_factor_2`` ``[E]`` (each expert's global scale); f32
+                       ``activation_scaling_factor`` ``[1]`` (the input's global scale)
+=====================  =================================================================
+
+One activation scale per fused weight for all experts and one per-tensor (global) weight scale
+per expert for gate and up together is what TensorRT-LLM's MoE loads and what qframe's experts
+hold, so FP8 and NVFP4 experts are written as they are. The router ``mlp.router.weight`` is
+float32 and, with Qwen2-MoE's ``shared_expert_gate``, always in ``exclude_modules``. Experts are
+split by tensor parallelism (each expert's rows or columns), never by expert parallelism: the
+mapping has no ``moe_tp_size``/``moe_ep_size``, which TensorRT-LLM then takes as ``tp_size``/1.
 
 A layer's KV cache adds ``attention.kv_cache_scaling_factor`` (f32 [1]: amax/448 for FP8,
 amax/127 for INT8, of the keys after RoPE and the values, as the cache holds them; one scale
@@ -61,12 +79,14 @@ from ..quant_algo import (AWQ_ALGOS, NVFP4_BLOCK, Quantization, Writer, choose, 
                           warn_inexact_group_scales)
 from .layout import ExpertsSpec, Layout, LinearSpec, Part
 
-# Fused experts are written weight-only for now: their FP8/NVFP4 activation scales exist (one per
-# fused weight) but TensorRT-LLM's MoE layout for them (per-expert fc/proj scaling factors) is not
-# written yet; the hf backend writes such experts.
+# Fused experts: weight-only int, or FP8/NVFP4 with their static input scales. TensorRT-LLM's MoE
+# keeps one activation scale per fused weight for all experts and one per-tensor weight scale per
+# expert for gate and up together (fc), which is what qframe's QuantExperts hold: no requantization.
+# Not written for experts: W4A8_AWQ (its per-expert alpha and interleaved scales are not written
+# yet) and W8A8_SQ_PER_CHANNEL (TensorRT-LLM's MoE plugin has no int8 activations).
 WRITER = Writer("TensorRT-LLM", ("FP8", "NVFP4", "W4A16_AWQ", "W4A8_AWQ", "W4A16", "W8A16", "W8A8_SQ_PER_CHANNEL"),
                 ("FP8", "INT8"), elsewhere="another backend (hf, qframe)", experts=True,
-                expert_algorithms=("W4A16_AWQ", "W4A16", "W8A16"))
+                expert_algorithms=("W4A16_AWQ", "W4A16", "W8A16", "FP8", "NVFP4"))
 # Algorithms whose linears carry a smoother (ones where it was folded into the layer before).
 PRESCALED_ALGOS = (*AWQ_ALGOS, "W8A8_SQ_PER_CHANNEL")
 # Weight-only per channel: the checkpoint holds 16-bit weights, which the builder quantizes.
@@ -453,7 +473,8 @@ def experts_pieces(description: ModelDescription, spec: ExpertsSpec, plan: Check
     by full name: stacked over the experts, each expert's up rows before its gate rows in ``fc``
     (Hugging Face's ``gate_up_proj`` holds gate first). Unquantized and weight-only experts are
     the weights the model computes with, in the checkpoint dtype; W4A16_AWQ experts their codes
-    and group scales.
+    and group scales; FP8 and NVFP4 experts their codes, each expert's scales and the module's
+    one input scale of each fused weight (:func:`_float_experts`).
 
     Example::
 
@@ -480,6 +501,8 @@ def experts_pieces(description: ModelDescription, spec: ExpertsSpec, plan: Check
         # The float weights, or the dequantized ones the quantized experts compute with.
         out["fc.weight"] = Piece(up_gate(module.gate_up_proj.detach().to(md)), stage, "column", 1)
         out["proj.weight"] = Piece([module.down_proj.detach().to(md)], stage, "row", None, 2)
+    elif algo in ("FP8", "NVFP4"):
+        out.update(_float_experts(module, algo, up_gate, stage, spec))
     else:  # W4A16_AWQ, the one grouped algorithm WRITER takes for experts
         b = module._buffers
         out["fc.weight"] = Piece(up_gate(b["gate_up_proj_codes"]), stage, "column", 1, encode=pack_int4_rows_int8)
@@ -493,6 +516,54 @@ def experts_pieces(description: ModelDescription, spec: ExpertsSpec, plan: Check
             out["fc.prequant_scaling_factor"] = Piece([torch.ones(e, h, dtype=md)], stage)
             out["proj.prequant_scaling_factor"] = Piece([torch.ones(e, inter, dtype=md)], stage, "row", None, 1)
     return {f"{spec.name}.{suffix}": piece for suffix, piece in out.items()}
+
+
+def _float_experts(module: nn.Module, algo: str, up_gate: Callable[[torch.Tensor], list[torch.Tensor]], stage: int,
+                   spec: ExpertsSpec) -> dict[str, Piece]:
+    """``fc``'s and ``proj``'s tensors (suffixes) of FP8 or NVFP4 experts, as TensorRT-LLM's
+    ``MixtureOfExperts`` loads them (``layers/moe.py``, ``MOEWeightWrapper``):
+
+    - FP8: ``weight`` E4M3 ``[E, out, in]``; ``weights_scaling_factor`` f32 ``[E, 1]``, one per
+      expert for the whole matrix (gate and up rows share it in ``fc``); ``activation_scaling_factor``
+      f32 ``[1]``, one for all experts.
+    - NVFP4: ``weight`` uint8 ``[E, out, in/2]`` (E2M1 codes packed along the input, low nibble
+      first); ``weights_scaling_factor`` E4M3 block scales ``[E, out, in/16]``;
+      ``weights_scaling_factor_2`` f32 ``[E]`` (each expert's global scale: the loader,
+      ``models/modeling_utils.py`` ``preprocess_perlayer_weights``, turns the block scales into
+      ``weights_block_scaling_factor`` (and its interleaved copy) and makes the per-expert
+      ``alpha [E]`` as this times the activation's); ``activation_scaling_factor`` f32 ``[1]``,
+      the input's global scale for all experts (``activation_global_scaling_factor``).
+
+    qframe's experts hold exactly these numbers: one per-tensor weight scale (FP8) or global scale
+    (NVFP4) per expert of the fused ``gate_up_proj``, which is ``fc`` (modelopt requantizes separate
+    gate and up linears to the larger of their scales to get there; nothing is requantized here),
+    and one static input scale per fused weight, shared by its experts."""
+    b, e = module._buffers, spec.num_experts
+    missing = [f"{w}_{what}" for w in ("gate_up_proj", "down_proj")
+               for what in ("codes", "scale", "input_scale", *(("global_scale",) if algo == "NVFP4" else ()))
+               if b.get(f"{w}_{what}") is None]
+    if missing:
+        raise ExportError(f"{spec.module}: {algo} experts without {', '.join(missing)}; TensorRT-LLM's mixture of "
+                          "experts needs each weight's codes and scales and one static input scale a fused weight "
+                          "(quantize the experts' inputs too: activations with dynamic = false)")
+    pack = pack_e2m1_columns if algo == "NVFP4" else None
+    out: dict[str, Piece] = {}
+    for trt, w in (("fc", "gate_up_proj"), ("proj", "down_proj")):
+        codes, scale = b[f"{w}_codes"], b[f"{w}_scale"]
+
+        def split(t: torch.Tensor, encode=None) -> Piece:  # fc: each rank's up and gate rows; proj: its columns
+            if trt == "fc":
+                return Piece(up_gate(t), stage, "column", 1, encode=encode)
+            return Piece([t], stage, "row", None, 2, encode=encode)
+
+        out[f"{trt}.weight"] = split(codes, pack)
+        if algo == "FP8":
+            out[f"{trt}.weights_scaling_factor"] = Piece([scale.float().reshape(e, 1)], stage)
+        else:
+            out[f"{trt}.weights_scaling_factor"] = split(scale)
+            out[f"{trt}.weights_scaling_factor_2"] = Piece([b[f"{w}_global_scale"].float().reshape(e)], stage)
+        out[f"{trt}.activation_scaling_factor"] = Piece([b[f"{w}_input_scale"].float().reshape(1)], stage)
+    return out
 
 
 def checkpoint_pieces(description: ModelDescription, layout: Layout, plan: CheckpointPlan) -> dict[str, Piece]:

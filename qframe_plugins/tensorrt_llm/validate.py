@@ -10,7 +10,8 @@ pipeline stages numbering their layers from 0, ``lm_head`` padded to a multiple 
 and its dtype for the ``quant_algo``; modules ``exclude_modules`` names must be unquantized;
 tensors nobody asks for are reported; scales must be finite and positive. A mixture of experts
 (Mixtral, Qwen2-MoE, Qwen3-MoE) has each layer's experts stacked in ``mlp.fc`` and ``mlp.proj``
-(every expert's tensors, their scales' shapes per ``quant_algo``), a float32 ``mlp.router``,
+(every expert's tensors, their scales' shapes per ``quant_algo``: 16-bit, W4A16_AWQ, FP8 or
+NVFP4; expert parallelism is not checked), a float32 ``mlp.router``,
 the ``moe`` keys of ``config.json`` checked, and its routers (and Qwen2-MoE's shared expert
 gates) named in ``exclude_modules``. Anything else in the directory (an ``engine/`` folder) is
 not looked at.
@@ -73,8 +74,9 @@ QUANT_KEYS = ("quant_algo", "kv_cache_quant_algo", "group_size", "has_zero_point
 MAPPING_KEYS = ("world_size", "tp_size", "pp_size")
 # Mapping's split of a mixture of experts (modelopt writes them; absent, they are tp_size and 1).
 MOE_MAPPING_KEYS = ("moe_tp_size", "moe_ep_size")
-# The algorithms whose experts this validator predicts (the weight-only ones qframe writes).
-EXPERT_ALGOS = (None, "NO_QUANT", "W8A16", "W4A16", "W4A16_AWQ")
+# The algorithms whose experts this validator predicts (those qframe writes: TensorRT-LLM's
+# tensorrt_llm/layers/moe.py MOEWeightWrapper, as modelopt's export stacks them).
+EXPERT_ALGOS = (None, "NO_QUANT", "W8A16", "W4A16", "W4A16_AWQ", "FP8", "NVFP4")
 # TensorRT-LLM quantizes a W8A16/W4A16 checkpoint's 16-bit weights itself: every weight whose name
 # holds one of these, unless exclude_modules matches the *weight's* name
 # (tensorrt_llm/models/convert_utils.py, weight_only_quantize_dict).
@@ -563,6 +565,8 @@ def _experts(spec: Spec, experts: ExpertsSpec, impossible: list[str]) -> dict[st
     e, rows, h = experts.fc_shape(spec.tp)
     inner = experts.proj_shape(spec.tp)[2]
     fc, proj = experts.fc, experts.proj
+    if algo in ("FP8", "NVFP4"):
+        return _float_experts(algo, e, rows, h, inner, fc, proj, impossible)
     if algo != "W4A16_AWQ":  # unquantized, or weight-only: the builder quantizes 16-bit weights itself
         kind = f"{algo}: 16-bit, the builder quantizes them" if algo else f"unquantized{note}"
         return {f"{fc}.weight": Expect((e, rows, h), (md,), f"experts' up and gate rows, {kind}"),
@@ -583,6 +587,29 @@ def _experts(spec: Spec, experts: ExpertsSpec, impossible: list[str]) -> dict[st
                                                       scale=True)
         out[f"{proj}.prequant_scaling_factor"] = Expect((e, inner), (md,), "pre_quant_scale is true (a row an expert)",
                                                         scale=True)
+    return out
+
+
+def _float_experts(algo: str, e: int, rows: int, h: int, inner: int, fc: str, proj: str,
+                   impossible: list[str]) -> dict[str, Expect]:
+    """FP8 or NVFP4 experts on this rank, as TensorRT-LLM's ``MOEWeightWrapper`` declares them:
+    one activation scale for all experts (``[1]``); FP8 one weight scale an expert (``[E, 1]``);
+    NVFP4 block scales per expert, row and 16 inputs, and one global scale an expert (``[E]``,
+    from which the loader makes the per-expert ``alpha``)."""
+    out: dict[str, Expect] = {}
+    for name, out_rows, inp, what in ((fc, rows, h, "up and gate rows"), (proj, h, inner, "down projections")):
+        if algo == "FP8":
+            out[f"{name}.weight"] = Expect((e, out_rows, inp), (FP8,), f"FP8 experts' {what}")
+            out[f"{name}.weights_scaling_factor"] = Expect((e, 1), (F32,), "one per expert", scale=True)
+        else:
+            if inp % 16:
+                impossible.append(f"{name}: {inp} inputs not divisible by the block of 16")
+            out[f"{name}.weight"] = Expect((e, out_rows, inp // 2), (U8,),
+                                           f"NVFP4 experts' {what}, E2M1 codes two a byte along the input")
+            out[f"{name}.weights_scaling_factor"] = Expect(
+                (e, out_rows, inp // 16), (FP8,), "per expert, row and block of 16 inputs", scale=True, per_block=True)
+            out[f"{name}.weights_scaling_factor_2"] = Expect((e,), (F32,), "one global scale per expert", scale=True)
+        out[f"{name}.activation_scaling_factor"] = Expect((1,), (F32,), "one for all experts", scale=True)
     return out
 
 
