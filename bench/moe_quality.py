@@ -16,13 +16,14 @@ token through every expert for statistics, their default),
 ``fp8`` (E4M3 weights per tensor, static activations by mse), ``nvfp4`` (E2M1 blocks of 16,
 static activation global scales). Every stage targets ``["Linear", "Experts"]`` and ignores
 ``lm_head``. Where a recipe's activations are refused on experts, the report says so and the
-recipe runs weights-only for the dense model and the MoEs alike.
+recipe runs weights-only for the dense model and the MoEs alike. ``--recipes none`` (or an
+empty list) runs no qframe recipe: only the float perplexities and the peers.
 
 With quantized inputs one perplexity is a noisy measurement: multiplying every static input
 scale by 1 + 1e-6 (float rounding's size) moves FP8 W8A8's loss on dense SmolLM2 by up to half
 a point, as much as the 10 % bound. ``--jitter K`` evaluates each such model K more times with
-its scales × (1 ± k·1e-6) and judges the MoEs on the mean losses. ``--recipes none`` (or an
-empty list) runs no qframe recipe: only the float perplexities and the peers.
+its scales × (1 ± k·step) (``--jitter-step``, default 1e-6) and judges the MoEs on the mean
+losses.
 
 Peers (``--peers``, comma-separated ``bench/peer_worker.py`` methods: ``modelopt-awq-g{G}``,
 ``llmcompressor-gptq-g{G}``, ``llmcompressor-awq-g{G}``): each runs in its tool's own virtual
@@ -132,11 +133,11 @@ def experts_quantized(model) -> str:
     return f"{sum(isinstance(layer.mlp.experts, QuantExperts) for layer in layers)}/{len(layers)}"
 
 
-def jittered_losses(model, held_out, device, base: float, jitter: int) -> list[float]:
+def jittered_losses(model, held_out, device, base: float, jitter: int, step: float = 1e-6) -> list[float]:
     """The loss (% of perplexity) of ``model`` with every static input scale (buffers named
     ``*input_scale``: linears' and experts' FP8 scales, NVFP4 global scales) multiplied by
-    ``1 + δ``, for δ = ±1e-6, ±2e-6, … (``jitter`` values): perturbations the size of float
-    rounding. They move a few elements of each quantized input that lie on a rounding midpoint
+    ``1 + δ``, for δ = ±step, ±2·step, … (``jitter`` values; ``step`` 1e-6: perturbations the size
+    of float rounding). They move a few elements of each quantized input that lie on a rounding midpoint
     to the other neighbour, so each is an equally good model; the spread of their losses is the
     noise floor of one perplexity measurement of a model with quantized inputs. The scales are
     restored afterwards."""
@@ -145,7 +146,7 @@ def jittered_losses(model, held_out, device, base: float, jitter: int) -> list[f
     losses = []
     try:
         for k in range(jitter):
-            delta = (k // 2 + 1) * 1e-6 * (1 if k % 2 == 0 else -1)
+            delta = (k // 2 + 1) * step * (1 if k % 2 == 0 else -1)
             for n, b in scales.items():
                 b.copy_(kept[n] * (1 + delta))
             losses.append(100 * (perplexity(model, held_out, device).perplexity / base - 1))
@@ -220,6 +221,8 @@ def main() -> None:
     p.add_argument("--jitter", type=int, default=0,
                    help="for recipes with quantized inputs, also evaluate each model this many times with its "
                         "static input scales × (1 ± k·1e-6), and judge the MoEs on mean losses (the noise floor)")
+    p.add_argument("--jitter-step", type=float, default=1e-6,
+                   help="the jitter's relative step: scales × (1 ± k·step), k = 1, 2, …")
     p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
@@ -296,7 +299,7 @@ def main() -> None:
                     results[name]["experts_quantized"] = experts_quantized(model)
                 log(f"{recipe_name:14s} {name:10s} {ppl:.4f} ({results[name]['loss_pct']:+.2f} %) "
                     f"{results[name].get('experts_quantized', '')}  {seconds:.1f} s")
-                jittered = jittered_losses(model, held_out, device, base[name], args.jitter) \
+                jittered = jittered_losses(model, held_out, device, base[name], args.jitter, args.jitter_step) \
                     if args.jitter and "activations" in chosen else []
                 if jittered:
                     every = [results[name]["loss_pct"], *jittered]
