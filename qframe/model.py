@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import io
 import json
@@ -163,6 +164,30 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
+@contextlib.contextmanager
+def gguf_name_map_once() -> Iterator[None]:
+    """While transformers reads a .gguf file it builds gguf's tensor-name map again for every
+    module of the model (about 5 of the 12 s SmolLM2-135M took to load); the map depends only on
+    the architecture and the depth, so within this block it is built once for each.
+
+    Example::
+
+        >>> with gguf_name_map_once():
+        ...     pass  # AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    """
+    try:
+        import gguf
+    except ImportError:  # transformers then refuses the file itself
+        yield
+        return
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
+
+
 def load_model(source: ModelSource, dtype: str = "auto", *, nonfinite: str = "error") -> LoadedModel:
     """Load a causal LM and its tokenizer on the CPU, exactly as the checkpoint holds it.
 
@@ -189,7 +214,7 @@ def load_model(source: ModelSource, dtype: str = "auto", *, nonfinite: str = "er
     if source.kind == "dir":
         require_sane_depth(Path(source.location) / "config.json")
     try:
-        with quiet_transformers(stderr=source.kind != "hub"):
+        with quiet_transformers(stderr=source.kind != "hub"), gguf_name_map_once():
             # Shapes that differ are reported with the other problems below, not by transformers' report.
             model, info = AutoModelForCausalLM.from_pretrained(
                 where, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)

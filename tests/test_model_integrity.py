@@ -342,3 +342,20 @@ def test_nonfinite_zero_through_the_cli(saved, tmp_path, capfd):
                      "--set", "model.nonfinite=zero"]) == 0
     assert "qframe: warning: " in warnings.formatwarning(caught[0].message, UserWarning, "", 0)
     assert (out / "qframe.json").is_file()
+
+
+def test_gguf_name_map_built_once_per_architecture_and_restored():
+    """transformers asks gguf for its tensor-name map once per module while it reads a .gguf;
+    within ``gguf_name_map_once`` the map is built once and the same object returned, and gguf's
+    own function is back afterwards (SmolLM2's weights through it: tests/test_e2e_smollm2.py)."""
+    import gguf
+
+    from qframe.model import gguf_name_map_once
+
+    original = gguf.get_tensor_name_map
+    with gguf_name_map_once():
+        first = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30) is first
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is not first
+    assert gguf.get_tensor_name_map is original
+    assert original(gguf.MODEL_ARCH.LLAMA, 30).mapping == first.mapping
