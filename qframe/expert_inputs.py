@@ -266,7 +266,8 @@ class InputRanges:
         """Set the input scales of ``quantized`` (default: the observed module itself) from what
         was observed."""
         for name, calibrator in self.calibrators.items():
-            (quantized or self.module).set_input_range(name, *calibrator.compute())
+            target = self.module if quantized is None else quantized
+            target.set_input_range(name, *calibrator.compute())
 
 
 def expert_input_ranges(work, name: str, module: nn.Module, make: Callable[[], "object"],

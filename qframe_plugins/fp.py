@@ -9,9 +9,10 @@ format's own constraints checked before any model loads.
 - ``mxfp4``: E2M1 in blocks of 32 with E8M0 (power-of-two) scales, per the OCP MX spec.
 
 Linears that read one input (the adapter's smoothing groups: q/k/v, gate/up; in a sparse
-block, a shared expert's gate/up) share one per-tensor weight scale: FP8's per-tensor scale, NVFP4's FP32 global scale. Serving stacks
-fuse them (TensorRT-LLM's ``qkv``, vLLM's ``gate_up_proj``) and keep one such scale for the
-fused weight; sharing it here makes the checkpoint hold exactly the model that was evaluated.
+block, a shared expert's gate/up) share one per-tensor weight scale: FP8's per-tensor scale,
+NVFP4's FP32 global scale. Serving stacks fuse them (TensorRT-LLM's ``qkv``, vLLM's
+``gate_up_proj``) and keep one such scale for the fused weight; sharing it here makes the
+checkpoint hold exactly the model that was evaluated.
 Fused experts (``targets`` kind ``Experts``) get scales of their own, per expert: FP8's per-tensor
 scale and NVFP4's global scale cover one expert's fused gate/up matrix, and its down matrix.
 
