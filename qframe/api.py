@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import os
 import platform
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,11 +28,12 @@ import torch
 from torch import nn
 
 from . import faults
-from .checkpoint import load_native, save_native
-from .data import DataContext, TokenWindows, calibration_windows, evaluation_windows
+from .checkpoint import NativeParts, finish_native, load_native, save_native, write_native_part
+from .data import DataContext, TokenWindows, calibration_windows, evaluation_windows, parse_spec
 from .errors import ExportError, QFrameError, RecipeError
 from .evaluate import EvalResult, perplexity
-from .model import ModelSource, load_model, resolve_source
+from .model import ModelSource, load_model, open_model, resolve_source
+from .parts import SPOOL, loaded, write_in_parts
 from .output import seal, writing
 from .description import ModelDescription, describe_model
 from .pipeline import check_plan, run_pipeline
@@ -102,24 +104,33 @@ def quantize(
     started = time.perf_counter()
     layers = run_pipeline(model, plan, registry, ids if plan.needs_calibration_data else None, device, progress,
                           checked=checked)
-    manifest = {
+    manifest = _manifest(recipe, plan, device, windows if plan.needs_calibration_data else None, layers,
+                         time.perf_counter() - started)
+    manifest["coverage"] = _coverage(model, checked.arch, plan)
+    return QuantizedModel(model, tokenizer, manifest, registry=registry)
+
+
+def _manifest(recipe: Recipe, plan: Plan, device: torch.device, windows: TokenWindows | torch.Tensor | None,
+              layers: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """The manifest of a quantization run, before the checkpoint adds what it holds."""
+    manifest: dict[str, Any] = {
         "recipe": recipe.to_dict(),
         "versions": _versions(),
         "seed": recipe.calibration.seed,
         "dataset": None,
         "device": str(device),
-        "timings": {"quantize_s": round(time.perf_counter() - started, 3)},
+        "timings": {"quantize_s": round(seconds, 3)},
         "layers": layers,
     }
-    manifest["coverage"] = _coverage(model, checked.arch, plan)
-    if plan.needs_calibration_data:
+    if windows is not None:
+        ids = windows.ids if isinstance(windows, TokenWindows) else windows
         manifest["dataset"] = {
             "spec": getattr(windows, "spec", "in-memory tensor"),
             "sha256": getattr(windows, "sha256", None),
             "samples": int(ids.shape[0]),
             "seq_len": int(ids.shape[1]),
         }
-    return QuantizedModel(model, tokenizer, manifest, registry=registry)
+    return manifest
 
 
 def _coverage(model: nn.Module, arch: Any, plan: Plan) -> dict[str, Any]:
@@ -239,7 +250,7 @@ def check_export(plan: Plan, model: str | ModelSource | None = None, *,
 
 
 def evaluate(
-    model: QuantizedModel | nn.Module,
+    model: QuantizedModel | nn.Module | LazyModel,  # qframe.lazy.LazyModel: annotations are never evaluated here
     dataset: str | TokenWindows,
     *,
     tokenizer: Any = None,
@@ -248,22 +259,59 @@ def evaluate(
     device: str | torch.device | None = None,
     batch_size: int = 4,
     registry: Registry | None = None,
+    layerwise: bool | None = None,
 ) -> EvalResult:
-    """Perplexity of a (quantized) model on consecutive windows of held-out text."""
+    """Perplexity of a (quantized) model on consecutive windows of held-out text.
+
+    ``layerwise=True`` evaluates one decoder layer at a time on the device
+    (:func:`qframe.evaluate.perplexity_layerwise`: the same numbers, for models larger than the
+    device); ``None`` chooses it on CUDA when the model's weights would take more than half
+    the device's free memory, never on the CPU. A :class:`qframe.lazy.LazyModel` is always
+    evaluated layer-wise, each layer read from its checkpoint in turn, and then needs a dataset
+    other than ``generated`` (text the whole model writes) or ready :class:`TokenWindows`.
+
+    Example::
+
+        >>> qframe.evaluate(qmodel, "text:held_out.txt", seq_len=512, layerwise=True).perplexity  # doctest: +SKIP
+        17.03
+    """
+    from .evaluate import perplexity_layerwise, should_evaluate_layerwise
+    from .lazy import LazyModel
+    from .model import find_architecture
+
     registry = registry or default_registry()
     layers: list = []
+    lazy = model if isinstance(model, LazyModel) else None
     if isinstance(model, QuantizedModel):
         tokenizer = tokenizer or model.tokenizer
         layers = model.layers
         model = model.fake_quantized()
+    if lazy is not None:
+        if layerwise is False:
+            raise QFrameError("a LazyModel is on the meta device until its layers are read: it is evaluated "
+                              "layer-wise only (layerwise=True or None)")
+        if not isinstance(dataset, TokenWindows) and dataset.partition("?")[0].partition(":")[0] == "generated":
+            raise QFrameError("dataset 'generated' is text the whole model writes, which a LazyModel cannot; "
+                              "evaluate it on a text dataset (text:FILE) or on TokenWindows")
+        model = lazy.model
+        inside = lazy.layers_path + "."
+        if any(t.is_meta for name, t in [*model.named_parameters(), *model.named_buffers()] if not name.startswith(inside)):
+            lazy.load_rest()  # what lies outside the decoder layers stays loaded; the layers come one at a time
+    chosen = pick_device(device)
     if isinstance(dataset, TokenWindows):
         windows = dataset
     else:
         if tokenizer is None:
             raise QFrameError("evaluate needs a tokenizer to read a dataset spec")
-        context = DataContext(tokenizer, model, samples=samples or 16, seq_len=seq_len, device=str(pick_device(device)))
+        context = DataContext(tokenizer, model, samples=samples or 16, seq_len=seq_len, device=str(chosen))
         windows = evaluation_windows(dataset, context, registry, samples)
-    result = perplexity(model, windows, pick_device(device), batch_size)
+    if layerwise is None:
+        layerwise = lazy is not None or should_evaluate_layerwise(model, chosen)
+    if layerwise:
+        loaders = dict(load_layer=lazy.load_layer, free_layer=lazy.free_layer) if lazy is not None else {}
+        result = perplexity_layerwise(model, find_architecture(model, registry), windows, chosen, batch_size, **loaders)
+    else:
+        result = perplexity(model, windows, chosen, batch_size)
     return EvalResult(**{**result.__dict__, "layers": layers})
 
 
@@ -310,9 +358,20 @@ def export_subdirectory(backend: str, registry: Registry | None = None) -> str:
     return getattr(record.factory, "subdirectory", None) or record.name
 
 
-def _export_checked(exporter: Any, qmodel: QuantizedModel, directory: Path) -> None:
-    """Export into ``directory``, validate what was written, and seal it as qframe's."""
-    exporter.export(qmodel, directory)
+def _export_checked(exporter: Any, qmodel: QuantizedModel | None, directory: Path, *, native: Path | None = None,
+                    registry: Registry | None = None) -> None:
+    """Export ``qmodel`` (or the native checkpoint in ``native``, read a part at a time where the
+    backend streams) into ``directory``, validate what was written, and seal it as qframe's."""
+    if native is not None:
+        if hasattr(exporter, "begin"):
+            from .checkpoint import NativeParts
+
+            parts = NativeParts(native, registry or default_registry())
+            write_in_parts(exporter, parts.qmodel.describe(), directory, loader=parts, tokenizer=parts.qmodel.tokenizer)
+        else:  # a backend that writes from a model in memory
+            exporter.export(load_native(native, registry or default_registry()), directory)
+    else:
+        exporter.export(qmodel, directory)
     validate = getattr(exporter, "validate", None)
     problems = validate(directory) if validate else []
     if problems:
@@ -350,8 +409,21 @@ def apply(
     dry_run: bool = False,
     registry: Registry | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    resume: bool = False,
 ) -> ApplyResult:
-    """Run a recipe end to end: load, calibrate, quantize, write ``output`` (what ``qframe apply`` does)."""
+    """Run a recipe end to end: load, calibrate, quantize, write ``output`` (what ``qframe apply`` does).
+
+    A local model is streamed (:mod:`qframe.run`): read a decoder layer at a time, each layer
+    written as it is finished, so memory holds one layer whatever the depth. A run that dies
+    leaves its finished layers in the hidden partial directory; ``resume=True`` continues
+    from there (refused, naming it, when the recipe, model, data or device differ).
+
+    Example::
+
+        >>> qframe.apply("recipes/rtn_w4a16.toml", model="models/llama", output="out/llama")  # doctest: +SKIP
+    """
+    from .run import RECORD, Fingerprint, LayerWriter, model_hash, read_record, recipe_hash
+
     registry = registry or default_registry()
     parsed = load_recipe(recipe, overrides)
     plan = resolve(parsed, registry)
@@ -366,20 +438,63 @@ def apply(
     exporter = make_exporter(plan.backend, parsed.export.options, registry=registry) \
         if plan.backend.name != "qframe" else None
     reads = [source.location] if source.kind != "hub" else []
-    with writing(target, protect=reads) as tmp:
-        loaded = load_model(source, parsed.model.dtype, nonfinite=parsed.model.nonfinite)
+    with writing(target, protect=reads, record=RECORD, resume=resume) as tmp:
+        opened = open_model(source, parsed.model.dtype, nonfinite=parsed.model.nonfinite, registry=registry)
+        model_in, loader = opened.model, opened.loader
         load_s = time.perf_counter() - started
         faults.reach("load")
-        qmodel = quantize(loaded.model, parsed, tokenizer=loaded.tokenizer, device=chosen, registry=registry,
-                          progress=_reporting(progress))
-        qmodel.manifest["model"] = {"spec": source.spec, "kind": source.kind, "location": source.location}
-        qmodel.manifest["timings"].update(load_s=round(load_s, 3), total_s=round(time.perf_counter() - started, 3))
-        save_native(qmodel, tmp)
+        checked = check_plan(model_in, plan, registry)
+        windows = _calibration_windows(parsed, plan, opened, chosen, registry)
+        qmodel = QuantizedModel(model_in, opened.tokenizer, {}, registry=registry)
+        fingerprint = Fingerprint(recipe_hash(parsed.to_dict()), model_hash(source),
+                                  windows.sha256 if windows is not None else None, str(chosen))
+        writer = LayerWriter(tmp, qmodel, checked.arch, fingerprint)
+        record = read_record(tmp)
+        resumed = writer.resume(record, next(model_in.parameters()).dtype) if record else None
+        if record is None or not record["native"]:
+            quantize_started = time.perf_counter()
+            layers = run_pipeline(model_in, plan, registry, windows.ids if windows is not None else None, chosen,
+                                  _reporting(progress), checked=checked, loader=loader, sink=writer, resumed=resumed)
+            qmodel.manifest = _manifest(parsed, plan, chosen, windows, layers, time.perf_counter() - quantize_started)
+            qmodel.manifest["coverage"] = _coverage(model_in, checked.arch, plan)
+            qmodel.manifest["model"] = {"spec": source.spec, "kind": source.kind, "location": source.location}
+            qmodel.manifest["timings"].update(load_s=round(load_s, 3), total_s=round(time.perf_counter() - started, 3))
+            for part in ("first", "last"):  # after the layers: a tied head needs nothing from them
+                with loaded(loader, part):
+                    write_native_part(qmodel, writer.spool, part, checked.arch)
+            writer.discard_inputs()
+            finish_native(qmodel, tmp, writer.spool)
+            writer.state["native"] = True
+            writer.save()
         if exporter is not None:
-            _export_checked(exporter, qmodel, tmp / export_subdirectory(plan.backend.name, registry))
+            sub = tmp / export_subdirectory(plan.backend.name, registry)
+            shutil.rmtree(sub, ignore_errors=True)  # what a killed run began to export: written by qframe, here
+            _export_checked(exporter, None, sub, native=tmp, registry=registry)
+        qmodel = load_native(tmp, registry) if loader is None else NativeParts(tmp, registry).qmodel
+        shutil.rmtree(tmp / SPOOL, ignore_errors=True)
     if exporter is not None:
         _build(exporter, target / export_subdirectory(plan.backend.name, registry))
+    qmodel.directory = target
     return ApplyResult(target, qmodel, plan)
+
+
+def _calibration_windows(recipe: Recipe, plan: Plan, opened: Any, device: torch.device,
+                         registry: Registry) -> TokenWindows | None:
+    """The recipe's calibration windows (None when it needs none). A dataset that runs the model
+    (``generated``) gets it whole for that while: a streamed model is loaded, then freed."""
+    if not plan.needs_calibration_data:
+        return None
+    c = recipe.calibration
+    needs_model = getattr(registry.get("dataset", parse_spec(c.dataset, registry).source), "needs_model", False)
+    whole = needs_model and opened.loader is not None
+    if whole:
+        opened.loader.load_all()
+    try:
+        context = DataContext(opened.tokenizer, opened.model, c.seed, c.samples, c.seq_len, str(device))
+        return calibration_windows(c.dataset, context, registry)
+    finally:
+        if whole:
+            opened.loader.free_all()
 
 
 def load_quantized(directory: str | os.PathLike, *, registry: Registry | None = None) -> QuantizedModel:

@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ from .kvcache import KVCacheQuant, attach, cache_quantizers
 from .kvcache import check_args as check_cache_args
 from .qlinear import QuantLinear
 from .output import strict_dumps
+from .parts import SPOOL, Part, model_parts, part_label, part_of, tied_names, to_meta
+from .spool import Spool
 from .quantized import QuantizedModel
 from .scheme import QuantArgs
 
@@ -56,6 +59,7 @@ FORMAT = "qframe.native"
 FORMAT_VERSION = 1
 MANIFEST = "qframe.json"
 WEIGHTS = "model.safetensors"
+STREAM = "native"  # the spool stream model.safetensors is assembled from
 
 
 def _module_entry(module: QuantLinear) -> dict[str, Any]:
@@ -79,40 +83,89 @@ def _experts_entry(module: QuantExperts) -> dict[str, Any]:
     }
 
 
-def native_state(qmodel: QuantizedModel) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors to save (codes packed) and the tied names left out (alias -> kept name)."""
-    modules = qmodel.quantized_modules()
-    experts = quantized_experts(qmodel.model)
+def native_tensors(model: torch.nn.Module, arch: Any, part: Part) -> dict[str, torch.Tensor]:
+    """The tensors of ``part`` of a (quantized) model to save, codes packed; tied aliases left
+    out (:func:`qframe.parts.tied_names`). Only ``part`` needs to be loaded.
+
+    Example::
+
+        >>> from qframe.testing import make_registry, tiny_llama_model
+        >>> model = tiny_llama_model()
+        >>> sorted(native_tensors(model, find_architecture(model, make_registry()), "last"))
+        ['lm_head.weight', 'model.norm.weight']
+    """
+    tied = tied_names(model)
+    if isinstance(part, int):
+        prefix = f"{arch.layers_path}.{part}"
+        root = model.get_submodule(prefix)
+        modules = {f"{prefix}.{n}" if n else prefix: m for n, m in root.named_modules()}
+        state = root.state_dict(prefix=prefix + ".", keep_vars=True)
+    else:
+        modules = dict(model.named_modules())
+        state = {n: t for n, t in model.state_dict(keep_vars=True).items() if part_of(n, arch) == part}
     tensors: dict[str, torch.Tensor] = {}
-    tied: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for name, tensor in qmodel.model.state_dict().items():
+    for name, tensor in state.items():
+        if name in tied:
+            continue
         owner, _, leaf = name.rpartition(".")
-        if leaf == "weight_codes" and owner in modules:
-            args = modules[owner].weight_args
-            tensors[f"{owner}.weight_packed"] = args.number_format.pack(tensor).contiguous().cpu()
+        module = modules.get(owner)
+        if leaf == "weight_codes" and isinstance(module, QuantLinear):
+            tensors[f"{owner}.weight_packed"] = module.weight_args.number_format.pack(tensor.detach()).contiguous().cpu()
             continue
-        if leaf.endswith("_codes") and owner in experts and leaf[:-len("_codes")] in experts[owner].expert_layouts:
-            fmt = experts[owner].weight_args.number_format
-            tensors[f"{owner}.{leaf[:-len('_codes')]}_packed"] = fmt.pack(tensor).contiguous().cpu()
+        if (leaf.endswith("_codes") and isinstance(module, QuantExperts)
+                and leaf[:-len("_codes")] in module.expert_layouts):
+            packed = module.weight_args.number_format.pack(tensor.detach())
+            tensors[f"{owner}.{leaf[:-len('_codes')]}_packed"] = packed.contiguous().cpu()
             continue
-        # Tied means the very same view (e.g. lm_head.weight is embed_tokens.weight); mere
-        # slices of one storage, as in fused projections, are saved separately.
-        view = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
-        if view in seen and tensor.numel():
-            tied[name] = seen[view]
-            continue
-        seen[view] = name
         tensors[name] = tensor.detach().contiguous().cpu()
-    return tensors, tied
+    return tensors
+
+
+def _arch(qmodel: QuantizedModel) -> Any:
+    from .plugins import default_registry
+
+    return find_architecture(qmodel.model, qmodel.registry or default_registry())
+
+
+def write_native_part(qmodel: QuantizedModel, spool: Spool, part: Part, arch: Any = None) -> None:
+    """Spool ``part`` of the native checkpoint (see :func:`finish_native`)."""
+    spool.put(STREAM, part_label(part), native_tensors(qmodel.model, arch or _arch(qmodel), part))
 
 
 def save_native(qmodel: QuantizedModel, directory: str | Path) -> Path:
-    """Write the checkpoint and manifest into ``directory`` (created if missing)."""
+    """Write the checkpoint and manifest into ``directory`` (created if missing), a part at a
+    time (:mod:`qframe.parts`): what a model streamed layer by layer writes, byte for byte."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors, tied = native_state(qmodel)
-    save_file(tensors, str(directory / WEIGHTS), metadata={"format": FORMAT})
+    spool = Spool(directory / SPOOL)
+    arch = _arch(qmodel)
+    for part in model_parts(len(arch.decoder_layers(qmodel.model))):
+        write_native_part(qmodel, spool, part, arch)
+    return finish_native(qmodel, directory, spool)
+
+
+def manifest_entries(model: torch.nn.Module, prefix: str = "") -> dict[str, dict[str, Any]]:
+    """The manifest's ``modules``, ``experts`` and ``kv_cache`` tables for the quantized modules
+    of ``model`` whose names start with ``prefix``, read off their structure (meta is fine)."""
+    def mine(items: dict) -> dict:
+        return {n: m for n, m in items.items() if n.startswith(prefix)}
+
+    return {
+        "modules": {n: _module_entry(m) for n, m in mine({n: m for n, m in model.named_modules()
+                                                          if isinstance(m, QuantLinear)}).items()},
+        "experts": {n: _experts_entry(m) for n, m in mine(quantized_experts(model)).items()},
+        "kv_cache": {n: {"args": c.args.to_dict(), "shared": c.shared} for n, c in mine(cache_quantizers(model)).items()},
+    }
+
+
+def finish_native(qmodel: QuantizedModel, directory: Path, spool: Spool) -> Path:
+    """Assemble ``model.safetensors`` from the spooled parts, write the config, tokenizer and
+    manifest, and remove the spool."""
+    directory = Path(directory)
+    spool.assemble(STREAM, directory / WEIGHTS, {"format": FORMAT})
+    spool.discard(STREAM)
+    with contextlib.suppress(OSError):
+        spool.directory.rmdir()
     faults.reach("write")
     qmodel.model.config.save_pretrained(directory)
     if qmodel.tokenizer is not None:
@@ -122,10 +175,8 @@ def save_native(qmodel: QuantizedModel, directory: str | Path) -> Path:
         format=FORMAT,
         format_version=FORMAT_VERSION,
         dtype=str(next(qmodel.model.parameters()).dtype).removeprefix("torch."),
-        tied=tied,
-        modules={n: _module_entry(m) for n, m in qmodel.quantized_modules().items()},
-        experts={n: _experts_entry(m) for n, m in quantized_experts(qmodel.model).items()},
-        kv_cache={n: {"args": c.args.to_dict(), "shared": c.shared} for n, c in cache_quantizers(qmodel.model).items()},
+        tied=tied_names(qmodel.model),
+        **manifest_entries(qmodel.model),
     )
     (directory / MANIFEST).write_text(strict_dumps(manifest, f"the manifest of {directory}", indent=2, default=str) + "\n")
     qmodel.manifest = manifest
@@ -396,6 +447,8 @@ def _install(model: torch.nn.Module, name: str, entry: dict[str, Any], args: dic
         raise ModelError(f"{weights_file.parent / MANIFEST}: modules[{name!r}]: {_short(exc)}") from None
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, module)
+    if tensors is None:  # the structure only (a model on meta, loaded a part at a time)
+        return
     packed = tensors.pop(f"{name}.weight_packed", None)
     if weights is None:
         return
@@ -445,7 +498,15 @@ def _install_experts(model: torch.nn.Module, name: str, entry: dict[str, Any],
         QuantExperts.convert(module, args, activations, layouts)
     except (ValueError, QFrameError) as exc:
         raise ModelError(f"{where}: {_short(exc)}") from None
-    for weight, matrix in mine.items():
+    if tensors is not None:
+        unpack_experts(name, module, tensors, weights_file)
+
+
+def unpack_experts(name: str, module: QuantExperts, tensors: dict[str, torch.Tensor], weights_file: Path) -> None:
+    """Replace ``name``'s packed expert codes in ``tensors`` by the unpacked ones ``module`` holds."""
+    args = module.weight_args
+    for weight, (experts, out, inp) in module.expert_weights_of().items():
+        matrix = {"out": out, "in": inp}
         packed = tensors.pop(f"{name}.{weight}_packed", None)
         if packed is None or packed.dtype != torch.uint8:
             raise ModelError(f"{weights_file}: {name}.{weight}_packed is missing or not uint8 packed codes; "
@@ -475,3 +536,139 @@ def _install_cache(model: torch.nn.Module, name: str, args: QuantArgs, shared: b
         attach(attention, KVCacheQuant(args, shared))
     except ModelError as exc:
         raise ModelError(f"{weights_file.parent / MANIFEST}: kv_cache[{name!r}]: {exc}") from None
+
+
+# -- a native checkpoint a part at a time ------------------------------------------------------------
+
+def install_structure(model: torch.nn.Module, manifest: dict[str, Any], where: Path, prefix: str = "") -> None:
+    """Turn the modules the manifest's tables describe (those whose names start with ``prefix``)
+    into the quantized modules they were saved as, on the meta device: the structure, without
+    values (parts are loaded later). ``where`` is the manifest file, for messages."""
+    dtype = getattr(torch, manifest["dtype"])
+    module_args = _module_args(manifest, where)
+    with torch.device("meta"):
+        for name, entry in manifest["modules"].items():
+            if name.startswith(prefix):
+                _install(model, name, entry, module_args[name], None, dtype, where.parent / WEIGHTS)
+        for name, args in _experts_args(manifest, where).items():
+            if name.startswith(prefix):
+                _install_experts(model, name, manifest["experts"][name], args, None, where.parent / WEIGHTS)
+        for name, (args, shared) in _cache_args(manifest, where).items():
+            if name.startswith(prefix):
+                _install_cache(model, name, args, shared, where.parent / WEIGHTS)
+
+
+class NativeParts:
+    """A native checkpoint opened lazily: :attr:`qmodel` is the quantized model with every tensor
+    on the meta device; :meth:`load_part` reads one part (``"first"``, a decoder layer's index,
+    ``"last"``; :mod:`qframe.parts`) from ``model.safetensors`` (memory-mapped), codes unpacked,
+    and :meth:`free_part` releases it. What ``qframe export DIR`` and ``qframe eval DIR`` stream.
+
+    Example::
+
+        >>> parts = NativeParts("out/w4a16", registry)     # doctest: +SKIP
+        >>> parts.load_part(0); parts.layer(0)             # doctest: +SKIP
+    """
+
+    def __init__(self, directory: str | Path, registry: Any) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        self.directory = Path(directory)
+        manifest = read_manifest(self.directory)
+        self.weights_file = self.directory / WEIGHTS
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(self.weights_file), "pt") as handle:
+                self._keys = list(handle.keys())
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise ModelError(f"{self.weights_file}: not a readable safetensors file ({_short(exc)})") from None
+        dtype = getattr(torch, manifest["dtype"])
+        try:
+            config = AutoConfig.from_pretrained(self.directory)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except Exception as exc:  # transformers raises many types for a bad config
+            raise ModelError(f"{self.directory / 'config.json'}: not a usable model config ({_short(exc)})") from None
+        self.arch = find_architecture(model, registry)
+        self.arch.prepare(model)
+        install_structure(model, manifest, self.directory / MANIFEST)
+        model.eval()
+        model.config.use_cache = False
+        self.tied: dict[str, str] = dict(manifest["tied"])
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.directory) \
+                if (self.directory / "tokenizer_config.json").is_file() else None
+        except Exception as exc:
+            raise ModelError(f"{self.directory}: cannot load its tokenizer ({_short(exc)})") from None
+        self.qmodel = QuantizedModel(model, tokenizer, manifest, directory=self.directory, registry=registry)
+        self.num_layers = len(self.arch.decoder_layers(model))
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.qmodel.model
+
+    def layer(self, index: int) -> torch.nn.Module:
+        return self.arch.decoder_layers(self.model)[index]
+
+    def _modules(self, part: Part) -> list[tuple[str, torch.nn.Module]]:
+        return [(n, m) for n, m in self.model.named_modules() if n and part_of(n, self.arch) == part]
+
+    def load_part(self, part: Part) -> None:
+        """Read ``part``'s tensors into the model (for ``"last"``, with what its tied tensors are
+        saved as), unpack codes, recompute dequantized weights and computed buffers."""
+        from safetensors import safe_open
+
+        wanted = {k for k in self._keys if part_of(k, self.arch) == part}
+        wanted |= {kept for alias, kept in self.tied.items() if part_of(alias, self.arch) == part}
+        with safe_open(str(self.weights_file), "pt") as handle:
+            tensors = {k: handle.get_tensor(k) for k in sorted(wanted)}
+        modules = dict(self._modules(part))
+        for name, module in modules.items():
+            if isinstance(module, QuantLinear) and module.weight_args is not None:
+                packed = tensors.pop(f"{name}.weight_packed", None)
+                if packed is None:
+                    raise ModelError(f"{self.weights_file}: missing {name}.weight_packed")
+                tensors[f"{name}.weight_codes"] = module.weight_args.number_format.unpack(packed, module.in_features)
+            elif isinstance(module, QuantExperts):
+                unpack_experts(name, module, tensors, self.weights_file)
+        expected = {n for n, t in self.model.state_dict(keep_vars=True).items()
+                    if part_of(n, self.arch) == part and n not in self.tied}
+        missing = sorted(expected - set(tensors))
+        if missing:
+            raise ModelError(f"{self.weights_file} lacks {listed(missing)}; the output is damaged (write it again "
+                             "with qframe apply)")
+        self.model.load_state_dict(tensors, strict=False, assign=True)
+        for alias, kept in self.tied.items():  # assign gave the kept name a tensor of its own
+            owner, _, leaf = alias.rpartition(".")
+            setattr(self.model.get_submodule(owner), leaf, self.model.get_parameter(kept))
+        for name, module in modules.items():
+            if isinstance(module, (QuantLinear, QuantExperts)):
+                module.refresh()
+            if any(b is not None and b.is_meta for b in module._buffers.values()):
+                _compute_buffers(self.model, module)
+
+    def free_part(self, part: Part) -> None:
+        """Send ``part`` back to the meta device."""
+        if isinstance(part, int):
+            to_meta(self.layer(part))
+        else:
+            to_meta(self.model, skip=self.arch.layers_path)
+
+    def load_layer(self, index: int) -> torch.nn.Module:
+        self.load_part(index)
+        return self.layer(index)
+
+    def free_layer(self, index: int) -> None:
+        self.free_part(index)
+
+
+def _compute_buffers(model: torch.nn.Module, module: torch.nn.Module) -> None:
+    """Give ``module``'s meta buffers (rotary ``inv_freq``: computed, never saved) storage and
+    compute them as transformers does when it loads a model (its ``_init_weights``)."""
+    for name, buffer in list(module._buffers.items()):
+        if buffer is not None and buffer.is_meta:
+            module._buffers[name] = torch.empty_like(buffer, device="cpu")
+    init = getattr(model, "_init_weights", None)
+    if init is not None:
+        init(module)

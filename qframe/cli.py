@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a recipe key, e.g. stage.0.weights.group_size=64")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when present)")
     p.add_argument("--dry-run", action="store_true", help="validate and show the plan; load nothing")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run into the same --output from its first unfinished layer")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
     p = sub.add_parser("eval", help="perplexity of a model or a qframe output directory")
@@ -43,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device")
+    p.add_argument("--layerwise", action="store_true",
+                   help="one decoder layer at a time on the device: the same perplexity, for models larger than it "
+                        "(default: when the model would take more than half the CUDA device's free memory)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("export", help="re-export a qframe output directory with another backend")
@@ -88,7 +93,7 @@ def cmd_apply(args) -> int:
 
     with _layer_progress() as progress:
         result = api.apply(args.recipe, model=args.model, output=args.output, overrides=args.overrides,
-                           device=args.device, dry_run=args.dry_run, progress=progress)
+                           device=args.device, dry_run=args.dry_run, progress=progress, resume=args.resume)
     recipe = result.plan.recipe
     if args.dry_run:
         summary = {"dry_run": True, "recipe": recipe.to_dict(),
@@ -155,7 +160,8 @@ def cmd_eval(args) -> int:
     context = DataContext(tokenizer, base.model if base else qmodel.model,
                           samples=args.samples or 16, seq_len=args.seq_len, device=str(api.pick_device(args.device)))
     windows = evaluation_windows(args.dataset, context, default_registry(), args.samples)
-    common = dict(device=args.device, batch_size=args.batch_size)
+    # --layerwise forces it; without it evaluate() decides (never on the CPU, where the model already is).
+    common = dict(device=args.device, batch_size=args.batch_size, layerwise=True if args.layerwise else None)
     report: dict = {}
     if qmodel is not None:
         report.update(api.evaluate(qmodel, windows, **common).to_dict())

@@ -3,8 +3,10 @@
 Setting ``QFRAME_PAUSE_AT=NAME`` makes a qframe process that reaches the moment ``NAME`` print
 ``qframe: paused at NAME`` on stderr and wait there until it gets SIGUSR1 (or ten minutes
 pass), so that a test can send it SIGKILL or SIGTERM at exactly that point, or let it go on. Unset, :func:`reach` costs one
-dictionary look-up. The moments: ``load`` (the model is loaded), ``calibrate`` (the first
-decoder layer is quantized), ``write`` (the checkpoint is half written), ``rename`` (the output
+dictionary look-up. The moments: ``load`` (the model is loaded), ``layer`` (a decoder layer is
+quantized, not yet written; every layer), ``calibrate`` (the first decoder layer is quantized
+and written), ``write`` (the native checkpoint is half written), ``export`` (an export backend
+has written its first part), ``rename`` (the output
 is complete, just before it is put in place), ``between-renames`` (only where the file system
 cannot exchange two directories atomically), ``after-rename`` (in place, the old output not
 yet removed).

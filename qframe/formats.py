@@ -218,9 +218,13 @@ def _pack_bits(u: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-u.shape[-1]) % per_byte
     if pad:
         u = torch.nn.functional.pad(u, (0, pad))
-    u = u.reshape(*u.shape[:-1], -1, per_byte).to(torch.int32)
-    shifts = torch.arange(per_byte, device=u.device, dtype=torch.int32) * bits
-    return (u << shifts).sum(dim=-1).to(torch.uint8)
+    u = u.reshape(*u.shape[:-1], -1, per_byte)
+    # OR-ed a code at a time in uint8: no widened copy of the whole weight (a 58M-weight linear
+    # would take 700 MB of int32/int64 temporaries); codes are below 2**bits, so nothing overflows.
+    packed = u[..., 0].clone()
+    for k in range(1, per_byte):
+        packed |= u[..., k] << (k * bits)
+    return packed
 
 
 def _unpack_bits(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:

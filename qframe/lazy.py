@@ -3,19 +3,22 @@ checkpoint a part at a time, so that a model larger than memory can be quantized
 decoder layer after another.
 
 :class:`LazyModel` opens a local Hugging Face folder (``model.safetensors``, or shards
-listed in ``model.safetensors.index.json``). Its :attr:`~LazyModel.model` starts with every
+listed in ``model.safetensors.index.json``) or a ``.gguf`` file. Its :attr:`~LazyModel.model` starts with every
 tensor on the meta device, in the dtype asked for; :meth:`~LazyModel.load_rest` reads what
 lies outside the decoder layers (embeddings, final norm, head, computed buffers such as
 rotary tables), :meth:`~LazyModel.load_layer` reads one decoder layer, and
 :meth:`~LazyModel.free_layer` sends it back to meta. The shards are memory-mapped and
-opened afresh for every load, so nothing stays resident between loads.
+opened afresh for every load, so nothing stays resident between loads. A GGUF file is read
+the same way, and only the tensors of the part being loaded are dequantized.
 
 Loading goes through transformers' own machinery, so the result is bit for bit what
 ``from_pretrained`` gives, renamings included: a legacy Mixtral checkpoint's per-expert
 ``block_sparse_moe.experts.N.w1`` tensors become the fused expert weights transformers 5
-builds. As in :func:`qframe.model.load_model`, a weight missing from the files, one of another
-shape, or a tensor the model has no place for is a :class:`~qframe.errors.ModelError`; here it
-names the layer being loaded.
+builds; a GGUF tensor goes through transformers' GGUF reader (names, the Llama q/k row order,
+fused experts) exactly as ``from_pretrained(folder, gguf_file=name)`` sends it. As in
+:func:`qframe.model.load_model`, a weight missing from the files, one of another shape, or a
+tensor the model has no place for is a :class:`~qframe.errors.ModelError`; here it names the
+layer being loaded.
 
 Example::
 
@@ -31,15 +34,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from torch import nn
 
 from .errors import ModelError, shorten
-from .model import DTYPES, listed, quiet_transformers
+from .model import DTYPES, gguf_name_map_once, listed, quiet_transformers
 
 __all__ = ["LazyModel"]
 
@@ -115,6 +119,67 @@ class _HfLoader:
         self.model._init_weights(module)
 
 
+# transformers 5.24 reads a .gguf in one of two ways. Architectures its GGUF quantizer covers
+# (integrations/gguf: qwen35, qwen35moe, lfm2) are converted while they load; every other one goes
+# through the legacy reader of modeling_gguf_pytorch_utils.load_gguf_checkpoint: the config as parsed
+# from the metadata, gguf's name map (get_gguf_hf_weights_map), gguf.dequantize, the architecture's
+# TENSOR_PROCESSORS entry (Llama's q/k rows back in Hugging Face order, experts fused), a cast to the
+# load dtype, then the ordinary loading above. LazyModel follows the legacy reader, a layer at a time.
+
+def _gguf_quantizer_path(architecture: str) -> bool:
+    """Whether from_pretrained loads this GGUF architecture through its GGUF quantizer rather
+    than through the legacy reader that :class:`_GgufFile` follows."""
+    try:
+        from transformers.integrations.gguf import is_gguf_arch_supported
+    except ImportError:  # transformers before the quantizer path: everything is legacy
+        return False
+    return bool(is_gguf_arch_supported(architecture))
+
+
+def _gguf_parsed_config(file: Path) -> dict[str, Any]:
+    """The config as the legacy reader parses it from the metadata, before a config class fills
+    in defaults: this dict, not ``config.to_dict()``, is what the tensor processors read (Llama
+    leaves q/k alone when the file names no key/value head count)."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    return load_gguf_checkpoint(str(file), return_tensors=False)["config"]
+
+
+def _gguf_processor(architecture: str, parsed_config: dict[str, Any]) -> Any:
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    return TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed_config)
+
+
+def _gguf_name_map(model: nn.Module, processor: Any) -> dict[str, str]:
+    """GGUF tensor name → the model's parameter name (gguf's map built once, not once per module)."""
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    with gguf_name_map_once():
+        return get_gguf_hf_weights_map(model, processor)
+
+
+@contextlib.contextmanager
+def _one_gguf_reader(file: Path) -> Iterator[Any]:
+    """``gguf.GGUFReader(file)``, built once and handed to whoever opens ``file`` within the block:
+    the reader parses every metadata value (SmolLM2's 49152 tokenizer strings: 2.3 s), and
+    transformers would build it again for the config and for the parsed config."""
+    import gguf
+
+    original = gguf.GGUFReader
+    reader = original(str(file))
+    wanted = os.path.realpath(file)
+
+    def shared(path: Any, mode: str = "r") -> Any:
+        return reader if mode == "r" and os.path.realpath(path) == wanted else original(path, mode)
+
+    gguf.GGUFReader = shared  # load_gguf_checkpoint imports it from gguf at each call
+    try:
+        yield reader
+    finally:
+        gguf.GGUFReader = original
+
+
 # -- checkpoint files ---------------------------------------------------------------------------
 
 def _weight_map(directory: Path) -> dict[str, str]:
@@ -161,7 +226,8 @@ def _checkpoint_dtype(directory: Path, weight_map: dict[str, str]) -> torch.dtyp
     return torch.float32
 
 
-def _resolve_dtype(dtype: str, config: Any, directory: Path, weight_map: dict[str, str]) -> torch.dtype:
+def _resolve_dtype(dtype: str, config: Any, unconfigured: Callable[[], torch.dtype]) -> torch.dtype:
+    """``dtype`` as a torch dtype; ``"auto"`` is the config's, else ``unconfigured()``."""
     if dtype != "auto":
         if dtype not in DTYPES:
             raise ModelError(f"dtype {shorten(dtype)} is not one of auto, {', '.join(DTYPES)}")
@@ -171,7 +237,7 @@ def _resolve_dtype(dtype: str, config: Any, directory: Path, weight_map: dict[st
         configured = getattr(torch, configured, None)
     if isinstance(configured, torch.dtype):
         return configured
-    return _checkpoint_dtype(directory, weight_map)
+    return unconfigured()
 
 
 def _has_meta_buffers(module: nn.Module) -> bool:
@@ -188,18 +254,106 @@ def _find_layers_path(model: nn.Module, count: int | None) -> str:
     return found[0]
 
 
+# -- GGUF files ---------------------------------------------------------------------------------
+
+class _GgufTensor(NamedTuple):
+    """Where one tensor lies in a GGUF file and how gguf's reader views it (the array that
+    ``gguf.dequantize`` takes); what is kept of the reader, which is slow to build."""
+
+    ggml_type: Any  # gguf.GGMLQuantizationType
+    offset: int  # from the start of the file
+    nbytes: int
+    dtype: Any  # numpy dtype, byte order included
+    shape: tuple[int, ...]
+
+
+class _GgufFile:
+    """A GGUF file read as transformers' legacy reader reads it, a few tensors at a time."""
+
+    def __init__(self, file: Path) -> None:
+        from transformers import AutoConfig
+
+        if not file.is_file():
+            raise ModelError(f"model file {str(file)!r} does not exist")
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise ModelError(f"reading {str(file)!r} needs the gguf package (pip install gguf)") from None
+        self.file = file
+        with contextlib.ExitStack() as stack:
+            try:
+                reader = stack.enter_context(_one_gguf_reader(file))
+                field = reader.get_field("general.architecture")
+                self.architecture = str(field.contents()) if field is not None else None
+                self.tensors = {t.name: _GgufTensor(t.tensor_type, int(t.data_offset), int(t.data.nbytes),
+                                                    t.data.dtype, tuple(t.data.shape)) for t in reader.tensors}
+            except Exception as exc:
+                raise ModelError(f"cannot read the GGUF file {str(file)!r} ({type(exc).__name__}: "
+                                 f"{_first_line(exc)}); it is damaged or incomplete: download it again") from None
+            if self.architecture is None:
+                raise ModelError(f"GGUF file {str(file)!r} names no general.architecture; it is damaged")
+            if _gguf_quantizer_path(self.architecture):
+                raise ModelError(f"GGUF file {str(file)!r}: transformers loads architecture "
+                                 f"{self.architecture!r} through its GGUF quantizer, which lazy loading does not "
+                                 "follow; load the whole model instead")
+            try:
+                with quiet_transformers():
+                    self.config = AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name)
+                    self._parsed_config = _gguf_parsed_config(file)
+            except Exception as exc:
+                raise ModelError(f"cannot read the config of model {str(file)!r}: {type(exc).__name__}: "
+                                 f"{_first_line(exc)}") from None
+        self._processor: Any = None
+        self.name_map: dict[str, str] = {}
+        self.dtype = torch.float32
+
+    def bind(self, model: nn.Module, dtype: torch.dtype) -> None:
+        """Name the file's tensors after ``model``'s parameters; tensors are cast to ``dtype``
+        right after they are dequantized, as transformers casts them."""
+        self._processor = _gguf_processor(self.architecture, self._parsed_config)
+        self.name_map = _gguf_name_map(model, self._processor)
+        self.dtype = dtype
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The model's tensors made from the GGUF tensors ``names``, all those of one part of the
+        model (a processor fuses the experts of a layer into one tensor). The file is mapped for
+        this call only: none of its pages stay mapped, and a file cut short since is an error
+        rather than a crash."""
+        import gguf
+        import numpy as np
+
+        mapped = np.memmap(self.file, mode="r")
+        parsed: dict[str, dict[str, Any]] = {"tensors": {}}  # what the processors add to
+        for name in names:
+            entry = self.tensors[name]
+            view = mapped[entry.offset:entry.offset + entry.nbytes].view(entry.dtype).reshape(entry.shape)
+            result = self._processor.process(weights=gguf.dequantize(view, entry.ggml_type), name=name,
+                                             tensor_key_mapping=self.name_map, parsed_parameters=parsed)
+            if result.name in self.name_map:  # else kept by the processor itself, or no weight of the model
+                # A copy: a float32 tensor is dequantized to a view of the mapping.
+                tensor = torch.from_numpy(np.copy(result.weights)).to(self.dtype)
+                parsed["tensors"][self.name_map[result.name]] = tensor
+        return parsed["tensors"]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 # -- the lazy model -----------------------------------------------------------------------------
 
 class LazyModel:
-    """A causal LM from a local safetensors folder, on the meta device until its parts are
-    loaded: :meth:`load_rest` for everything outside the decoder layers, :meth:`load_layer`
-    and :meth:`free_layer` for one decoder layer at a time.
+    """A causal LM from a local safetensors folder or ``.gguf`` file, on the meta device until
+    its parts are loaded: :meth:`load_rest` for everything outside the decoder layers,
+    :meth:`load_layer` and :meth:`free_layer` for one decoder layer at a time.
 
-    ``dtype`` is ``"auto"`` (the config's ``dtype``, else the checkpoint's), ``"float32"``,
-    ``"bfloat16"`` or ``"float16"``. ``layers_path`` is where the decoder layers are
-    (``"model.layers"`` for Llama-like models); by default the one module list as long as the
-    config's ``num_hidden_layers``. A folder without config or weights, or whose weights
-    cannot all be placed in the model, raises :class:`~qframe.errors.ModelError`.
+    ``dtype`` is ``"auto"`` (the config's ``dtype``, else the checkpoint's; float32 for a GGUF,
+    as ``from_pretrained`` picks), ``"float32"``, ``"bfloat16"`` or ``"float16"``. ``layers_path``
+    is where the decoder layers are (``"model.layers"`` for Llama-like models); by default the
+    one module list as long as the config's ``num_hidden_layers``. A folder without config or
+    weights, a damaged GGUF file, or weights that cannot all be placed in the model raise
+    :class:`~qframe.errors.ModelError`.
 
     Example::
 
@@ -213,44 +367,64 @@ class LazyModel:
         torch.float32
         >>> lazy.free_layer(1); lazy.layer(1).self_attn.q_proj.weight.is_meta
         True
+        >>> gguf = LazyModel("SmolLM2-135M-Instruct.Q4_1.gguf")   # doctest: +SKIP
+        >>> gguf.dtype, gguf.load_layer(0).mlp.up_proj.weight.shape  # doctest: +SKIP
+        (torch.float32, torch.Size([1536, 576]))
     """
 
     def __init__(self, path: str | Path, dtype: str = "auto", *, layers_path: str | None = None) -> None:
         from transformers import AutoConfig
 
         self.path = Path(path).expanduser()
-        if not (self.path / "config.json").is_file():
-            raise ModelError(f"model directory {str(self.path)!r} has no config.json; "
-                             "is it a Hugging Face model folder?")
-        self._files = _weight_map(self.path)
-        try:
-            with quiet_transformers():
-                config = AutoConfig.from_pretrained(str(self.path))
-        except Exception as exc:
-            raise ModelError(f"cannot read the config of model {str(self.path)!r}: "
-                             f"{type(exc).__name__}: {exc}") from None
+        self._gguf: _GgufFile | None = None
+        self._files: dict[str, str] = {}  # safetensors: checkpoint key -> file name
+        if self.path.suffix.lower() == ".gguf" and not self.path.is_dir():
+            self._gguf = _GgufFile(self.path)
+            config = self._gguf.config
+        else:
+            if not (self.path / "config.json").is_file():
+                raise ModelError(f"model directory {str(self.path)!r} has no config.json; "
+                                 "is it a Hugging Face model folder?")
+            self._files = _weight_map(self.path)
+            try:
+                with quiet_transformers():
+                    config = AutoConfig.from_pretrained(str(self.path))
+            except Exception as exc:
+                raise ModelError(f"cannot read the config of model {str(self.path)!r}: "
+                                 f"{type(exc).__name__}: {exc}") from None
         try:
             model_class = _hf_model_class(config)
         except KeyError:
             raise ModelError(f"model {str(self.path)!r}: transformers has no causal LM for "
                              f"model_type {getattr(config, 'model_type', None)!r}") from None
-        self.dtype = _resolve_dtype(dtype, config, self.path, self._files)
+        # A GGUF's config names no dtype, and from_pretrained then loads in torch's default one.
+        self.dtype = _resolve_dtype(dtype, config, torch.get_default_dtype if self._gguf else
+                                    lambda: _checkpoint_dtype(self.path, self._files))
         with quiet_transformers():
             self.model: nn.Module = _hf_skeleton(model_class, config, self.dtype)
         self.model.eval()
         self.layers_path = layers_path or _find_layers_path(
             self.model, getattr(self.model.config.get_text_config(), "num_hidden_layers", None))
         self.num_layers = len(self.model.get_submodule(self.layers_path))
-        self._hf = _HfLoader(self.model, self.dtype, str(self.path))
+        if self._gguf is not None:
+            with quiet_transformers():
+                self._gguf.bind(self.model, self.dtype)
+        self._hf = _HfLoader(self.model, self.dtype, str(self.path.parent if self._gguf else self.path))
         self._groups = self._plan()
 
     def _plan(self) -> dict[int, list[str]]:
-        """Checkpoint keys by the decoder layer their *target* lies in (``_REST`` for the others
-        and for layers the config does not have: those are reported as unexpected)."""
+        """Checkpoint keys (GGUF tensor names) by the decoder layer their *target* lies in
+        (``_REST`` for the others and for layers the config does not have: those are reported as
+        unexpected)."""
         pattern = re.compile(re.escape(self.layers_path) + r"\.(\d+)\.")
         groups: dict[int, list[str]] = {}
-        for key in self._files:
-            found = pattern.match(self._hf.target_name(key))
+        for key in (self._gguf.tensors if self._gguf else self._files):
+            if self._gguf is None:
+                found = pattern.match(self._hf.target_name(key))
+            elif key in self._gguf.name_map:
+                found = pattern.match(self._hf.target_name(self._gguf.name_map[key]))
+            else:  # e.g. experts that a processor fuses itself: GGUF numbers its blocks as the layers
+                found = re.match(r"blk\.(\d+)\.", key)
             index = int(found.group(1)) if found else _REST
             groups.setdefault(index if 0 <= index < self.num_layers else _REST, []).append(key)
         return groups
@@ -268,7 +442,8 @@ class LazyModel:
         return self.model.get_submodule(f"{self.layers_path}.{index}")
 
     def layer_keys(self, index: int) -> list[str]:
-        """The checkpoint keys :meth:`load_layer` reads for layer ``index``, in the checkpoint's order.
+        """The checkpoint keys (GGUF tensor names) :meth:`load_layer` reads for layer ``index``, in
+        the checkpoint's order.
 
         Example::
 
@@ -297,6 +472,9 @@ class LazyModel:
 
     def _load(self, keys: list[str], what: str) -> Any:
         try:
+            if self._gguf is not None:
+                with quiet_transformers():
+                    return self._hf.load(self._gguf.read(keys))
             with self._slices(keys) as slices, quiet_transformers():
                 return self._hf.load(slices)
         except ModelError:
@@ -305,9 +483,11 @@ class LazyModel:
             raise ModelError(f"model {str(self.path)!r}: cannot load {what}: {type(exc).__name__}: "
                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
 
-    def load_rest(self) -> None:
+    def load_rest(self, only: Callable[[str], bool] | None = None) -> None:
         """Load everything outside the decoder layers: embeddings, final norm, head (tied to
         the embeddings where the config says so), and computed buffers such as rotary tables.
+        ``only`` (a test on the model's tensor names) loads part of it, e.g. the head without
+        the embeddings of an untied model; then only what it selects is checked complete.
 
         Example::
 
@@ -315,7 +495,10 @@ class LazyModel:
             >>> lazy.model.model.embed_tokens.weight.is_meta, lazy.model.model.rotary_emb.inv_freq.is_meta
             (False, False)
         """
-        info = self._load(self._groups.get(_REST, []), "the weights outside the decoder layers")
+        keys = self._groups.get(_REST, [])
+        if only is not None:
+            keys = [k for k in keys if only(self._target(k))]
+        info = self._load(keys, "the weights outside the decoder layers")
         inside = self.layers_path + "."
         outside = {k for k in info.missing_keys if not k.startswith(inside)}
         with quiet_transformers():
@@ -326,8 +509,15 @@ class LazyModel:
         # Computed buffers are real by now: what is still on meta was in no file (and tied to nothing).
         tensors = [*self.model.named_parameters(remove_duplicate=False),
                    *self.model.named_buffers(remove_duplicate=False)]
-        missing = [name for name, t in tensors if t.is_meta and not name.startswith(inside)]
+        missing = [name for name, t in tensors if t.is_meta and not name.startswith(inside)
+                   and (only is None or only(name))]
         self._check(info, "the weights outside the decoder layers", missing)
+
+    def _target(self, key: str) -> str:
+        """The model's name for the checkpoint key ``key``."""
+        if self._gguf is not None:
+            return self._hf.target_name(self._gguf.name_map.get(key, key))
+        return self._hf.target_name(key)
 
     def load_layer(self, index: int) -> nn.Module:
         """Read decoder layer ``index`` from the checkpoint into the model and return it.

@@ -239,6 +239,46 @@ def load_model(source: ModelSource, dtype: str = "auto", *, nonfinite: str = "er
     return LoadedModel(model, load_tokenizer(source), source)
 
 
+@dataclass
+class OpenedModel:
+    """A model opened for quantization: in memory (``loader`` is None), or on the meta device
+    with the :class:`qframe.run.LazyParts` that loads it a part at a time."""
+
+    model: nn.Module
+    tokenizer: Any
+    source: ModelSource
+    loader: Any = None
+
+
+def open_model(source: ModelSource, dtype: str = "auto", *, nonfinite: str = "error", registry: Any = None) -> OpenedModel:
+    """Open ``source`` as :func:`load_model` checks it, without reading its weights where it
+    can be streamed: a local Hugging Face folder becomes a :class:`qframe.lazy.LazyModel` (on
+    meta, a decoder layer read at a time); other sources are loaded whole.
+
+    Example::
+
+        >>> opened = open_model(resolve_source("path/to/model"), "bfloat16")  # doctest: +SKIP
+        >>> opened.loader.load_layer(0)                                        # doctest: +SKIP
+    """
+    if nonfinite not in NONFINITE:
+        raise RecipeError("model.nonfinite", nonfinite, f"allowed: {', '.join(NONFINITE)}")
+    if source.kind != "dir":
+        loaded = load_model(source, dtype, nonfinite=nonfinite)
+        return OpenedModel(loaded.model, loaded.tokenizer, source)
+    from .lazy import LazyModel
+    from .run import LazyParts
+
+    require_sane_depth(Path(source.location) / "config.json")
+    lazy = LazyModel(source.location, dtype)
+    _require_float_weights(Path(source.location), lazy.model)
+    lazy.model.config.use_cache = False
+    from .plugins import default_registry
+
+    arch = find_architecture(lazy.model, registry or default_registry())
+    loader = LazyParts(lazy, arch, nonfinite, f"model {source.spec!r}")
+    return OpenedModel(lazy.model, load_tokenizer(source), source, loader)
+
+
 # What an unquantized checkpoint stores its float weights in (FP8 ones carry a quantization_config).
 _WEIGHT_DTYPES = ("F16", "BF16", "F32", "F64")
 MAX_LAYERS = 4096  # deeper than any model made; a larger count is a damaged config, not a model

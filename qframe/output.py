@@ -346,11 +346,11 @@ def _discard_marker(directory: Path) -> None:
         pass
 
 
-def _clean_leftovers(target: Path) -> list[Path]:
+def _clean_leftovers(target: Path, keep: Path | None = None) -> list[Path]:
     """Remove qframe's partial directories of ``target`` left by dead runs (the caller holds the
-    lock, so no live run owns them); restore an old output a run died without replacing."""
+    lock, so no live run owns them), but ``keep``; restore an old output a run died without replacing."""
     parent = target.parent
-    leftovers = sorted(p for p in parent.glob(f".{glob_escape(target.name)}.*") if _is_leftover(p))
+    leftovers = sorted(p for p in parent.glob(f".{glob_escape(target.name)}.*") if _is_leftover(p) and p != keep)
     if not target.exists():
         olds = [p for p in leftovers if p.name.startswith(f".{target.name}.old-")]
         if olds:  # killed between two renames: the old output was already out of place
@@ -398,14 +398,27 @@ def _checked_target(target: Path, protect: Iterable[str | os.PathLike]) -> Path:
     return target
 
 
+def resumable(target: Path, record: str) -> Path | None:
+    """The newest partial directory of ``target`` a dead run left with a ``record`` file in it
+    (what ``qframe apply --resume`` continues), or None."""
+    found = [p for p in target.parent.glob(f".{glob_escape(target.name)}.partial-*")
+             if is_partial(p) and (p / record).is_file()]
+    return max(found, key=lambda p: (p / record).stat().st_mtime_ns) if found else None
+
+
 @contextmanager
-def writing(target: str | os.PathLike, *, protect: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
+def writing(target: str | os.PathLike, *, protect: Iterable[str | os.PathLike] = (),
+            record: str | None = None, resume: bool = False) -> Iterator[Path]:
     """Yield a fresh hidden sibling of ``target`` to write into. When the block succeeds it is
     sealed (:func:`seal`) and put at ``target``; when it fails (an error, Ctrl-C, SIGTERM) it
     disappears and ``target`` is as it was. Raises :class:`QFrameError` (before anything is
     written) when ``target`` holds anything qframe cannot prove it wrote (:func:`unproven`),
     when another run is writing it, or when it is or holds a path in ``protect`` (what the
     run reads, such as its model).
+
+    ``record`` names a file that makes a partial directory resumable: this run's, when it fails
+    with that file in it, is kept for the next run; with ``resume``, the newest such directory
+    a dead run left is yielded again (renamed as this run's) instead of a fresh one.
 
     Example::
 
@@ -419,7 +432,8 @@ def writing(target: str | os.PathLike, *, protect: Iterable[str | os.PathLike] =
         raise QFrameError(f"cannot create the output's parent directory {str(target.parent)!r}: "
                           f"{exc.strerror or exc}; choose another --output") from None
     with _locked(target):
-        removed = _clean_leftovers(target)
+        adopted = resumable(target, record) if resume and record else None
+        removed = _clean_leftovers(target, keep=adopted)
         if removed:
             print(f"qframe: removed {len(removed)} partial output(s) of interrupted runs beside {target}",
                   file=sys.stderr)
@@ -432,16 +446,25 @@ def writing(target: str | os.PathLike, *, protect: Iterable[str | os.PathLike] =
                                   "output; choose another --output, or move those files away first")
         tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
         try:
-            make_partial(tmp)
+            if adopted is not None:
+                os.rename(adopted, tmp)
+                (tmp / MARKER).write_text(f"{SIGNATURE}\n{os.getpid()}\n")
+            else:
+                make_partial(tmp)
         except OSError as exc:
             raise QFrameError(f"cannot write beside {str(target)!r}: {exc.strerror or exc}; "
                               "choose another --output") from None
         try:
             yield tmp
+            if record:
+                (tmp / record).unlink(missing_ok=True)
             seal(tmp)
             _replace(tmp, target)
         except BaseException:
-            if _is_leftover(tmp):  # the new output, or the old one once the exchange was made
+            if record and is_partial(tmp) and (tmp / record).is_file():
+                print(f"qframe: the finished layers stay in {tmp}; the same command with --resume continues "
+                      "from there", file=sys.stderr)
+            elif _is_leftover(tmp):  # the new output, or the old one once the exchange was made
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
 

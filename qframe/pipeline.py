@@ -29,7 +29,7 @@ import time
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -39,6 +39,7 @@ from .description import CacheState, ExpertsState, LinearState, ModelDescription
 from .errors import ModelError, QFrameError, RecipeError
 from .experts import (ExpertTokens, QuantExperts, check_expert_inputs, expert_layouts, expert_weight_names,
                       is_fused_experts, unrouted_warning)
+from .parts import loaded
 from .model import Architecture, all_finite, check_finite_weights, find_architecture, listed, nonfinite_names
 from .qlinear import QuantLinear
 from .recipe import Plan, StageSpec
@@ -162,7 +163,11 @@ class LayerInputs:
 
     def store(self, i: int, hidden: torch.Tensor) -> None:
         """Replace batch ``i`` (computed on the device) by ``hidden``, kept where the inputs live."""
-        self.hidden[i] = _spill(hidden) if self.spilled else hidden
+        self.hidden[i] = self.store_form(hidden)
+
+    def store_form(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` where these inputs keep their batches (CPU memory when spilled)."""
+        return _spill(hidden) if self.spilled else hidden
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -190,6 +195,24 @@ def should_spill(offload: str, device: torch.device, ids: torch.Tensor, hidden_s
     needed = ids.numel() * hidden_size * torch.empty((), dtype=dtype).element_size()
     free, _total = torch.cuda.mem_get_info(device)
     return needed > free / 3
+
+
+class LayerSink(Protocol):
+    """What gets each decoder layer as soon as the pipeline finished it (before a lazily loaded
+    layer is freed): a streaming writer, and the record a resumed run starts from."""
+
+    def layer_done(self, work: "LayerWork", entry: dict[str, Any], inputs: LayerInputs | None) -> None:
+        """``work.layer`` is quantized; ``entry`` is its report; ``inputs`` are the next layer's."""
+
+
+@dataclass
+class Resumed:
+    """Where an interrupted run left off: its first unfinished layer, the finished layers'
+    reports, and (when the recipe calibrates) the inputs of layer ``start``, one tensor a batch."""
+
+    start: int
+    report: list[dict[str, Any]]
+    hidden: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -710,32 +733,49 @@ def run_pipeline(
     device: torch.device,
     progress: Callable[[int, int, str], None] | None = None,
     checked: CheckedPlan | None = None,
+    *,
+    loader: Any = None,
+    sink: LayerSink | None = None,
+    resumed: Resumed | None = None,
 ) -> list[dict[str, Any]]:
     """Quantize ``model`` in place; return per-layer figures (errors, seconds).
 
     First :func:`check_plan` (nothing read yet), unless the caller ran it already and passes
     what it returned as ``checked``; each layer's weights are checked for NaN and inf when they
     reach the device, its inputs and outputs as they stream.
+
+    A model loaded lazily (:class:`qframe.lazy.LazyModel`) comes with its ``loader``
+    (:class:`qframe.parts.PartLoader`): each part is loaded when its turn comes (the embeddings
+    to capture the first layer's inputs, each decoder layer to quantize it) and freed after. A
+    ``sink`` gets each finished layer (to write it, and the state a resumed run needs) before
+    it is freed; ``resumed`` starts at the first layer an interrupted run did not finish.
     """
     checked = checked or check_plan(model, plan, registry)
     arch, quantizers = checked.arch, checked.quantizers
     layers = arch.decoder_layers(model)
+    start = resumed.start if resumed is not None else 0
     inputs = None
     if progress:
-        progress(0, len(layers), "")
-    if plan.needs_calibration_data:
+        progress(start, len(layers), "")
+    if plan.needs_calibration_data and start < len(layers):
         if calibration is None:
             raise QFrameError("this recipe needs calibration data, and none was given")
         settings = plan.recipe.calibration
         dtype = next(model.parameters()).dtype
         width = getattr(model.config, "hidden_size", None) or 0  # unknown: spill only when told to
         spill = should_spill(settings.offload, device, calibration, width, dtype)
-        inputs = capture_inputs(model, arch, calibration, settings.batch_size, device, spill)
+        with loaded(loader, "first"):
+            inputs = capture_inputs(model, arch, calibration, settings.batch_size, device, spill)
+        if resumed is not None and start > 0:
+            inputs.hidden = [inputs.store_form(h.to(device)) for h in resumed.hidden]
     prefix = arch.layers_path
-    report = []
+    report = list(resumed.report) if resumed is not None else []
     routed: dict[str, list[int]] = {}  # calibration tokens per expert, by experts module
-    for index, layer in enumerate(layers):
+    for entry in report:
+        routed.update({n: v["tokens_per_expert"] for n, v in entry["modules"].items() if "tokens_per_expert" in v})
+    for index in range(start, len(layers)):
         started = time.perf_counter()
+        layer = loader.load_layer(index) if loader is not None else layers[index]
         home = _device_of(layer)
         # The unquantized copy stays in the layer's home memory until it is compared with.
         reference = copy.deepcopy(layer) if inputs is not None else None
@@ -770,6 +810,10 @@ def run_pipeline(
         layer.to(home)
         entry["seconds"] = round(time.perf_counter() - started, 4)
         report.append(entry)
+        if sink is not None:
+            sink.layer_done(work, entry, inputs)
+        if loader is not None:
+            loader.free_layer(index)
         if progress:
             progress(index + 1, len(layers), work.prefix)
     message = unrouted_warning(routed)

@@ -139,6 +139,9 @@ class DatasetPlugin(PluginRecord):
 
     kind: ClassVar[str] = "dataset"
     params: tuple[str, ...] = field(default=())
+    # The source runs the model (``generated``): a model streamed a layer at a time is then
+    # loaded whole while the data is made.
+    needs_model: bool = False
 
 
 @dataclass(frozen=True)

@@ -49,4 +49,4 @@ def generate(location: str, params: dict, context) -> list[str]:
 @hookimpl
 def qframe_datasets():
     yield DatasetPlugin(name="generated", summary="text sampled from the model itself (offline, data-free)",
-                        factory=generate)
+                        factory=generate, needs_model=True)
