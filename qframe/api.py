@@ -281,7 +281,11 @@ def evaluate(
 
     registry = registry or default_registry()
     layers: list = []
-    lazy = model if isinstance(model, LazyModel) else None
+    # A model read a layer at a time: a LazyModel, or a native checkpoint's NativeParts.
+    lazy = model if isinstance(model, LazyModel) or hasattr(model, "load_part") else None
+    if lazy is not None and hasattr(lazy, "qmodel"):
+        tokenizer = tokenizer or lazy.qmodel.tokenizer
+        layers = lazy.qmodel.layers
     if isinstance(model, QuantizedModel):
         tokenizer = tokenizer or model.tokenizer
         layers = model.layers
@@ -294,9 +298,14 @@ def evaluate(
             raise QFrameError("dataset 'generated' is text the whole model writes, which a LazyModel cannot; "
                               "evaluate it on a text dataset (text:FILE) or on TokenWindows")
         model = lazy.model
-        inside = lazy.layers_path + "."
-        if any(t.is_meta for name, t in [*model.named_parameters(), *model.named_buffers()] if not name.startswith(inside)):
-            lazy.load_rest()  # what lies outside the decoder layers stays loaded; the layers come one at a time
+        if isinstance(lazy, LazyModel):
+            inside = lazy.layers_path + "."
+            if any(t.is_meta for name, t in [*model.named_parameters(), *model.named_buffers()]
+                   if not name.startswith(inside)):
+                lazy.load_rest()  # what lies outside the decoder layers stays loaded; the layers come one at a time
+        else:
+            lazy.load_part("first")
+            lazy.load_part("last")
     chosen = pick_device(device)
     if isinstance(dataset, TokenWindows):
         windows = dataset

@@ -168,6 +168,9 @@ def finish_native(qmodel: QuantizedModel, directory: Path, spool: Spool) -> Path
         spool.directory.rmdir()
     faults.reach("write")
     qmodel.model.config.save_pretrained(directory)
+    generation = getattr(qmodel.model, "generation_config", None)
+    if generation is not None:  # what the model was loaded with, for exports that carry it
+        generation.save_pretrained(directory)
     if qmodel.tokenizer is not None:
         qmodel.tokenizer.save_pretrained(directory)
     manifest = dict(qmodel.manifest)
@@ -399,6 +402,7 @@ def load_native(directory: str | Path, registry: Any) -> QuantizedModel:
                          "the output is damaged (write it again with qframe apply)")
     model.eval()
     model.config.use_cache = False
+    _load_generation_config(model, directory)
     has_tokenizer = (directory / "tokenizer_config.json").is_file()
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory) if has_tokenizer else None
@@ -595,6 +599,7 @@ class NativeParts:
         install_structure(model, manifest, self.directory / MANIFEST)
         model.eval()
         model.config.use_cache = False
+        _load_generation_config(model, self.directory)
         self.tied: dict[str, str] = dict(manifest["tied"])
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.directory) \
@@ -672,3 +677,12 @@ def _compute_buffers(model: torch.nn.Module, module: torch.nn.Module) -> None:
     init = getattr(model, "_init_weights", None)
     if init is not None:
         init(module)
+
+
+def _load_generation_config(model: torch.nn.Module, directory: Path) -> None:
+    """The generation config saved beside the checkpoint, as ``from_pretrained`` reads one."""
+    if (directory / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        with contextlib.suppress(Exception):  # from_pretrained ignores an unreadable one too
+            model.generation_config = GenerationConfig.from_pretrained(str(directory))

@@ -135,23 +135,37 @@ def cmd_eval(args) -> int:
     from .checkpoint import is_native
     from .data import DataContext, check_window_sizes, evaluation_windows
     from .errors import ModelError, QFrameError
-    from .model import load_model, resolve_source
+    from .checkpoint import NativeParts
+    from .lazy import LazyModel
+    from .model import LoadedModel, load_model, load_tokenizer, resolve_source
     from .plugins import default_registry
 
     if args.seq_len < 2 or (args.samples is not None and args.samples < 1) or args.batch_size < 1:
         raise QFrameError("--seq-len must be at least 2, --samples and --batch-size at least 1")
     check_window_sizes(args.samples, args.seq_len, "--samples", "--seq-len")
     check_window_sizes(args.batch_size, 1, "--batch-size", "--seq-len")
-    qmodel = api.load_quantized(args.model) if is_native(args.model) else None
+    # --layerwise reads both models a layer at a time from their files (a qframe output through
+    # NativeParts, a local model through LazyModel): neither is ever whole in memory.
+    parts = NativeParts(args.model, default_registry()) if args.layerwise and is_native(args.model) else None
+    qmodel = parts.qmodel if parts else api.load_quantized(args.model) if is_native(args.model) else None
     # The unquantized model: the argument itself, or the source a qframe output records.
     source = qmodel.manifest["model"].get("location") if qmodel and "model" in qmodel.manifest else args.model
-    base = None
+    base = lazy_base = None
+    dtype = qmodel.manifest.get("dtype", "auto") if qmodel else "auto"
     try:
-        base = load_model(resolve_source(source), qmodel.manifest.get("dtype", "auto") if qmodel else "auto") if source else None
+        resolved = resolve_source(source) if source else None
+        if resolved is not None and args.layerwise and resolved.kind in ("dir", "gguf"):
+            lazy_base = LazyModel(resolved.location, dtype)
+            base = LoadedModel(lazy_base.model, load_tokenizer(resolved), resolved)
+        elif resolved is not None:
+            base = load_model(resolved, dtype)
     except ModelError as exc:
         if qmodel is None:
             raise
         err.print(f"[yellow]warning:[/] not evaluating the unquantized model: {escape(str(exc))}", highlight=False)
+    if lazy_base is not None and args.dataset.partition("?")[0].partition(":")[0] == "generated":
+        raise QFrameError("--layerwise reads the models a layer at a time, and dataset 'generated' is text the whole "
+                          "model writes; evaluate on a text dataset (--dataset text:FILE)")
     tokenizer = base.tokenizer if base else qmodel.tokenizer
     if tokenizer is None:
         raise QFrameError(f"{args.model} holds no tokenizer and records no source model to take one from; "
@@ -163,15 +177,16 @@ def cmd_eval(args) -> int:
     # --layerwise forces it; without it evaluate() decides (never on the CPU, where the model already is).
     common = dict(device=args.device, batch_size=args.batch_size, layerwise=True if args.layerwise else None)
     report: dict = {}
+    base_model = lazy_base if lazy_base is not None else base.model if base else None
     if qmodel is not None:
-        report.update(api.evaluate(qmodel, windows, **common).to_dict())
+        report.update(api.evaluate(parts or qmodel, windows, **common).to_dict())
         if base is not None:
-            baseline = api.evaluate(base.model, windows, **common)
+            baseline = api.evaluate(base_model, windows, **common)
             report["baseline"] = baseline.to_dict()
             report["delta"] = report["perplexity"] - baseline.perplexity
             report["delta_pct"] = 100.0 * report["delta"] / baseline.perplexity
     else:
-        report.update(api.evaluate(base.model, windows, **common).to_dict())
+        report.update(api.evaluate(base_model, windows, **common).to_dict())
     report["dataset"] = args.dataset
     if not math.isfinite(report["perplexity"]) or not math.isfinite(report.get("baseline", {}).get("perplexity", 0.0)):
         which = "the quantized model's" if qmodel is not None and not math.isfinite(report["perplexity"]) else "the model's"

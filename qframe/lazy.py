@@ -69,6 +69,10 @@ def _hf_skeleton(cls: type, config: Any, dtype: torch.dtype) -> nn.Module:
     from transformers.utils.generic import ContextManagers
 
     config.dtype = dtype
+    for key in getattr(config, "sub_configs", None) or {}:  # as from_pretrained: a multimodal model's parts too
+        sub = getattr(config, key, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            sub.dtype = dtype
     with ContextManagers(cls.get_init_context(dtype, False, False, False)):
         return cls(config)
 
@@ -403,6 +407,11 @@ class LazyModel:
         with quiet_transformers():
             self.model: nn.Module = _hf_skeleton(model_class, config, self.dtype)
         self.model.eval()
+        if self._gguf is None and (self.path / "generation_config.json").is_file():  # from_pretrained reads it
+            from transformers import GenerationConfig
+
+            with contextlib.suppress(Exception):  # from_pretrained ignores an unreadable one too
+                self.model.generation_config = GenerationConfig.from_pretrained(str(self.path))
         self.layers_path = layers_path or _find_layers_path(
             self.model, getattr(self.model.config.get_text_config(), "num_hidden_layers", None))
         self.num_layers = len(self.model.get_submodule(self.layers_path))

@@ -251,9 +251,9 @@ class OpenedModel:
 
 
 def open_model(source: ModelSource, dtype: str = "auto", *, nonfinite: str = "error", registry: Any = None) -> OpenedModel:
-    """Open ``source`` as :func:`load_model` checks it, without reading its weights where it
-    can be streamed: a local Hugging Face folder becomes a :class:`qframe.lazy.LazyModel` (on
-    meta, a decoder layer read at a time); other sources are loaded whole.
+    """Open ``source`` as :func:`load_model` checks it, without reading its weights: a local
+    Hugging Face folder or a ``.gguf`` file becomes a :class:`qframe.lazy.LazyModel` (on meta,
+    a decoder layer read at a time); a hub id is loaded whole.
 
     Example::
 
@@ -262,21 +262,49 @@ def open_model(source: ModelSource, dtype: str = "auto", *, nonfinite: str = "er
     """
     if nonfinite not in NONFINITE:
         raise RecipeError("model.nonfinite", nonfinite, f"allowed: {', '.join(NONFINITE)}")
-    if source.kind != "dir":
+    if source.kind == "hub":
         loaded = load_model(source, dtype, nonfinite=nonfinite)
         return OpenedModel(loaded.model, loaded.tokenizer, source)
     from .lazy import LazyModel
     from .run import LazyParts
 
-    require_sane_depth(Path(source.location) / "config.json")
+    if source.kind == "dir":
+        require_sane_depth(Path(source.location) / "config.json")
     lazy = LazyModel(source.location, dtype)
-    _require_float_weights(Path(source.location), lazy.model)
+    if source.kind == "dir":
+        _require_float_weights(Path(source.location), lazy.model)
     lazy.model.config.use_cache = False
     from .plugins import default_registry
 
-    arch = find_architecture(lazy.model, registry or default_registry())
+    arch = _streamable(lazy.model, registry or default_registry())
+    if arch is None:
+        loaded = load_model(source, dtype, nonfinite=nonfinite)
+        return OpenedModel(loaded.model, loaded.tokenizer, source)
     loader = LazyParts(lazy, arch, nonfinite, f"model {source.spec!r}")
     return OpenedModel(lazy.model, load_tokenizer(source), source, loader)
+
+
+def _streamable(skeleton: nn.Module, registry: Any) -> "Architecture | None":
+    """The architecture adapter of a model on the meta device when its layers can be loaded one
+    at a time as the checkpoint holds them; None where the model must be loaded whole: the
+    structural fallback traces a layer's computation (it needs weights), and an adapter whose
+    ``prepare`` rebuilds modules (GPT-2's Conv1D become nn.Linear) changes the shapes the
+    checkpoint's tensors are loaded into."""
+    import copy
+
+    try:
+        arch = find_architecture(skeleton, registry)
+    except (ModelError, RuntimeError, NotImplementedError):
+        return None
+    if "*" in getattr(arch, "model_types", ()) or type(arch).__module__.endswith(".structural"):
+        return None
+    probe = copy.deepcopy(skeleton)
+    before = [type(m) for m in probe.modules()]
+    try:
+        arch.prepare(probe)
+    except Exception:
+        return None
+    return arch if [type(m) for m in probe.modules()] == before else None
 
 
 # What an unquantized checkpoint stores its float weights in (FP8 ones carry a quantization_config).

@@ -260,7 +260,10 @@ def weight_global_scale(w: torch.Tensor, args: QuantArgs) -> torch.Tensor | None
         >>> weight_global_scale(torch.tensor([[2688.0, -1.0]]), nvfp4).item()
         1.0
     """
-    return formats.of(args).global_scale(_finite(w.float()).abs().amax())
+    fmt = formats.of(args)
+    if not fmt.has_global_scale:
+        return None  # and no float32 copy of the weight for nothing
+    return fmt.global_scale(_finite(w.float()).abs().amax())
 
 
 def mse_ranges(w: torch.Tensor, args: QuantArgs, *, max_shrink: float = 0.2, steps: int = 20

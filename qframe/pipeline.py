@@ -39,7 +39,7 @@ from .description import CacheState, ExpertsState, LinearState, ModelDescription
 from .errors import ModelError, QFrameError, RecipeError
 from .experts import (ExpertTokens, QuantExperts, check_expert_inputs, expert_layouts, expert_weight_names,
                       is_fused_experts, unrouted_warning)
-from .parts import loaded
+from .parts import loaded, to_meta
 from .model import Architecture, all_finite, check_finite_weights, find_architecture, listed, nonfinite_names
 from .qlinear import QuantLinear
 from .recipe import Plan, StageSpec
@@ -776,6 +776,8 @@ def run_pipeline(
     for index in range(start, len(layers)):
         started = time.perf_counter()
         layer = loader.load_layer(index) if loader is not None else layers[index]
+        # What the layer was loaded as: stages replace some modules, which the plan still names.
+        loaded_modules = list(layer.modules()) if loader is not None else []
         home = _device_of(layer)
         # The unquantized copy stays in the layer's home memory until it is compared with.
         reference = copy.deepcopy(layer) if inputs is not None else None
@@ -814,6 +816,8 @@ def run_pipeline(
             sink.layer_done(work, entry, inputs)
         if loader is not None:
             loader.free_layer(index)
+            for module in loaded_modules:  # replaced ones too: the plan's description holds them
+                to_meta(module)
         if progress:
             progress(index + 1, len(layers), work.prefix)
     message = unrouted_warning(routed)
