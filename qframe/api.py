@@ -352,6 +352,38 @@ def export(
     return Path(output)
 
 
+def export_directory(
+    directory: str | os.PathLike,
+    backend: str,
+    output: str | os.PathLike,
+    *,
+    options: Mapping[str, Any] | None = None,
+    registry: Registry | None = None,
+) -> Path:
+    """Re-export the native checkpoint in ``directory`` with a backend plugin into ``output``
+    (what ``qframe export DIR`` does): read a part at a time where the backend streams
+    (:class:`~qframe.checkpoint.NativeParts`), so the model is never whole in memory.
+
+    Example::
+
+        >>> qframe.api.export_directory("out/w4a16", "hf", "out/w4a16/hf")  # doctest: +SKIP
+    """
+    from .checkpoint import read_manifest
+
+    registry = registry or default_registry()
+    read_manifest(directory)  # a damaged or foreign directory is refused before anything is written
+    try:
+        exporter = make_exporter(registry.get("backend", backend), options, registry=registry)
+    except RecipeError as exc:
+        raise exc.within("export") from None
+    if not hasattr(exporter, "begin"):
+        return export(load_native(directory, registry), backend, output, options=options, registry=registry)
+    with writing(Path(output), protect=[directory]) as tmp:
+        _export_checked(exporter, None, tmp, native=Path(directory), registry=registry)
+    _build(exporter, Path(output))
+    return Path(output)
+
+
 def _build(exporter: Any, directory: Path) -> None:
     # After the checkpoint is in place: a failed engine build never costs the checkpoint.
     build = getattr(exporter, "build", None)

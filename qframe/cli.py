@@ -212,9 +212,9 @@ def cmd_export(args) -> int:
     options: dict = {}
     for key, value in parse_overrides(args.overrides).items():
         apply_override(options, key, value)  # build.max_batch_size=8 -> {"build": {...}}
-    qmodel = api.load_quantized(args.directory)
-    out = api.export(qmodel, args.backend, args.output or Path(args.directory) / api.export_subdirectory(args.backend),
-                     options=options)
+    out = api.export_directory(args.directory, args.backend,
+                               args.output or Path(args.directory) / api.export_subdirectory(args.backend),
+                               options=options)
     err.print(f"wrote {out}")
     return 0
 

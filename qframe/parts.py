@@ -121,9 +121,9 @@ def write_in_parts(exporter: Any, description: Any, directory: Path, loader: Par
     from . import faults
     from .spool import Spool
 
+    session = exporter.begin(description)  # a refusal leaves nothing behind, not even the folder
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    session = exporter.begin(description)
     spool = Spool(directory / SPOOL)
     try:
         for part in model_parts(description.num_layers):

@@ -135,6 +135,7 @@ class LazyParts:
     def load_all(self) -> None:
         """Every part: the whole model in memory (what a dataset that runs the model needs)."""
         self.load_part("first")
+        self.load_part("last")
         for index in range(self.lazy.num_layers):
             self.load_layer(index)
 

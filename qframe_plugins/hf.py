@@ -53,24 +53,26 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 
 from qframe import BackendPlugin, formats, hookimpl, numerics
-from qframe.description import ExpertsState, LinearState, ModelDescription
+from qframe.description import CacheState, ExpertsState, LinearState, ModelDescription
 from qframe.experts import OUT_IN, expert_layouts, is_fused_experts
 from qframe.errors import ExportError, RecipeError, shorten
+from qframe.parts import Part, in_part, part_of, tied_names, write_in_parts
 
-from .quant_algo import (AWQ_ALGOS, NVFP4_BLOCK, Quantization, Writer, choose, w4a8_weight_scale_2,
-                         warn_inexact_group_scales)
+from .quant_algo import (AWQ_ALGOS, NVFP4_BLOCK, Quantization, Writer, choose, in_order, inexact_group_scales,
+                         w4a8_weight_scale_2, warn_inexact_group_scales)
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+STREAM = "model"  # the one stream of parts the safetensors are assembled from
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 ALGORITHMS = ("FP8", "NVFP4", "W4A16_AWQ", "W4A8_AWQ")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?\s*$", re.IGNORECASE)
@@ -280,11 +282,13 @@ def _scalar(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float().reshape(()).cpu().clone()  # distinct tensors: safetensors refuses shared memory
 
 
-def _weight_scale_2(quantization: Quantization, description: ModelDescription) -> dict[str, torch.Tensor]:
-    """W4A8's per-tensor FP8 factor: one for linears that read one input (the serving engines
-    fuse them and keep one), else each its own."""
-    out = {n: w4a8_weight_scale_2([s.module.weight]) for n, s in quantization.quantized.items()}
-    for group in description.shared_inputs():
+def _weight_scale_2(quantization: Quantization, names: list[str], groups: list[list[str]]) -> dict[str, torch.Tensor]:
+    """W4A8's per-tensor FP8 factor of the quantized linears ``names`` (one model part's): one
+    for linears that read one input (``groups``: those of the part; the serving engines fuse
+    them and keep one), else each its own. A group lies in one decoder layer, so a part has all
+    it needs."""
+    out = {n: w4a8_weight_scale_2([quantization.quantized[n].module.weight]) for n in names}
+    for group in groups:
         joint = w4a8_weight_scale_2([quantization.quantized[n].module.weight for n in group])
         out.update({n: joint.clone() for n in group})
     return out
@@ -390,56 +394,136 @@ def prescaled_linears(quantization: Quantization, description: ModelDescription)
     return {n for n, s in quantization.quantized.items() if s.prescale} | description.fed_by_linears()
 
 
-def checkpoint_tensors(description: ModelDescription, quantization: Quantization, dtype: torch.dtype
-                       ) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint: the quantized linears' packed state, the cache scales, and
-    the rest of the model's state in ``dtype`` (a tied weight once, under its first name)."""
-    tensors: dict[str, torch.Tensor] = {}
-    seen: set[tuple] = set()
-    caches = {name for name, module in description.model.named_modules()
-              if any(module is c.module for c in description.caches.values())}
-    for name, tensor in description.model.state_dict().items():
-        owner, _, leaf = name.rpartition(".")
-        if owner in quantization.quantized or owner in caches:
-            continue  # written below, packed (a cache quantizer's state becomes k_scale/v_scale)
-        if owner in quantization.experts and leaf in _EXPERT_BUFFERS:
-            continue  # the experts' codes and scales, written below one linear an expert
-        view = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
-        if view in seen and tensor.numel():
-            continue  # tied (lm_head.weight is embed_tokens.weight): loaders tie it again
-        seen.add(view)
-        tensors[name] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).detach().contiguous().cpu()
-    scale_2 = _weight_scale_2(quantization, description) if quantization.quant_algo == "W4A8_AWQ" else {}
-    prescaled = prescaled_linears(quantization, description)
-    for state in quantization.quantized.values():
-        tensors.update(linear_tensors(state, quantization, dtype, prescaled, scale_2))
-    for cache in description.caches.values():
-        tensors.update(kv_scale_names(description, cache))
-    if quantization.experts:
-        renames, leaves = hub_naming(getattr(description.model.config, "model_type", None))
-        for state in quantization.experts.values():
-            tensors.update(expert_tensors(state, quantization.quant_algo, leaves))
-        tensors = {_hub_name(n, renames): t for n, t in tensors.items()}
-    return tensors
+@dataclass
+class HFSession:
+    """What :meth:`HFExporter.begin` works out from a model's structure for its parts and its
+    ``finish``: the checked ``quantization``, the checkpoint ``dtype``, the linears that get a
+    ``pre_quant_scale``, the hub names, the tied aliases (written once, under the first name), and
+    by part the quantized linears, W4A8 groups, caches and experts; ``inexact`` gathers the
+    linears whose group scales the parts found inexact, warned about once at the end."""
+
+    description: ModelDescription
+    quantization: Quantization
+    dtype: torch.dtype
+    shard_bytes: int
+    prescaled: set[str]
+    renames: list[tuple[str, str]]
+    leaves: tuple[str, ...]
+    tied: dict[str, str]
+    caches: set[str]  # the KV cache quantizers' module names: their state becomes k_scale/v_scale
+    linears: dict[Part, list[str]]  # part -> its quantized linears, in model order
+    groups: dict[Part, list[list[str]]]  # part -> its W4A8 groups of linears that read one input
+    cache_states: dict[Part, list[CacheState]]  # part -> its caches (CacheState)
+    experts: dict[Part, list[ExpertsState]]  # part -> its quantized fused experts
+    inexact: list[str] = field(default_factory=list)
+
+    @property
+    def order(self) -> dict[str, int]:
+        """Each quantized linear's place in the model's order (for the warnings)."""
+        return {n: i for i, n in enumerate(self.quantization.quantized)}
 
 
-def shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
-    """Tensors split, in order, into shards of at most ``limit`` bytes (a larger tensor alone).
+def _by_part(items: Iterable, arch: Any, name: Callable[[Any], str] = lambda item: item) -> dict[Part, list]:
+    """``items`` grouped by the model part their ``name`` is in, each group in ``items``' order."""
+    out: dict[Part, list] = {}
+    for item in items:
+        out.setdefault(part_of(name(item), arch), []).append(item)
+    return out
+
+
+def plan_checkpoint(description: ModelDescription, options: HFOptions) -> HFSession:
+    """Everything :meth:`HFExporter.export` checks and decides before a tensor is read, from the
+    description's module structure alone (a model whose parts are on the meta device will do).
 
     Example::
 
-        >>> [len(s) for s in shards({"a": torch.ones(4), "b": torch.ones(4), "c": torch.ones(1)}, 20)]
+        >>> from qframe.testing import make_registry, tiny_llama_model
+        >>> from qframe.description import describe_model
+        >>> session = plan_checkpoint(describe_model(tiny_llama_model().to("meta"), make_registry()), HFOptions())
+        >>> session.quantization.quant_algo, session.dtype, sorted(session.linears)
+        (None, torch.float16, [])
+    """
+    quantization = check_description(description)
+    model, arch = description.model, description.arch
+    renames, leaves = hub_naming(getattr(model.config, "model_type", None)) if quantization.experts else ([], ())
+    quantizers = {id(c.module) for c in description.caches.values() if c.module is not None}
+    caches = {name for name, module in model.named_modules() if id(module) in quantizers}
+    groups = list(description.shared_inputs()) if quantization.quant_algo == "W4A8_AWQ" else []
+    return HFSession(description, quantization, description.serving_dtype(options.dtype), options.shard_bytes,
+                     prescaled_linears(quantization, description), renames, leaves, tied_names(model), caches,
+                     _by_part(quantization.quantized, arch), _by_part(groups, arch, lambda g: g[0]),
+                     _by_part(description.caches.values(), arch, lambda c: c.attention),
+                     _by_part(quantization.experts.values(), arch, lambda e: e.name))
+
+
+def _part_state(model: torch.nn.Module, arch: Any, part: Part) -> dict[str, torch.Tensor]:
+    """The state-dict entries of one model part, in the model's state-dict order: a decoder
+    layer's from that layer alone, so a model of many layers is not walked once per layer."""
+    if isinstance(part, int):
+        prefix = f"{arch.layers_path}.{part}."
+        return arch.decoder_layers(model)[part].state_dict(prefix=prefix)
+    return dict(in_part(model.state_dict().items(), part, arch))
+
+
+def checkpoint_tensors(session: HFSession, part: Part) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors of one model ``part`` (``"first"``, a decoder layer's index or
+    ``"last"``): its quantized linears' packed state, its cache scales, and the rest of its state
+    in the checkpoint dtype (a tied weight once, under its first name), under the checkpoint's
+    names. Reads the values of that part's modules only.
+
+    Example::
+
+        >>> from qframe.testing import make_registry, tiny_llama_model
+        >>> from qframe.description import describe_model
+        >>> session = plan_checkpoint(describe_model(tiny_llama_model(), make_registry()), HFOptions())
+        >>> sorted(checkpoint_tensors(session, "last"))
+        ['lm_head.weight', 'model.norm.weight']
+    """
+    description, quantization, dtype = session.description, session.quantization, session.dtype
+    model, arch = description.model, description.arch
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in _part_state(model, arch, part).items():
+        owner, _, leaf = name.rpartition(".")
+        if owner in quantization.quantized or owner in session.caches:
+            continue  # written below, packed (a cache quantizer's state becomes k_scale/v_scale)
+        if owner in quantization.experts and leaf in _EXPERT_BUFFERS:
+            continue  # the experts' codes and scales, written below one linear an expert
+        if name in session.tied:
+            continue  # tied (lm_head.weight is embed_tokens.weight): loaders tie it again
+        if tensor.is_meta:  # the loader left this part unloaded: there is nothing to write but its shape
+            raise ExportError(f"{name}: still on the meta device while model part {part!r} is written")
+        tensors[name] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).detach().contiguous().cpu()
+    linears = session.linears.get(part, [])
+    scale_2 = _weight_scale_2(quantization, linears, session.groups.get(part, [])) \
+        if quantization.quant_algo == "W4A8_AWQ" else {}
+    for name in linears:
+        tensors.update(linear_tensors(quantization.quantized[name], quantization, dtype, session.prescaled, scale_2))
+    for cache in session.cache_states.get(part, []):
+        tensors.update(kv_scale_names(description, cache))
+    for state in session.experts.get(part, []):
+        tensors.update(expert_tensors(state, quantization.quant_algo, session.leaves))
+    if session.renames:
+        tensors = {_hub_name(n, session.renames): t for n, t in tensors.items()}
+    return tensors
+
+
+def shards(items: list, limit: int) -> list[list]:
+    """``items`` (anything with ``nbytes``: tensors, or a spool's entries) split, in order, into
+    shards of at most ``limit`` bytes (a larger item alone).
+
+    Example::
+
+        >>> [len(s) for s in shards([torch.ones(4), torch.ones(4), torch.ones(1)], 20)]
         [1, 2]
     """
-    out: list[dict[str, torch.Tensor]] = [{}]
+    out: list[list] = [[]]
     size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if out[-1] and size + nbytes > limit:
-            out.append({})
+    for item in items:
+        if out[-1] and size + item.nbytes > limit:
+            out.append([])
             size = 0
-        out[-1][name] = tensor
-        size += nbytes
+        out[-1].append(item)
+        size += item.nbytes
     return out
 
 
@@ -467,39 +551,66 @@ class HFExporter:
 
     def export(self, qmodel: Any, directory: str | Path) -> Path:
         """Write ``config.json`` (with ``quantization_config``), ``hf_quant_config.json``, the
-        safetensors, the generation config and the tokenizer into ``directory``. Everything is
-        checked and converted before the first file is written."""
-        from safetensors.torch import save_file
+        safetensors, the generation config and the tokenizer into ``directory``, a model part at
+        a time (:func:`qframe.parts.write_in_parts`). Everything is checked before the first
+        part is converted."""
+        return write_in_parts(self, qmodel.describe(), Path(directory), tokenizer=qmodel.tokenizer)
 
-        description = qmodel.describe()
-        quantization = check_description(description)
+    def begin(self, description: ModelDescription) -> HFSession:
+        """Check ``description`` and plan its checkpoint from the modules' structure alone (no
+        tensor value is read: the parts may be on the meta device).
+
+        Example::
+
+            >>> session = HFExporter().begin(qmodel.describe())  # doctest: +SKIP
+        """
+        return plan_checkpoint(description, self.options)
+
+    def part(self, session: HFSession, part: Part) -> dict[str, dict[str, torch.Tensor]]:
+        """The checkpoint tensors of one model part, as stream ``"model"``; notes the part's
+        inexact group scales for :meth:`finish`.
+
+        Example::
+
+            >>> sorted(HFExporter().part(session, "last")["model"])  # doctest: +SKIP
+            ['lm_head.weight', 'model.norm.weight']
+        """
+        session.inexact += inexact_group_scales(session.quantization, session.dtype, session.linears.get(part, []))
+        return {STREAM: checkpoint_tensors(session, part)}
+
+    def finish(self, session: HFSession, directory: Path, spool: Any, tokenizer: Any = None) -> None:
+        """Assemble the safetensors (one ``model.safetensors``, or shards of at most
+        ``max_shard_size`` packed in model order with their index) from the parts in ``spool``,
+        and write the configs, the generation config and the tokenizer.
+
+        Example::
+
+            >>> HFExporter().finish(session, Path("out/hf"), spool, tokenizer)  # doctest: +SKIP
+        """
+        description, quantization, dtype = session.description, session.quantization, session.dtype
+        warn_inexact_group_scales(in_order(session.inexact, session.order), dtype, "vLLM's and TensorRT-LLM")
         model = description.model
-        dtype = description.serving_dtype(self.options.dtype)
-        warn_inexact_group_scales(quantization, dtype, "vLLM's and TensorRT-LLM")
-        tensors = checkpoint_tensors(description, quantization, dtype)
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        parts = shards(tensors, self.options.shard_bytes)
+        entries = spool.entries(STREAM)
+        parts = shards(entries, session.shard_bytes)
         if len(parts) == 1:
-            save_file(parts[0], str(directory / WEIGHTS), metadata={"format": "pt"})
+            spool.assemble(STREAM, directory / WEIGHTS, {"format": "pt"}, entries=parts[0])
         else:
             weight_map = {}
             for i, part in enumerate(parts, 1):
                 file = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
-                save_file(part, str(directory / file), metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(part, file))
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+                spool.assemble(STREAM, directory / file, {"format": "pt"}, entries=part)
+                weight_map.update(dict.fromkeys((e.name for e in part), file))
+            index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}
             (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         model.config.save_pretrained(directory)
         config = json.loads((directory / "config.json").read_text())
         config["dtype"] = str(dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)
-        quantization.excluded += description.embeddings() + _routers(description, quantization)
+        excluded = quantization.excluded + description.embeddings() + _routers(description, quantization)
         if quantization.experts:  # named as the checkpoint's tensors are
-            renames = hub_naming(getattr(model.config, "model_type", None))[0]
-            quantization.excluded = [_hub_name(n, renames) for n in quantization.excluded]
-        hf_quant = hf_quant_config(quantization, bool(prescaled_linears(quantization, description)))
+            excluded = [_hub_name(n, session.renames) for n in excluded]
+        hf_quant = hf_quant_config(replace(quantization, excluded=excluded), bool(session.prescaled))
         # Written even for an unquantized model (quant_algo null), so the directory is recognized
         # and validated; config.json then claims no quantization, as modelopt's does.
         (directory / HF_QUANT_CONFIG).write_text(json.dumps(hf_quant, indent=4) + "\n")
@@ -511,9 +622,8 @@ class HFExporter:
         generation = getattr(model, "generation_config", None)
         if generation is not None:
             generation.save_pretrained(directory)
-        if qmodel.tokenizer is not None:
-            qmodel.tokenizer.save_pretrained(directory)
-        return directory
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
 
     def validate(self, directory: str | Path) -> list[str]:
         """The problems of a written checkpoint directory (empty when it is valid)."""

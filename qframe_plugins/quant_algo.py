@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -341,23 +342,51 @@ def w4a8_weight_scale_2(weights: list[torch.Tensor]) -> torch.Tensor:
     return (amax / torch.full((), formats.E4M3.max, device=amax.device)).reshape(()).cpu()
 
 
-def warn_inexact_group_scales(quantization: Quantization, dtype: torch.dtype, title: str) -> None:
-    """Warn when int4 group scales are not exact in the serving ``dtype``: the group-wise int4
-    kernels take their scales in the model's dtype and round them, so the served weights would
-    differ from the evaluated ones (a model quantized in float32, or cast after quantizing).
+def inexact_group_scales(quantization: Quantization, dtype: torch.dtype, names: Iterable[str] | None = None
+                         ) -> list[str]:
+    """The quantized linears (of ``names``, by default all; in ``quantization``'s order) whose int4
+    group scales are not exact in the serving ``dtype``: what :func:`warn_inexact_group_scales`
+    reports. Reads the scales, so a streaming writer asks it one model part at a time (``names``:
+    that part's linears) and warns once over what the parts found.
 
     Example::
 
-        >>> from qframe.scheme import QuantArgs
-        >>> warn_inexact_group_scales(Quantization("FP8", None, None), torch.float16, "TensorRT-LLM")  # nothing to say
+        >>> inexact_group_scales(Quantization("FP8", None, None), torch.float16)
+        []
     """
     if not quantization.awq:
-        return
-    inexact = [n for n, s in quantization.quantized.items()
-               if not torch.equal(s.module.weight_scale.to(dtype).float(), s.module.weight_scale.float())]
+        return []
+    chosen = quantization.quantized if names is None else \
+        {n: quantization.quantized[n] for n in names if n in quantization.quantized}
+    return [n for n, s in chosen.items()
+            if not torch.equal(s.module.weight_scale.to(dtype).float(), s.module.weight_scale.float())]
+
+
+def warn_inexact_group_scales(inexact: list[str], dtype: torch.dtype, title: str) -> None:
+    """Warn when int4 group scales are not exact in the serving ``dtype`` (``inexact``: the
+    linears :func:`inexact_group_scales` found, in model order): the group-wise int4 kernels take
+    their scales in the model's dtype and round them, so the served weights would differ from the
+    evaluated ones (a model quantized in float32, or cast after quantizing).
+
+    Example::
+
+        >>> warn_inexact_group_scales([], torch.float16, "TensorRT-LLM")  # nothing to say
+    """
     if inexact:
         warnings.warn(f"{inexact[0]}{f' and {len(inexact) - 1} more linears' if len(inexact) > 1 else ''}: int4 group "
                       f"scales are not exact in {str(dtype).removeprefix('torch.')}, in which {title}'s kernels take "
                       "them, so the served weights differ slightly from the evaluated ones; quantize the model in its "
                       "serving dtype ([model] dtype = \"bfloat16\" or \"float16\")", stacklevel=3)
 
+
+def in_order(found: Iterable, order: dict[str, int], key: Callable[[Any], str] = lambda item: item) -> list:
+    """``found`` (names, or records whose ``key`` is a name) sorted by ``order`` (name -> place):
+    findings gathered part by part put back in the order a whole-model pass would report them
+    (a linear before the decoder layers, such as OPT's ``project_in``, comes after them there).
+
+    Example::
+
+        >>> in_order(["b", "a"], {"a": 0, "b": 1})
+        ['a', 'b']
+    """
+    return sorted(found, key=lambda item: order[key(item)])

@@ -32,12 +32,20 @@ import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from qframe import BackendPlugin, hookimpl
 from qframe.errors import RecipeError
+
+if TYPE_CHECKING:  # annotations only: the methods import these modules where they use them
+    from qframe.description import ModelDescription
+    from qframe.parts import Part
+
+    from ..quant_algo import Quantization
+    from .convert import CheckpointPlan
+    from .layout import Layout
 
 CHECKPOINT_DTYPES = ("float16", "bfloat16", "float32", "auto")
 # More ranks than any model has attention heads (tp) or layers (pp); larger is a typo.
@@ -86,6 +94,33 @@ def _parse_build(value: Any) -> Any:
     return parse_build(value)
 
 
+@dataclass
+class TensorRTLLMSession:
+    """What :meth:`TensorRTLLMExporter.begin` works out from a model's structure for its parts
+    and its ``finish``: the ``layout``, the checkpoint ``plan`` and the ``chosen`` quantization it
+    came from, by model part the quantized linears (the first part of each TensorRT-LLM linear)
+    and experts; and what the parts' values say, warned about once at the end: linears and
+    experts with inexact group scales, weight-only channels TensorRT-LLM requantizes, caches
+    whose K and V scales differ."""
+
+    description: ModelDescription
+    layout: Layout
+    plan: CheckpointPlan
+    chosen: Quantization
+    linears: dict[Part, list[str]]  # part -> its quantized linears, in model order
+    experts: dict[Part, list[str]]  # part -> its quantized fused experts
+    inexact: list[str] = field(default_factory=list)
+    inexact_experts: list[str] = field(default_factory=list)
+    requantized: list[tuple[str, int, int]] = field(default_factory=list)
+    unshared: list[str] = field(default_factory=list)
+
+    @property
+    def order(self) -> dict[str, int]:
+        """Each quantized linear's, then each quantized experts module's place in the order a
+        whole-model pass reports them."""
+        return {n: i for i, n in enumerate([*self.chosen.quantized, *self.chosen.experts])}
+
+
 class TensorRTLLMExporter:
     """Writes, checks, validates and builds TensorRT-LLM checkpoints (see the module docstring).
     ``registry`` holds the checkpoint layouts (``qframe_layouts``) it writes and reads.
@@ -130,31 +165,88 @@ class TensorRTLLMExporter:
         check_available(self.options.build_spec)  # build = true without trtllm-build: fail now, not after
 
     def export(self, qmodel: Any, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``rank{N}.safetensors`` into ``directory``. Everything is
-        checked and converted before the first file is written."""
-        from safetensors.torch import save_file
+        """Write ``config.json`` and ``rank{N}.safetensors`` into ``directory``, a model part at
+        a time (:func:`qframe.parts.write_in_parts`). Everything is checked before the first part
+        is converted."""
+        from qframe.parts import write_in_parts
 
-        from .convert import checkpoint_pieces, unshared_caches
+        return write_in_parts(self, qmodel.describe(), Path(directory), tokenizer=qmodel.tokenizer)
+
+    def begin(self, description: ModelDescription) -> TensorRTLLMSession:
+        """Check ``description`` and plan its checkpoint from the modules' structure alone (no
+        tensor value is read: the parts may be on the meta device).
+
+        Example::
+
+            >>> session = TensorRTLLMExporter().begin(qmodel.describe())  # doctest: +SKIP
+        """
+        from qframe.parts import part_of
+
+        from .convert import plan_and_choice
         from .layout import layout_for
+
+        layout = layout_for(description.model, self.registry)
+        dtype = description.serving_dtype(self.options.dtype)
+        plan, chosen = plan_and_choice(description, layout, dtype, self.options.tp_size, self.options.pp_size)
+        arch = description.arch
+        linears: dict[Part, list[str]] = {}
+        experts: dict[Part, list[str]] = {}
+        for name in chosen.quantized:
+            linears.setdefault(part_of(name, arch), []).append(name)
+        for name in chosen.experts:
+            experts.setdefault(part_of(name, arch), []).append(name)
+        return TensorRTLLMSession(description, layout, plan, chosen, linears, experts)
+
+    def part(self, session: TensorRTLLMSession, part: Part) -> dict[str, dict[str, torch.Tensor]]:
+        """The checkpoint tensors of one model part, split across the ranks: ``{"rank{r}":
+        tensors}`` (the ranks whose pipeline stage holds some of it), layer indices local to
+        each stage; notes what the part's values say for :meth:`finish`'s warnings.
+
+        Example::
+
+            >>> sorted(TensorRTLLMExporter().part(session, "last")["rank0"])  # doctest: +SKIP
+            ['lm_head.weight', 'transformer.ln_f.weight']
+        """
+        from ..quant_algo import inexact_group_scales
+        from .convert import checkpoint_pieces, inexact_expert_scales, requantized_channels, unshared_caches
         from .shard import shard
 
-        description, opts = qmodel.describe(), self.options
-        layout = layout_for(description.model, self.registry)
-        plan = self.plan(description)
-        unshared = unshared_caches(description) if plan.kv_cache_quant_algo else []
-        if unshared:
-            warnings.warn(f"{unshared[0]}{f' and {len(unshared) - 1} more' if len(unshared) > 1 else ''}: K and V "
-                          "have different cache scales, and TensorRT-LLM serves both with the larger, so the cache "
-                          "it holds is coarser than the one qframe evaluated; quantize with options.shared = true in "
-                          "the kv_cache stage to serve exactly that", stacklevel=2)
-        ranks = shard(checkpoint_pieces(description, layout, plan), opts.tp_size, opts.pp_size, layout.num_layers)
+        description, plan, chosen, opts = session.description, session.plan, session.chosen, self.options
+        linears, experts = session.linears.get(part, []), session.experts.get(part, [])
+        if description.calibrated:  # a plan describes no values to warn about
+            session.inexact += inexact_group_scales(chosen, plan.dtype, linears)
+            session.inexact_experts += inexact_expert_scales(chosen, plan.dtype, experts)
+            session.requantized += requantized_channels(chosen, chosen.quant_algo, linears, experts)
+        if plan.kv_cache_quant_algo:
+            session.unshared += unshared_caches(description, part)
+        pieces = checkpoint_pieces(description, session.layout, plan, part)
+        ranks = shard(pieces, opts.tp_size, opts.pp_size, session.layout.num_layers)
+        return {f"rank{r}": tensors for r, tensors in enumerate(ranks) if tensors}
+
+    def finish(self, session: TensorRTLLMSession, directory: Path, spool: Any, tokenizer: Any = None) -> None:
+        """Write ``config.json`` and assemble each ``rank{N}.safetensors`` from its parts in
+        ``spool``, after warning once about what the parts found (TensorRT-LLM checkpoints
+        hold no tokenizer).
+
+        Example::
+
+            >>> TensorRTLLMExporter().finish(session, Path("out/trt"), spool, None)  # doctest: +SKIP
+        """
+        from ..quant_algo import in_order, warn_inexact_group_scales
+        from .convert import WRITER, warn_inexact_expert_scales, warn_unshared_caches, warn_weight_only_requantized
+
+        plan, chosen, order = session.plan, session.chosen, session.order
+        warn_inexact_group_scales(in_order(session.inexact, order), plan.dtype, WRITER.title)
+        warn_inexact_expert_scales(in_order(session.inexact_experts, order), plan.dtype)
+        warn_weight_only_requantized(in_order(session.requantized, order, key=lambda found: found[0]),
+                                     chosen.quant_algo)
+        warn_unshared_caches(in_order(session.unshared, {c.attention: i for i, c in
+                                                         enumerate(session.description.caches.values())}))
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config = checkpoint_config(layout, plan, opts)
+        config = checkpoint_config(session.layout, plan, self.options)
         (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for rank, tensors in enumerate(ranks):
-            save_file(tensors, str(directory / f"rank{rank}.safetensors"), metadata={"format": "pt"})
-        return directory
+        for r in range(self.options.world_size):
+            spool.assemble(f"rank{r}", directory / f"rank{r}.safetensors", {"format": "pt"})
 
     def validate(self, directory: str | Path) -> list[str]:
         """The problems of a written checkpoint directory (empty when it is valid)."""

@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -74,9 +74,9 @@ from qframe import formats, numerics
 from qframe.description import ExpertsState, LinearState, ModelDescription
 from qframe.errors import ExportError
 from qframe.experts import OUT_IN
+from qframe.parts import Part as ModelPart, part_of
 
-from ..quant_algo import (AWQ_ALGOS, NVFP4_BLOCK, Quantization, Writer, choose, quant_algo, w4a8_weight_scale_2,
-                          warn_inexact_group_scales)
+from ..quant_algo import AWQ_ALGOS, NVFP4_BLOCK, Quantization, Writer, choose, quant_algo, w4a8_weight_scale_2
 from .layout import ExpertsSpec, Layout, LinearSpec, Part
 
 # Fused experts: weight-only int, or FP8/NVFP4 with their static input scales. TensorRT-LLM's MoE
@@ -190,12 +190,31 @@ def _weight_only_prescales(chosen: Quantization, algo: str | None) -> None:
                           "quantizer that keeps none (rtn, gptq)")
 
 
-def _warn_inexact_expert_scales(chosen: Quantization, dtype: torch.dtype) -> None:
-    """As :func:`~qframe_plugins.quant_algo.warn_inexact_group_scales`, for experts' group scales."""
+def inexact_expert_scales(chosen: Quantization, dtype: torch.dtype, names: Iterable[str] | None = None) -> list[str]:
+    """The quantized fused experts (of ``names``, by default all) whose int4 group scales are not
+    exact in ``dtype``, once for each of gate_up_proj and down_proj that is not: what
+    :func:`warn_inexact_expert_scales` reports. Reads the scales (so one model part at a time).
+
+    Example::
+
+        >>> inexact_expert_scales(Quantization("FP8", None, None), torch.float16)
+        []
+    """
     if not chosen.awq:
-        return
-    inexact = [n for n, s in chosen.experts.items() for w in ("gate_up_proj", "down_proj")
-               if not torch.equal(s.module._buffers[f"{w}_scale"].to(dtype).float(), s.module._buffers[f"{w}_scale"].float())]
+        return []
+    experts = chosen.experts if names is None else {n: chosen.experts[n] for n in names if n in chosen.experts}
+    return [n for n, s in experts.items() for w in ("gate_up_proj", "down_proj")
+            for scale in [s.module._buffers[f"{w}_scale"]] if not torch.equal(scale.to(dtype).float(), scale.float())]
+
+
+def warn_inexact_expert_scales(inexact: list[str], dtype: torch.dtype) -> None:
+    """As :func:`~qframe_plugins.quant_algo.warn_inexact_group_scales`, for experts' group scales
+    (``inexact``: what :func:`inexact_expert_scales` found, in model order).
+
+    Example::
+
+        >>> warn_inexact_expert_scales([], torch.float16)  # nothing to say
+    """
     if inexact:
         warnings.warn(f"{inexact[0]}: int4 group scales are not exact in {str(dtype).removeprefix('torch.')}, in which "
                       "TensorRT-LLM's MoE kernels take them, so the served experts differ slightly from the evaluated "
@@ -203,21 +222,47 @@ def _warn_inexact_expert_scales(chosen: Quantization, dtype: torch.dtype) -> Non
                       stacklevel=3)
 
 
-def _warn_weight_only_requantized(chosen: Quantization, algo: str | None) -> None:
-    """Warn where TensorRT-LLM's builder will not reproduce qframe's W4A16/W8A16 weights. It
+def requantized_channels(chosen: Quantization, algo: str | None, linears: Iterable[str] | None = None,
+                         experts: Iterable[str] | None = None) -> list[tuple[str, int, int]]:
+    """For a W4A16/W8A16 checkpoint, each quantized linear's (of ``linears``, default all) and
+    fused experts module's (of ``experts``) ``(name, channels TensorRT-LLM's builder moves,
+    channels)``: what :func:`warn_weight_only_requantized` sums up. Reads the codes (so one model
+    part at a time).
+
+    Example::
+
+        >>> requantized_channels(Quantization("W4A16_AWQ", 128, None), "W4A16_AWQ")
+        []
+    """
+    if algo not in WEIGHT_ONLY:
+        return []
+    qmin = -8 if algo == "W4A16" else -128
+    linears = chosen.quantized if linears is None else [n for n in linears if n in chosen.quantized]
+    experts = chosen.experts if experts is None else [n for n in experts if n in chosen.experts]
+    codes = [(n, chosen.quantized[n].module.weight_codes) for n in linears]
+    codes += [(n, chosen.experts[n].module._buffers[f"{w}_codes"])
+              for n in experts for w in ("gate_up_proj", "down_proj")]
+    # All-zero channels stay zero.
+    return [(name, int(((c != 0).any(-1) & ~(c == qmin).any(-1)).sum().item()), c[..., 0].numel()) for name, c in codes]
+
+
+def warn_weight_only_requantized(found: list[tuple[str, int, int]], algo: str | None) -> None:
+    """Warn where TensorRT-LLM's builder will not reproduce qframe's W4A16/W8A16 weights
+    (``found``: what :func:`requantized_channels` found, linears then experts, in model order). It
     quantizes the checkpoint's 16-bit weights again per output channel with ``scale = amax /
     2^(bits-1)`` (8 or 128; the positive extreme clipped to 7 or 127: its
     ``symmetric_quantize``), while qframe fits ``scale = max(hi / 7, -lo / 8)``: the two agree
-    only on a channel whose codes reach -8 (-128), and a channel's weights move elsewhere."""
+    only on a channel whose codes reach -8 (-128), and a channel's weights move elsewhere.
+
+    Example::
+
+        >>> warn_weight_only_requantized([("fc", 0, 8)], "W4A16")  # every channel reaches -8: nothing to say
+    """
     if algo not in WEIGHT_ONLY:
         return
     qmin = -8 if algo == "W4A16" else -128
-    codes = [(n, s.module.weight_codes) for n, s in chosen.quantized.items()]
-    codes += [(n, s.module._buffers[f"{w}_codes"]) for n, s in chosen.experts.items() for w in ("gate_up_proj", "down_proj")]
-    moved, total, first = 0, 0, None
-    for name, c in codes:
-        rows = ((c != 0).any(-1) & ~(c == qmin).any(-1)).sum().item()  # all-zero channels stay zero
-        moved, total, first = moved + rows, total + c[..., 0].numel(), first or (name if rows else None)
+    moved, total = sum(f[1] for f in found), sum(f[2] for f in found)
+    first = next((name for name, rows, _ in found if rows), None)
     if moved:
         warnings.warn(f"{first} and others: {moved} of {total} output channels never reach the code {qmin}, and "
                       f"TensorRT-LLM's builder quantizes a {algo} checkpoint's 16-bit weights again with scale = amax / "
@@ -243,6 +288,26 @@ def make_plan(description: ModelDescription, layout: Layout, dtype: torch.dtype,
         >>> plan.quant_algo, plan.float_modules
         (None, ['transformer.layers.0.mlp.router', 'transformer.layers.1.mlp.router'])
     """
+    return plan_and_choice(description, layout, dtype, tp_size, pp_size)[0]
+
+
+def plan_and_choice(description: ModelDescription, layout: Layout, dtype: torch.dtype, tp_size: int = 1,
+                    pp_size: int = 1) -> tuple[CheckpointPlan, Quantization]:
+    """:func:`make_plan`'s plan and the :class:`~qframe_plugins.quant_algo.Quantization` it was
+    chosen from (the quantized linears, by the first part of each TensorRT-LLM linear, and
+    experts), from the description's module structure alone: nothing here reads a tensor's
+    values, so a model whose parts are on the meta device is planned as well.
+
+    Example::
+
+        >>> from qframe.testing import make_registry, tiny_llama_model
+        >>> from qframe.description import describe_model
+        >>> from .layout import layout_for
+        >>> model, registry = tiny_llama_model().to("meta"), make_registry()
+        >>> plan, chosen = plan_and_choice(describe_model(model, registry), layout_for(model, registry), torch.float16)
+        >>> plan.quant_algo, len(chosen.excluded)
+        (None, 10)
+    """
     specs = [spec for i in range(layout.num_layers) for spec in layout.linears(i)]
     experts = [spec for i in range(layout.num_layers) for spec in layout.experts(i)]
     for spec in specs:
@@ -255,10 +320,6 @@ def make_plan(description: ModelDescription, layout: Layout, dtype: torch.dtype,
     if unplaced:  # a layout plugin for a mixture of experts that does not say where its experts go
         raise ExportError(f"{unplaced[0]}: quantized experts that the {type(layout).__name__} layout places nowhere "
                           "in TensorRT-LLM's checkpoint; export with --backend qframe, or keep them in float")
-    if description.calibrated:
-        warn_inexact_group_scales(chosen, dtype, WRITER.title)
-        _warn_inexact_expert_scales(chosen, dtype)
-        _warn_weight_only_requantized(chosen, chosen.quant_algo)
     algo = chosen.quant_algo
     float_experts = [spec for spec in experts if spec.module not in chosen.experts]
     if algo is not None and float_experts and layout.shared_expert:
@@ -284,7 +345,7 @@ def make_plan(description: ModelDescription, layout: Layout, dtype: torch.dtype,
                           dtype, excluded, float_modules, patterns)
     if description.shapes_known:
         check_parallel(layout, plan, tp_size, pp_size)
-    return plan
+    return plan, chosen
 
 
 def _group(size: int | None) -> str:
@@ -566,23 +627,51 @@ def _float_experts(module: nn.Module, algo: str, up_gate: Callable[[torch.Tensor
     return out
 
 
-def checkpoint_pieces(description: ModelDescription, layout: Layout, plan: CheckpointPlan) -> dict[str, Piece]:
-    """Every tensor of the checkpoint, before it is split across ranks."""
+def _tensor(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The parameter or buffer ``name`` (a tied one under either name), found by its owner rather
+    than by walking every tensor of the model, which each part would do again."""
+    owner, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:
+        return None
+    found = module._parameters.get(leaf)
+    return module._buffers.get(leaf) if found is None else found
+
+
+def checkpoint_pieces(description: ModelDescription, layout: Layout, plan: CheckpointPlan, part: ModelPart | None = None
+                      ) -> dict[str, Piece]:
+    """The checkpoint's tensors before they are split across ranks: every one, or those of one
+    model ``part`` (``"first"``: the embeddings, a decoder layer's index, ``"last"``: the final
+    norm and lm_head), which read that part's modules only.
+
+    Example::
+
+        >>> from qframe.testing import make_registry, tiny_llama_model
+        >>> from qframe.description import describe_model
+        >>> from .layout import layout_for
+        >>> model, registry = tiny_llama_model(), make_registry()
+        >>> layout, description = layout_for(model, registry), describe_model(model, registry)
+        >>> sorted(checkpoint_pieces(description, layout, make_plan(description, layout, torch.float16), "last"))
+        ['lm_head.weight', 'transformer.ln_f.weight']
+    """
     model = description.model
-    params = dict(model.named_parameters(remove_duplicate=False))
-    params.update(dict(model.named_buffers(remove_duplicate=False)))
 
     def plain(entry, stage) -> Piece:
-        # A quantized lm_head's dequantized weight is a buffer: named_buffers finds it too.
-        if entry.source not in params:
+        # A quantized lm_head's dequantized weight is a buffer: _tensor finds it too.
+        tensor = _tensor(model, entry.source)
+        if tensor is None:
             raise ExportError(f"{entry.source}: the model has no such tensor, which TensorRT-LLM's layout needs")
+        if tensor.is_meta:  # the loader left its part unloaded: nothing to write but its shape
+            raise ExportError(f"{entry.source}: still on the meta device while model part {stage!r} is written")
         dtype = getattr(torch, entry.dtype) if entry.dtype else plan.dtype  # a MoE router is float32
-        return Piece([params[entry.source].detach().to(dtype)], stage, entry.split, 0 if entry.split else None)
+        return Piece([tensor.detach().to(dtype)], stage, entry.split, 0 if entry.split else None)
 
     pieces: dict[str, Piece] = {}
-    for entry in layout.first_tensors():
-        pieces[entry.name] = plain(entry, "first")
-    for i in range(layout.num_layers):
+    if part in (None, "first"):
+        for entry in layout.first_tensors():
+            pieces[entry.name] = plain(entry, "first")
+    for i in range(layout.num_layers) if part is None else [part] if isinstance(part, int) else []:
         for entry in layout.layer_tensors(i):
             pieces[entry.name] = plain(entry, i)
         for spec in layout.linears(i):
@@ -595,17 +684,44 @@ def checkpoint_pieces(description: ModelDescription, layout: Layout, plan: Check
             k, v = (s.reshape(1) for s in description.caches[i].scales())
             for what, scale in (("kv", torch.maximum(k, v)), ("k", k), ("v", v)):
                 pieces[f"transformer.layers.{i}.attention.{what}_cache_scaling_factor"] = Piece([scale.clone()], i)
-    for entry in layout.last_tensors():
-        pieces[entry.name] = plain(entry, "last")
+    if part in (None, "last"):
+        for entry in layout.last_tensors():
+            pieces[entry.name] = plain(entry, "last")
     return pieces
 
 
-def unshared_caches(description: ModelDescription) -> list[str]:
-    """The attentions whose K and V scales differ: TensorRT-LLM serves both with the larger, so
-    the smaller-scaled one is stored more coarsely than it was evaluated."""
+def unshared_caches(description: ModelDescription, part: ModelPart | None = None) -> list[str]:
+    """The attentions (of model ``part``, by default all) whose K and V scales differ: TensorRT-LLM
+    serves both with the larger, so the smaller-scaled one is stored more coarsely than it was
+    evaluated. Reads the scales (so one model part at a time).
+
+    Example::
+
+        >>> from qframe.testing import make_registry, tiny_llama_model
+        >>> from qframe.description import describe_model
+        >>> unshared_caches(describe_model(tiny_llama_model(), make_registry()), 0)
+        []
+    """
     out = []
     for cache in description.caches.values():
+        if part is not None and part_of(cache.attention, description.arch) != part:
+            continue
         scales = cache.scales()
         if scales is not None and not torch.equal(*scales):
             out.append(cache.attention)
     return out
+
+
+def warn_unshared_caches(unshared: list[str]) -> None:
+    """Warn that TensorRT-LLM serves K and V with one scale where qframe evaluated two
+    (``unshared``: what :func:`unshared_caches` found, in model order).
+
+    Example::
+
+        >>> warn_unshared_caches([])  # nothing to say
+    """
+    if unshared:
+        warnings.warn(f"{unshared[0]}{f' and {len(unshared) - 1} more' if len(unshared) > 1 else ''}: K and V "
+                      "have different cache scales, and TensorRT-LLM serves both with the larger, so the cache "
+                      "it holds is coarser than the one qframe evaluated; quantize with options.shared = true in "
+                      "the kv_cache stage to serve exactly that", stacklevel=3)

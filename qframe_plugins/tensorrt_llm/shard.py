@@ -53,7 +53,9 @@ def _for_rank(piece: Piece, tp_rank: int, tp_size: int) -> torch.Tensor:
     else:
         value = torch.cat(parts, piece.out_dim) if len(parts) > 1 else parts[0]
     value = piece.encode(value) if piece.encode is not None else value
-    return value.contiguous().clone()
+    # No copy: the rank's tensor may be a view of the model's (a 1 GB lm_head at tp_size 1);
+    # the spool writes views as they are.
+    return value.contiguous()
 
 
 def shard(pieces: dict[str, Piece], tp_size: int, pp_size: int, num_layers: int) -> list[dict[str, torch.Tensor]]:
