@@ -407,7 +407,7 @@ def _export_checked(exporter: Any, qmodel: QuantizedModel | None, directory: Pat
         if hasattr(exporter, "begin"):
             from .checkpoint import NativeParts
 
-            parts = NativeParts(native, registry or default_registry())
+            parts = NativeParts(native, registry or default_registry(), dequantize=False)
             write_in_parts(exporter, parts.qmodel.describe(), directory, loader=parts, tokenizer=parts.qmodel.tokenizer)
         else:  # a backend that writes from a model in memory
             exporter.export(load_native(native, registry or default_registry()), directory)

@@ -110,14 +110,13 @@ def native_tensors(model: torch.nn.Module, arch: Any, part: Part) -> dict[str, t
         owner, _, leaf = name.rpartition(".")
         module = modules.get(owner)
         if leaf == "weight_codes" and isinstance(module, QuantLinear):
-            tensors[f"{owner}.weight_packed"] = module.weight_args.number_format.pack(tensor.detach()).contiguous().cpu()
+            tensors[f"{owner}.weight_packed"] = module.weight_args.number_format.pack(tensor.detach())
             continue
         if (leaf.endswith("_codes") and isinstance(module, QuantExperts)
                 and leaf[:-len("_codes")] in module.expert_layouts):
-            packed = module.weight_args.number_format.pack(tensor.detach())
-            tensors[f"{owner}.{leaf[:-len('_codes')]}_packed"] = packed.contiguous().cpu()
+            tensors[f"{owner}.{leaf[:-len('_codes')]}_packed"] = module.weight_args.number_format.pack(tensor.detach())
             continue
-        tensors[name] = tensor.detach().contiguous().cpu()
+        tensors[name] = tensor.detach()  # moved to the CPU one at a time as the spool writes it
     return tensors
 
 
@@ -574,9 +573,12 @@ class NativeParts:
         >>> parts.load_part(0); parts.layer(0)             # doctest: +SKIP
     """
 
-    def __init__(self, directory: str | Path, registry: Any) -> None:
+    def __init__(self, directory: str | Path, registry: Any, *, dequantize: bool = True) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+        # Exporters read codes and scales, never the dequantized weights a forward computes with
+        # (``dequantize=False``): a layer's float copy and its float32 temporaries are not made.
+        self.dequantize = dequantize
         self.directory = Path(directory)
         manifest = read_manifest(self.directory)
         self.weights_file = self.directory / WEIGHTS
@@ -648,7 +650,7 @@ class NativeParts:
             owner, _, leaf = alias.rpartition(".")
             setattr(self.model.get_submodule(owner), leaf, self.model.get_parameter(kept))
         for name, module in modules.items():
-            if isinstance(module, (QuantLinear, QuantExperts)):
+            if isinstance(module, (QuantLinear, QuantExperts)) and self.dequantize:
                 module.refresh()
             if any(b is not None and b.is_meta for b in module._buffers.values()):
                 _compute_buffers(self.model, module)

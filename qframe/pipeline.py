@@ -809,7 +809,8 @@ def run_pipeline(
                 entry["modules"].setdefault(name, {})["tokens_per_expert"] = counts
                 routed[name] = counts
             del reference
-        layer.to(home)
+        if loader is None:  # a streamed layer is written from where it is, then freed
+            layer.to(home)
         entry["seconds"] = round(time.perf_counter() - started, 4)
         report.append(entry)
         if sink is not None:

@@ -136,15 +136,15 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
         True
     """
     names = _dtypes()[1]
-    flat = {n: t.detach().contiguous().cpu() for n, t in tensors.items()}
     entries = _in_file_order(TensorEntry(n, names[t.dtype], tuple(t.shape), Path(), 0, t.numel() * t.element_size())
-                             for n, t in flat.items())
+                             for n, t in tensors.items())
     with open(path, "wb") as out:
         out.write(_header_bytes(entries, metadata))
-        for entry in entries:
-            tensor = flat[entry.name]
+        for entry in entries:  # one at a time on the CPU: activations on the GPU stay there
+            tensor = tensors[entry.name].detach().contiguous().cpu()
             if tensor.numel():
                 out.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
     return Path(path)
 
 
