@@ -300,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if argv is None:  # the console script, not a call from Python: SIGTERM cleans up like Ctrl-C
         raise_on_sigterm()
+        from .run import return_freed_memory
+
+        return_freed_memory()  # memory stays flat over a streamed model's depth
     try:
         return COMMANDS[args.command](args)
     except QFrameError as exc:
@@ -307,10 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qframe {args.command}: error: {paragraph}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("qframe: interrupted; any unfinished output was discarded", file=sys.stderr)
+        print("qframe: interrupted; nothing unfinished was put in place", file=sys.stderr)
         return 130
     except Terminated:
-        print("qframe: terminated; any unfinished output was discarded", file=sys.stderr)
+        print("qframe: terminated; nothing unfinished was put in place", file=sys.stderr)
         return 143
 
 

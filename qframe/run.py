@@ -65,6 +65,32 @@ class Fingerprint:
         return [names[key] for key in names if getattr(self, key) != getattr(other, key)]
 
 
+def return_freed_memory() -> None:
+    """Have glibc's malloc return freed blocks of 1 MiB and more to the system at once.
+
+    Its default threshold grows to 32 MiB as large blocks are freed, and what falls under it
+    stays in the process's heap, fragmented: quantizing a Llama-3-8B-shaped model on the CPU
+    then grew by about 145 MiB a decoder layer (2.3 GiB after one layer, 4.2 GiB after 16)
+    where with this it stays at 2.3 GiB. The command line calls it first; a program that
+    streams big models through the API may too. A no-op off glibc.
+
+    Example::
+
+        >>> return_freed_memory()
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (a fixed value also stops its growth)
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        pass
+
+
 def recipe_hash(recipe_dict: dict[str, Any]) -> str:
     """The SHA-256 of a resolved recipe (:meth:`qframe.recipe.Recipe.to_dict`).
 

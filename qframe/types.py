@@ -104,7 +104,14 @@ class BackendPlugin(PluginRecord):
       validate DIR`` from the command line, with ``recognizes(directory)`` telling which
       backend wrote a directory;
     - optionally ``build(directory)``: turn the written checkpoint into an engine, after it
-      is in place (so a failed build never costs the checkpoint).
+      is in place (so a failed build never costs the checkpoint);
+    - optionally, to stream (a model never whole in memory, :func:`qframe.parts.write_in_parts`):
+      ``begin(description) -> session`` (every check, from the modules' structure alone: parts
+      may be on the meta device), ``part(session, part) -> {stream: tensors}`` (the tensors
+      of ``"first"``, one decoder layer's index, or ``"last"``, read from that part only) and
+      ``finish(session, directory, spool, tokenizer)`` (assemble the files from the spooled
+      parts, write the rest). ``qframe apply`` and ``qframe export DIR`` then feed it a part at
+      a time; an exporter without them gets the model whole.
     """
 
     kind: ClassVar[str] = "backend"
