@@ -89,9 +89,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     import qframe
-    from qframe.run import return_freed_memory
 
-    return_freed_memory()  # as the command line does
     started = time.perf_counter()
     sets = [f'export.backend="{args.backend}"', *args.set]
     if args.calib_data:

@@ -656,11 +656,14 @@ class NativeParts:
                 _compute_buffers(self.model, module)
 
     def free_part(self, part: Part) -> None:
-        """Send ``part`` back to the meta device."""
+        """Send ``part`` back to the meta device, and its memory back to the system."""
+        from .run import return_freed_memory
+
         if isinstance(part, int):
             to_meta(self.layer(part))
         else:
             to_meta(self.model, skip=self.arch.layers_path)
+        return_freed_memory()
 
     def load_layer(self, index: int) -> torch.nn.Module:
         self.load_part(index)

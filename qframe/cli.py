@@ -300,9 +300,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if argv is None:  # the console script, not a call from Python: SIGTERM cleans up like Ctrl-C
         raise_on_sigterm()
-        from .run import return_freed_memory
-
-        return_freed_memory()  # memory stays flat over a streamed model's depth
     try:
         return COMMANDS[args.command](args)
     except QFrameError as exc:

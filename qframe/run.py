@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -66,29 +67,34 @@ class Fingerprint:
 
 
 def return_freed_memory() -> None:
-    """Have glibc's malloc return freed blocks of 1 MiB and more to the system at once.
+    """Give the memory freed so far back to the system (glibc's ``malloc_trim``).
 
-    Its default threshold grows to 32 MiB as large blocks are freed, and what falls under it
-    stays in the process's heap, fragmented: quantizing a Llama-3-8B-shaped model on the CPU
-    then grew by about 145 MiB a decoder layer (2.3 GiB after one layer, 4.2 GiB after 16)
-    where with this it stays at 2.3 GiB. The command line calls it first; a program that
-    streams big models through the API may too. A no-op off glibc.
+    glibc keeps freed blocks under its mmap threshold, which grows to 32 MiB as large blocks
+    are freed, in the process's heap: quantizing a Llama-3-8B-shaped model on the CPU grew by
+    about 145 MiB a decoder layer (2.3 GiB after one layer, 4.2 GiB after 16). A streamed run
+    calls this as each layer is freed and stays flat. A no-op off glibc.
 
     Example::
 
         >>> return_freed_memory()
     """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
     import ctypes
     import ctypes.util
     import sys
 
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (a fixed value also stops its growth)
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        pass
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
 
 
 def recipe_hash(recipe_dict: dict[str, Any]) -> str:
@@ -147,6 +153,7 @@ class LazyParts:
         else:
             to_meta(self.model, skip=self.lazy.layers_path)
             self.rest_loaded = False
+            return_freed_memory()
 
     def load_layer(self, index: int) -> nn.Module:
         layer = self.lazy.load_layer(index)
@@ -157,6 +164,7 @@ class LazyParts:
 
     def free_layer(self, index: int) -> None:
         to_meta(self.lazy.layer(index))
+        return_freed_memory()
 
     def load_all(self) -> None:
         """Every part: the whole model in memory (what a dataset that runs the model needs)."""
