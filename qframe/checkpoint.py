@@ -603,6 +603,11 @@ class NativeParts:
         model.config.use_cache = False
         _load_generation_config(model, self.directory)
         self.tied: dict[str, str] = dict(manifest["tied"])
+        untied = [alias for alias, kept in self.tied.items() if _has_parameter(model, alias) and _has_parameter(model, kept)
+                  and model.get_parameter(alias) is not model.get_parameter(kept)]
+        if untied:  # as load_native: saved once, but the config no longer ties them
+            raise ModelError(f"{self.directory / 'config.json'} does not tie {', '.join(untied[:3])} to what the "
+                             "checkpoint saved it as (is tie_word_embeddings missing?); the output is damaged")
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.directory) \
                 if (self.directory / "tokenizer_config.json").is_file() else None
@@ -628,23 +633,27 @@ class NativeParts:
 
         wanted = {k for k in self._keys if part_of(k, self.arch) == part}
         wanted |= {kept for alias, kept in self.tied.items() if part_of(alias, self.arch) == part}
-        with safe_open(str(self.weights_file), "pt") as handle:
-            tensors = {k: handle.get_tensor(k) for k in sorted(wanted)}
+        try:
+            with safe_open(str(self.weights_file), "pt") as handle:
+                tensors = {k: handle.get_tensor(k) for k in sorted(wanted)}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise ModelError(f"{self.weights_file}: not a readable safetensors file ({_short(exc)})") from None
         modules = dict(self._modules(part))
         for name, module in modules.items():
             if isinstance(module, QuantLinear) and module.weight_args is not None:
                 packed = tensors.pop(f"{name}.weight_packed", None)
-                if packed is None:
-                    raise ModelError(f"{self.weights_file}: missing {name}.weight_packed")
-                tensors[f"{name}.weight_codes"] = module.weight_args.number_format.unpack(packed, module.in_features)
+                if packed is None or packed.dtype != torch.uint8:
+                    raise ModelError(f"{self.weights_file}: {name}.weight_packed is missing or not uint8 packed "
+                                     "codes; the output is damaged")
+                try:
+                    codes = module.weight_args.number_format.unpack(packed, module.in_features)
+                except (ValueError, RuntimeError, IndexError) as exc:
+                    raise ModelError(f"{self.weights_file}: {name}.weight_packed cannot be unpacked as "
+                                     f"{module.weight_args.name} ({_short(exc)}); the output is damaged") from None
+                tensors[f"{name}.weight_codes"] = codes
             elif isinstance(module, QuantExperts):
                 unpack_experts(name, module, tensors, self.weights_file)
-        expected = {n for n, t in self.model.state_dict(keep_vars=True).items()
-                    if part_of(n, self.arch) == part and n not in self.tied}
-        missing = sorted(expected - set(tensors))
-        if missing:
-            raise ModelError(f"{self.weights_file} lacks {listed(missing)}; the output is damaged (write it again "
-                             "with qframe apply)")
+        self._check_part(part, tensors)
         self.model.load_state_dict(tensors, strict=False, assign=True)
         for alias, kept in self.tied.items():  # assign gave the kept name a tensor of its own
             owner, _, leaf = alias.rpartition(".")
@@ -654,6 +663,25 @@ class NativeParts:
                 module.refresh()
             if any(b is not None and b.is_meta for b in module._buffers.values()):
                 _compute_buffers(self.model, module)
+
+    def _check_part(self, part: Part, tensors: dict[str, torch.Tensor]) -> None:
+        """What :func:`load_native` checks, for one part: every tensor the model has there, of
+        its shape and dtype, nothing else, nothing non-finite (codes are unpacked already)."""
+        expected = {n: t for n, t in self.model.state_dict(keep_vars=True).items()
+                    if part_of(n, self.arch) == part and n not in self.tied}
+        kept = {k for a, k in self.tied.items() if part_of(a, self.arch) == part}
+        problems = [f"{n} is missing" for n in sorted(set(expected) - set(tensors))]
+        problems += [f"{n} has no place in the model" for n in sorted(set(tensors) - set(expected) - kept)]
+        for name, want in expected.items():
+            got = tensors.get(name)
+            if got is not None and (tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype
+                                    and not name.endswith("_codes")):
+                problems.append(f"{name} is {str(got.dtype).removeprefix('torch.')} {list(got.shape)}, expected "
+                                f"{str(want.dtype).removeprefix('torch.')} {list(want.shape)}")
+        problems += [f"{n} holds NaN or infinity" for n in nonfinite_names(tensors.items())]
+        if problems:
+            raise ModelError(f"{self.weights_file} does not match {self.directory / MANIFEST} and config.json: "
+                             f"{listed(problems, 3)}; the output is damaged (write it again with qframe apply)")
 
     def free_part(self, part: Part) -> None:
         """Send ``part`` back to the meta device, and its memory back to the system."""
