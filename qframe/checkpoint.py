@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ from .kvcache import check_args as check_cache_args
 from .qlinear import QuantLinear
 from .output import strict_dumps
 from .parts import SPOOL, Part, model_parts, part_label, part_of, tied_names, to_meta
-from .spool import Spool
+from .spool import Spool, read_header
 from .quantized import QuantizedModel
 from .scheme import QuantArgs
 
@@ -596,6 +597,15 @@ class NativeParts:
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         except Exception as exc:  # transformers raises many types for a bad config
             raise ModelError(f"{self.directory / 'config.json'}: not a usable model config ({_short(exc)})") from None
+        header = read_header(self.weights_file)[0]
+        header.pop("__metadata__", None)
+        # As load_native: packed codes hold at most four weights a byte; more is not this checkpoint's model.
+        held = sum(math.prod(v["shape"]) * (4 if n.endswith("_packed") else 1) for n, v in header.items())
+        wanted = sum(p.numel() for p in model.parameters())
+        if wanted > held + sum(model.get_parameter(k).numel() for k in manifest["tied"] if _has_parameter(model, k)):
+            raise ModelError(f"{self.directory / 'config.json'} describes a model of {wanted} parameters, but "
+                             f"{self.weights_file} holds at most {held}; the output is damaged (write it again with "
+                             "qframe apply)")
         self.arch = find_architecture(model, registry)
         self.arch.prepare(model)
         install_structure(model, manifest, self.directory / MANIFEST)
@@ -642,14 +652,21 @@ class NativeParts:
         for name, module in modules.items():
             if isinstance(module, QuantLinear) and module.weight_args is not None:
                 packed = tensors.pop(f"{name}.weight_packed", None)
-                if packed is None or packed.dtype != torch.uint8:
-                    raise ModelError(f"{self.weights_file}: {name}.weight_packed is missing or not uint8 packed "
-                                     "codes; the output is damaged")
+                if packed is None:
+                    raise ModelError(f"{self.weights_file}: missing {name}.weight_packed")
+                if packed.dtype != torch.uint8:
+                    raise ModelError(f"{self.weights_file}: {name}.weight_packed is "
+                                     f"{str(packed.dtype).removeprefix('torch.')}, expected uint8 packed codes; the "
+                                     "output is damaged")
                 try:
                     codes = module.weight_args.number_format.unpack(packed, module.in_features)
                 except (ValueError, RuntimeError, IndexError) as exc:
                     raise ModelError(f"{self.weights_file}: {name}.weight_packed cannot be unpacked as "
                                      f"{module.weight_args.name} ({_short(exc)}); the output is damaged") from None
+                want = (module.out_features, module.in_features)
+                if tuple(codes.shape) != want:
+                    raise ModelError(f"{self.weights_file}: {name}.weight_packed holds {list(codes.shape)} codes, "
+                                     f"expected {list(want)}")
                 tensors[f"{name}.weight_codes"] = codes
             elif isinstance(module, QuantExperts):
                 unpack_experts(name, module, tensors, self.weights_file)
@@ -670,15 +687,21 @@ class NativeParts:
         expected = {n: t for n, t in self.model.state_dict(keep_vars=True).items()
                     if part_of(n, self.arch) == part and n not in self.tied}
         kept = {k for a, k in self.tied.items() if part_of(a, self.arch) == part}
-        problems = [f"{n} is missing" for n in sorted(set(expected) - set(tensors))]
-        problems += [f"{n} has no place in the model" for n in sorted(set(tensors) - set(expected) - kept)]
+        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected) - kept)
+        if missing or unexpected:  # as load_native says it
+            raise ModelError(f"{self.weights_file} does not match its manifest: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        problems = []
         for name, want in expected.items():
             got = tensors.get(name)
             if got is not None and (tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype
                                     and not name.endswith("_codes")):
                 problems.append(f"{name} is {str(got.dtype).removeprefix('torch.')} {list(got.shape)}, expected "
                                 f"{str(want.dtype).removeprefix('torch.')} {list(want.shape)}")
-        problems += [f"{n} holds NaN or infinity" for n in nonfinite_names(tensors.items())]
+        bad = nonfinite_names(tensors.items())
+        if bad:
+            raise ModelError(f"{self.weights_file}: {len(bad)} tensor(s) hold NaN or infinity ({listed(bad)}); "
+                             "the output is damaged (write it again with qframe apply)")
         if problems:
             raise ModelError(f"{self.weights_file} does not match {self.directory / MANIFEST} and config.json: "
                              f"{listed(problems, 3)}; the output is damaged (write it again with qframe apply)")
