@@ -140,16 +140,6 @@ def write_in_parts(exporter: Any, description: Any, directory: Path, loader: Par
     return directory
 
 
-def on_device(module: nn.Module) -> bool:
-    """Whether every tensor of ``module`` holds data (none is on the meta device)."""
-    return not any(t.is_meta for t in [*module.parameters(), *module.buffers()])
-
-
-def materialized(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``tensors`` detached, contiguous and on the CPU, as files take them."""
-    return {n: t.detach().contiguous().cpu() for n, t in tensors.items()}
-
-
 def to_meta(module: nn.Module, skip: str | None = None) -> None:
     """Send ``module``'s tensors to the meta device, releasing their memory, and keep tied
     tensors tied (``Module.to("meta")`` would give each module a parameter of its own).

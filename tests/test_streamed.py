@@ -102,8 +102,6 @@ def test_every_family(root, tmp_path, family):
     """GPT-2 (whose adapter rebuilds Conv1D as nn.Linear) and models only the structural fallback
     serves are loaded whole; the others stream. Their outputs are the same either way."""
     model_dir = save_with_tokenizer(tiny_model(family), tmp_path / "model")
-    if family == "falcon":
-        pytest.skip("no adapter serves falcon in either path")  # refused alike: see test_models.py
     both_paths(model_dir, tmp_path, "rtn_w4a16", "qframe", ["stage.0.weights.group_size=16"], root / "text.txt")
 
 
