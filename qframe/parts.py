@@ -128,8 +128,7 @@ def write_in_parts(exporter: Any, description: Any, directory: Path, loader: Par
     try:
         for part in model_parts(description.num_layers):
             with loaded(loader, part):
-                for stream, tensors in exporter.part(session, part).items():
-                    spool.put(stream, part_label(part), tensors)
+                _spool_part(spool, part, exporter.part(session, part))
             if part == "first":
                 faults.reach("export")
         exporter.finish(session, directory, spool, tokenizer)
@@ -138,6 +137,13 @@ def write_in_parts(exporter: Any, description: Any, directory: Path, loader: Par
         with contextlib.suppress(OSError):
             (directory / SPOOL).rmdir()
     return directory
+
+
+def _spool_part(spool: Any, part: Part, streams: dict[str, dict[str, torch.Tensor]]) -> None:
+    # A function of its own: a loop variable left holding the last stream's tensors would keep
+    # the part (an 8B model's 1 GB embeddings) alive while the next part is made.
+    for stream, tensors in streams.items():
+        spool.put(stream, part_label(part), tensors)
 
 
 def to_meta(module: nn.Module, skip: str | None = None) -> None:

@@ -23,13 +23,14 @@ Example (what ``qframe.quantize`` does)::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -349,6 +350,32 @@ class _Captured(Exception):
     pass
 
 
+@contextlib.contextmanager
+def visiting(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
+    """``modules`` on ``device`` for the block, then back on their own tensors: nothing is
+    copied back (a memory-mapped 1 GB embedding would come back as an anonymous copy).
+
+    Example::
+
+        >>> emb = nn.Embedding(4, 2); before = emb.weight.data_ptr()
+        >>> with visiting([emb], torch.device("cpu")):
+        ...     pass
+        >>> emb.weight.data_ptr() == before
+        True
+    """
+    saved = [(m, {n: p.data for n, p in m._parameters.items() if p is not None}, dict(m._buffers))
+             for module in modules for m in module.modules()]
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for m, data, buffers in saved:
+            for name, tensor in data.items():
+                m._parameters[name].data = tensor
+            m._buffers.update(buffers)
+
+
 def capture_inputs(model: nn.Module, arch: Architecture, ids: torch.Tensor, batch_size: int, device: torch.device,
                    spill: bool = False) -> LayerInputs:
     """Run the embeddings once per batch and keep what the first decoder layer receives
@@ -364,13 +391,9 @@ def capture_inputs(model: nn.Module, arch: Architecture, ids: torch.Tensor, batc
         captured.kwargs.append(kwargs)
         raise _Captured
 
-    pre = arch.pre_layer_modules(model)
-    homes = [_device_of(module) for module in pre]
-    for module in pre:
-        module.to(device)
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with torch.inference_mode():
+        with visiting(arch.pre_layer_modules(model), device), torch.inference_mode():
             for batch in ids.split(batch_size):
                 try:
                     model(input_ids=batch.to(device), use_cache=False)
@@ -378,8 +401,6 @@ def capture_inputs(model: nn.Module, arch: Architecture, ids: torch.Tensor, batc
                     pass
     finally:
         handle.remove()
-        for module, home in zip(pre, homes):
-            module.to(home)
     if finite and not bool(torch.stack(finite).all()):
         raise ModelError(
             f"the inputs of the first decoder layer ({arch.layers_path}.0), computed by "

@@ -140,12 +140,20 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
                              for n, t in tensors.items())
     with open(path, "wb") as out:
         out.write(_header_bytes(entries, metadata))
-        for entry in entries:  # one at a time on the CPU: activations on the GPU stay there
-            tensor = tensors[entry.name].detach().contiguous().cpu()
-            if tensor.numel():
-                out.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
-            del tensor
+        for entry in entries:
+            _write_bytes(out, tensors[entry.name])
     return Path(path)
+
+
+_CHUNK_BYTES = 64 << 20
+
+
+def _write_bytes(out, tensor: torch.Tensor) -> None:
+    """Write ``tensor``'s bytes; one on an accelerator comes over in chunks, so that a layer's
+    calibration activations (gigabytes on the GPU) never stand whole in CPU memory."""
+    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    for start in range(0, flat.numel(), _CHUNK_BYTES):  # a CPU tensor's chunks are views: no copy
+        out.write(flat[start:start + _CHUNK_BYTES].cpu().numpy().data)
 
 
 def _header_bytes(entries: list[TensorEntry], metadata: dict[str, str] | None) -> bytes:
