@@ -435,3 +435,65 @@ def moe_from_dense(dense, family: str = "mixtral", *, num_experts: int = 4, top_
         raise ValueError(f"moe_from_dense: weights missing {missing[:5]}, unexpected {unexpected[:5]}")
     moe.config.use_cache = False
     return moe.eval()
+
+
+def output_files(directory: "str | Path") -> dict[str, str]:
+    """Every file qframe wrote under ``directory`` (relative path → sha256), but the two that
+    record times (``qframe.json``, ``.qframe-files.json``)."""
+    import hashlib
+    from pathlib import Path
+
+    directory = Path(directory)
+    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name not in ("qframe.json", ".qframe-files.json")}
+
+
+def without_timings(manifest: Any) -> Any:
+    """``manifest`` (a loaded ``qframe.json``) without what differs from run to run: timings
+    and the model's location."""
+    if isinstance(manifest, dict):
+        return {k: without_timings(v) for k, v in manifest.items() if k not in ("timings", "seconds", "model")}
+    return [without_timings(v) for v in manifest] if isinstance(manifest, list) else manifest
+
+
+def streamed_and_in_memory(model: str, recipe: str, out: "str | Path", overrides: list[str],
+                           backend: str = "qframe", device: str = "cpu") -> list[str]:
+    """Run ``recipe`` on the local ``model`` (a folder or ``.gguf``) with ``backend`` both ways
+    and return the files whose bytes differ (none, when the streamed path is right):
+
+    - streamed: ``qframe.apply`` reads the model a layer at a time and writes as layers finish;
+    - in memory: the whole model loaded, :func:`qframe.quantize`, saved with ``save_native``
+      and exported with :func:`qframe.export`.
+
+    The manifests must agree too, but for their timings (else ``qframe.json`` is listed).
+
+    Example::
+
+        >>> streamed_and_in_memory("model-dir", "recipes/fp8.toml", "out", [], "hf")  # doctest: +SKIP
+        []
+    """
+    import json
+    import warnings
+    from pathlib import Path
+
+    import qframe
+    from qframe.api import export_subdirectory
+    from qframe.checkpoint import save_native
+    from qframe.model import load_model, resolve_source
+    from qframe.recipe import load_recipe
+
+    out = Path(out)
+    sets = [*overrides, f'export.backend="{backend}"']
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qframe.apply(recipe, model=str(model), output=out / "streamed", overrides=sets, device=device)
+        loaded = load_model(resolve_source(str(model)))
+        qmodel = qframe.quantize(loaded.model, load_recipe(recipe, sets), tokenizer=loaded.tokenizer, device=device)
+        save_native(qmodel, out / "memory")
+        if backend != "qframe":
+            qframe.export(qmodel, backend, out / "memory" / export_subdirectory(backend))
+    ours, theirs = output_files(out / "streamed"), output_files(out / "memory")
+    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    manifests = [json.loads((out / d / "qframe.json").read_text()) for d in ("streamed", "memory")]
+    return differ + (["qframe.json"] if without_timings(manifests[0]) != without_timings(manifests[1]) else [])

@@ -8,19 +8,13 @@ two write are the same bytes, and so is the manifest but for its timings.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
-import warnings
 from pathlib import Path
 
 import pytest
 
 import qframe
-from qframe.checkpoint import save_native
-from qframe.model import load_model, resolve_source
-from qframe.recipe import load_recipe
-from qframe.testing import TINY_FAMILIES, tiny_llama_model, tiny_model
+from qframe.testing import TINY_FAMILIES, streamed_and_in_memory, tiny_llama_model, tiny_model
 
 ROOT = Path(__file__).parents[1]
 WORDS = ["<eos>", "<unk>"] + [f"w{i}" for i in range(126)]
@@ -54,36 +48,10 @@ def save_with_tokenizer(model, folder: Path) -> Path:
     return folder
 
 
-def files(directory: Path) -> dict[str, str]:
-    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*"))
-            if p.is_file() and p.name not in ("qframe.json", ".qframe-files.json")}
-
-
-def timeless(value):
-    if isinstance(value, dict):
-        return {k: timeless(v) for k, v in value.items() if k not in ("timings", "seconds", "model")}
-    return [timeless(v) for v in value] if isinstance(value, list) else value
-
-
 def both_paths(model_dir: Path, out: Path, recipe: str, backend: str, overrides: list[str], text: Path) -> None:
-    """Run ``recipe`` streamed (``qframe.apply``) and in memory (``quantize`` + ``save_native`` +
-    ``export``) and assert their outputs are the same bytes."""
-    sets = [f'calibration.dataset="text:{text}"', "calibration.samples=4", "calibration.seq_len=16",
-            f'export.backend="{backend}"', *overrides]
-    path = str(ROOT / "recipes" / f"{recipe}.toml")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        streamed = qframe.apply(path, model=str(model_dir), output=out / "streamed", overrides=sets, device="cpu")
-        assert streamed.qmodel is not None
-        loaded = load_model(resolve_source(str(model_dir)))
-        qmodel = qframe.quantize(loaded.model, load_recipe(path, sets), tokenizer=loaded.tokenizer, device="cpu")
-        save_native(qmodel, out / "memory")
-        if backend != "qframe":
-            qframe.export(qmodel, backend, out / "memory" / qframe.api.export_subdirectory(backend))
-    assert files(out / "streamed") == files(out / "memory")
-    ours, theirs = (json.loads((out / d / "qframe.json").read_text()) for d in ("streamed", "memory"))
-    assert timeless(ours) == timeless(theirs)
+    """Run ``recipe`` streamed and in memory; their outputs are the same bytes."""
+    sets = [f'calibration.dataset="text:{text}"', "calibration.samples=4", "calibration.seq_len=16", *overrides]
+    assert streamed_and_in_memory(str(model_dir), str(ROOT / "recipes" / f"{recipe}.toml"), out, sets, backend) == []
 
 
 @pytest.fixture(scope="module")
