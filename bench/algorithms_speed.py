@@ -112,6 +112,8 @@ def main() -> None:
     p.add_argument("--offload", default="auto", choices=["auto", "device", "cpu"],
                    help="qframe's calibration.offload: where calibration activations live")
     p.add_argument("--tokenizer", help="a tokenizer folder, for llm-compressor (which wants one)")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="run qframe under torch.profiler and print its ROWS costliest operations (self CUDA time)")
     args = p.parse_args()
 
     device = torch.device("cuda")
@@ -125,7 +127,13 @@ def main() -> None:
     acts_bytes = args.samples * args.seq_len * args.hidden * torch.empty((), dtype=model.dtype).element_size()
     torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    if args.tool in RECIPES:
+    if args.tool in RECIPES and args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            extra = run_qframe(args.tool, model, ids, device, args.group, args.batch_size, args.offload)
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.profile), flush=True)
+    elif args.tool in RECIPES:
         extra = run_qframe(args.tool, model, ids, device, args.group, args.batch_size, args.offload)
     elif args.tool == "modelopt-awq":
         extra = run_modelopt(model, ids, device, args.group, args.batch_size)

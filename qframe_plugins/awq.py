@@ -3,17 +3,21 @@
 AWQ (Lin et al., 2024), in the streaming style of llm-awq and modelopt's ``awq_lite``. For
 each smoothing group of a decoder layer (the linears reading one input):
 
-1. one pass over the calibration data gathers each input channel's mean ``|x|`` (and a
-   subsample of at most ``clip_tokens`` tokens for step 3);
-2. a second pass scores ``n_grid`` scales ``s_r = mean|x|^r / mean|w|^(1-r)`` (normalized by
-   ``sqrt(max · min)``), ``r = k / n_grid``, by the group's output error
-   ``sum_j ||Q(W_j · s)(x / s) − W_j x||²``; candidate ``r = 0`` is the identity (``s = 1``,
+1. one pass over the calibration data gathers each input channel's mean ``|x|`` and the
+   inputs' Gram matrix ``G = Σ xᵀx``, which holds every token's contribution to any linear
+   output error: ``||x ΔWᵀ||² = tr(ΔW G ΔWᵀ)``;
+2. ``n_grid`` scales ``s_r = mean|x|^r / mean|w|^(1-r)`` (normalized by
+   ``sqrt(max · min)``), ``r = k / n_grid``, are scored by the group's output error
+   ``sum_j ||Q(W_j · s)(x / s) − W_j x||²``, computed from ``G`` (each candidate costs
+   ``out · in²`` instead of ``tokens · out · in``); candidate ``r = 0`` is the identity (``s = 1``,
    plain round-to-nearest), so AWQ never does worse than RTN on this objective. The best
    scale is folded into the producer when exact, else kept as each consumer's
    ``input_prescale`` (GQA's ``v_proj`` → ``o_proj``, as TensorRT-LLM's W4A16_AWQ does);
 3. per consumer, each weight group's range is shrunk by the ratio (``1`` to
-   ``1 - max_shrink``) that best preserves that group's share of the outputs on the token
-   subsample; the weights are quantized with those ranges.
+   ``1 - max_shrink``) that best preserves that group's share of the outputs over every
+   token (``G``'s diagonal block for the group); the weights are quantized with those ranges.
+
+Fused experts, whose tokens are routed, search on a sample of ``expert_tokens`` tokens.
 
 Static activations (W4A8: int4 weights, FP8 E4M3 per-tensor inputs) are calibrated after
 smoothing, on the inputs as the quantized layer will see them. ``quantize = false`` only
@@ -62,7 +66,8 @@ MAX_GRID = 1000
 @dataclass(frozen=True)
 class AWQOptions(ExpertCalibration):
     """``n_grid``: scale ratios searched; ``clip``: search weight ranges too, over
-    ``clip_grid + 1`` shrink ratios down to ``1 - max_shrink``, on ``clip_tokens`` tokens;
+    ``clip_grid + 1`` shrink ratios down to ``1 - max_shrink`` (on every token for linears, on
+    ``clip_tokens`` of the sampled tokens for fused experts);
     ``quantize``: false to smooth only. Fused experts: their searches run on ``expert_tokens``
     tokens sampled evenly from the calibration stream; ``experts`` and ``expert_min_tokens`` as
     :class:`qframe.expert_inputs.ExpertCalibration` says."""
@@ -136,6 +141,68 @@ def weight_mean(weights: list[torch.Tensor], args: QuantArgs) -> torch.Tensor:
     """Mean |w| per input channel, each quantization group first scaled to a max of 1 (so a
     few large rows do not decide it), over the rows of every consumer's weight ``[out, in]``."""
     return torch.cat([normalized_magnitudes(w, args) for w in weights]).mean(0)
+
+
+def candidate_losses(weights: list[torch.Tensor], scales: torch.Tensor, args: QuantArgs, gram: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """AWQ's objective for each candidate scale ``s_c`` (a row of ``scales [K, in]``), from the
+    consumers' common input's Gram matrix ``G = Σ xᵀx``: ``Σ_j ||Q(W_j · s_c)(x / s_c) − W_j x||²
+    = Σ_j tr(ΔW_j G ΔW_jᵀ)`` with ``ΔW_j = Q(W_j · s_c) · diag(1 / s_c) − W_j``. Returns the losses
+    ``[K]`` and the outputs' energy ``Σ_j tr(W_j G W_jᵀ)``, in float64. The tokens are summed once,
+    in ``G``: each candidate costs ``out · in²``, not ``tokens · out · in``.
+
+    Example::
+
+        >>> x, w = torch.randn(64, 8), torch.randn(4, 8)
+        >>> loss, energy = candidate_losses([w], torch.ones(1, 8), QuantArgs(bits=4), x.T @ x)
+        >>> direct = (x @ (numerics.quantize_weight(w, QuantArgs(bits=4)).dequantize() - w).T).square().sum()
+        >>> bool(torch.isclose(loss[0], direct.double(), rtol=1e-4))
+        True
+    """
+    gram = gram.float()
+    loss = torch.zeros(scales.shape[0], dtype=torch.float64, device=gram.device)
+    energy = torch.zeros((), dtype=torch.float64, device=gram.device)
+    for w in weights:  # each consumer apart: per-tensor weight ranges must not span two
+        w = w.detach().float().to(gram.device)
+        energy += ((w @ gram) * w).sum(dtype=torch.float64)
+        for c in range(scales.shape[0]):
+            s = scales[c].float().to(gram.device)
+            delta = numerics.quantize_weight(w * s, args).dequantize().div_(s).sub_(w)
+            loss[c] += ((delta @ gram) * delta).sum(dtype=torch.float64)
+    return loss, energy
+
+
+def clip_ranges_gram(w: torch.Tensor, gram: torch.Tensor, args: QuantArgs, steps: int, max_shrink: float
+                     ) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
+    """:func:`clip_ranges` on every calibration token at once, through the Gram matrix ``G =
+    Σ xᵀx`` of the inputs ``[in, in]``: a group's share of the output error is
+    ``ΔW_g G_gg ΔW_gᵀ`` with ``G_gg`` the group's diagonal block.
+
+    Example::
+
+        >>> x, w, args = torch.randn(256, 16), torch.randn(4, 16), QuantArgs(bits=4, granularity="group", group_size=8)
+        >>> a, _ = clip_ranges_gram(w, x.T @ x, args, 10, 0.5); b, _ = clip_ranges(w, x, args, 10, 0.5)
+        >>> torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        True
+    """
+    w = w.detach().float().to(gram.device)
+    lo, hi = numerics.minmax_ranges(w, args)
+    wg = numerics.grouped(w, args)  # [rows, groups, size]
+    groups, size = wg.shape[1], wg.shape[2]
+    padded = torch.nn.functional.pad(gram.float(), (0, groups * size - gram.shape[0]) * 2)
+    blocks = padded.view(groups, size, groups, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [groups, size, size]
+    best_err = torch.full(lo.shape, float("inf"), device=w.device)
+    best = torch.ones_like(lo)
+    for k in range(steps + 1):
+        ratio = 1.0 - max_shrink * k / steps
+        scale, zero, _ = numerics.scale_parts(lo * ratio, hi * ratio, args)
+        scale, zero = scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1)
+        diff = (numerics.dequantize(numerics.quantize(wg, scale, zero, args), scale, zero) - wg).transpose(0, 1)
+        err = (torch.bmm(diff, blocks) * diff).sum(-1).T  # [rows, groups]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, ratio), best)
+    return (lo * best, hi * best), float(best.mean())
 
 
 def clip_ranges(w: torch.Tensor, x: torch.Tensor, args: QuantArgs, steps: int, max_shrink: float
@@ -410,27 +477,26 @@ class AWQ(Quantizer):
         # One observed input per group (its consumers share it) and per target outside groups.
         feed = {name: g.names[0] for g in groups for name in g.names}
         feed.update({name: name for name, _ in targets if name not in feed})
-        keep = opts.clip_tokens if opts.clip and opts.quantize else 0
-        stats = work.observe_inputs(sorted(set(feed.values())), lambda _name: ChannelStats(keep))
-
-        searches = {}
-        for g in groups:
-            x_mean = stats[g.names[0]].mean_abs
-            w_mean = weight_mean([m.weight for m in g.linears], weights)
-            scales = torch.stack([awq_scale(x_mean, w_mean, k / opts.n_grid) for k in range(opts.n_grid)])
-            searches[g.names[0]] = CandidateLoss([m.weight for m in g.linears], scales, weights)
-        if searches:
-            work.observe_inputs(list(searches), searches.__getitem__)
+        # One pass over the calibration data: mean |x| per channel and the Gram matrix of each
+        # group's input, from which both searches score every candidate on every token.
+        clip = opts.clip and opts.quantize
+        grouped = {g.names[0] for g in groups}
+        stats = work.observe_inputs(sorted(set(feed.values())),
+                                    lambda name: ChannelStats(gram=clip or name in grouped))
         smoothed, pending = {}, {}
         for g in groups:
-            search = searches[g.names[0]]
-            best = int(search.loss.argmin())
-            folded = apply_scale(work, g, search.scales[best], pending)
+            x_mean, gram = stats[g.names[0]].mean_abs, stats[g.names[0]].gram
+            w_mean = weight_mean([m.weight for m in g.linears], weights)
+            scales = torch.stack([awq_scale(x_mean, w_mean, k / opts.n_grid) for k in range(opts.n_grid)])
+            loss, energy = candidate_losses([m.weight for m in g.linears], scales, weights, gram)
+            energy = float(energy.clamp_min(1e-30))
+            best = int(loss.argmin())
+            folded = apply_scale(work, g, scales[best], pending)
             for name in g.names:
-                smoothed[name] = search.scales[best]
+                smoothed[name] = scales[best]
                 # awq_loss / awq_rtn_loss: the chosen scale's output error, and the identity's.
-                work.record(name, awq_ratio=best / opts.n_grid, awq_loss=search.relative_loss(best),
-                            awq_rtn_loss=search.relative_loss(0), awq_folded=float(folded))
+                work.record(name, awq_ratio=best / opts.n_grid, awq_loss=float(loss[best]) / energy,
+                            awq_rtn_loss=float(loss[0]) / energy, awq_folded=float(folded))
         if opts.quantize:
             self._quantize(work, targets, stats, feed, smoothed, pending)
 
@@ -448,11 +514,13 @@ class AWQ(Quantizer):
             if name in pending:
                 scale_columns(linear, pending[name])
             weight_ranges, clip_mean = None, 1.0
-            samples = stats[feed[name]].samples
-            if opts.clip and samples is not None and samples.shape[0] > 0:
-                if name in smoothed:  # sampled before smoothing; the layer now reads x / s
-                    samples = samples / smoothed[name]
-                weight_ranges, clip_mean = clip_ranges(linear.weight, samples, weights, opts.clip_grid, opts.max_shrink)
+            gram = stats[feed[name]].gram
+            if opts.clip and gram is not None:
+                if name in smoothed:  # gathered before smoothing; the layer now reads x / s
+                    s = smoothed[name].to(gram.device)
+                    gram = gram / s.unsqueeze(1) / s.unsqueeze(0)
+                weight_ranges, clip_mean = clip_ranges_gram(linear.weight, gram, weights, opts.clip_grid,
+                                                            opts.max_shrink)
             quantized = QuantLinear.from_linear(linear, weights, acts, weight_ranges=weight_ranges,
                                                 input_range=ranges.get(name))
             if name in pending:

@@ -18,9 +18,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -39,12 +40,23 @@ CANDIDATE_BYTES = 1 << 29
 class ChannelStats:
     """Per input channel: min, max, max |x| and mean |x| over every token observed, NaN and
     inf ignored; with ``keep_tokens``, also a uniform subsample of at most that many token
-    rows (non-finite values zeroed), in memory that does not grow with the stream."""
+    rows (non-finite values zeroed), in memory that does not grow with the stream; with
+    ``gram``, the inputs' Gram matrix ``Σ xᵀx`` ``[in, in]`` (float32, non-finite values zeroed),
+    from which every linear reading ``x`` has its squared output error for any weight change
+    ``ΔW``: ``||x ΔWᵀ||² = tr(ΔW G ΔWᵀ)``, without the tokens.
 
-    def __init__(self, keep_tokens: int = 0):
-        self.keep_tokens = keep_tokens
+    Example::
+
+        >>> stats = ChannelStats(gram=True); stats.observe(torch.tensor([[1.0, 2.0], [3.0, float("nan")]]))
+        >>> stats.gram.tolist(), stats.mean_abs.tolist()
+        ([[10.0, 2.0], [2.0, 4.0]], [2.0, 2.0])
+    """
+
+    def __init__(self, keep_tokens: int = 0, gram: bool = False):
+        self.keep_tokens, self.want_gram = keep_tokens, gram
         self.lo = self.hi = self.amax = self.abs_sum = self.count = None
         self.samples: torch.Tensor | None = None
+        self.gram: torch.Tensor | None = None
         self._index: torch.Tensor | None = None
         self._seen, self._stride = 0, 1
 
@@ -62,6 +74,11 @@ class ChannelStats:
             self.abs_sum, self.count = self.abs_sum + mag.sum(0), self.count + finite.sum(0)
         if self.keep_tokens:
             self._keep(clean)
+        if self.want_gram:
+            if self.gram is None:
+                self.gram = torch.zeros(clean.shape[1], clean.shape[1], device=clean.device)
+            with exact_tf32(x.dtype):
+                self.gram.addmm_(clean.T, clean)
 
     def _keep(self, rows: torch.Tensor) -> None:
         # Keep tokens whose position in the stream is a multiple of the stride; when too many
@@ -81,6 +98,22 @@ class ChannelStats:
     @property
     def mean_abs(self) -> torch.Tensor:
         return self.abs_sum / self.count.clamp_min(1)
+
+
+@contextlib.contextmanager
+def exact_tf32(dtype: torch.dtype) -> Iterator[None]:
+    """TF32 float32 matmuls on CUDA for the block when ``dtype`` (where the float32 operands
+    came from) is bfloat16 or float16: TF32 keeps 10 mantissa bits, as many as those carry, so
+    the products are exact and still sums in float32, at tensor-core speed."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @dataclass
