@@ -16,10 +16,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -259,6 +260,31 @@ class Prescaled:
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.inner.compute()
 
+
+
+@contextlib.contextmanager
+def exact_tf32(dtype: torch.dtype) -> Iterator[None]:
+    """TF32 float32 matmuls on CUDA for the block when ``dtype`` (where the float32 operands
+    came from) is bfloat16 or float16: TF32 keeps 10 mantissa bits, as many as those carry, so
+    the products are exact and still summed in float32, at tensor-core speed. For statistics
+    such as a Hessian ``Σ xᵀx`` of a 16-bit model's activations.
+
+    Example::
+
+        >>> with exact_tf32(torch.bfloat16):
+        ...     g = torch.ones(2, 3).T @ torch.ones(2, 3)
+        >>> g[0, 0].item()
+        2.0
+    """
+    if dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def build_calibrator(record: Any, args: QuantArgs) -> Calibrator:

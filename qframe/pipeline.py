@@ -251,15 +251,38 @@ class LayerWork:
         with torch.inference_mode():
             return [_first(self.layer(inputs.batch(i, self.device), **kw)) for i, kw in enumerate(inputs.kwargs)]
 
-    def forward_all(self) -> None:
+    def forward_all(self, watch: list[nn.Module] | None = None, *, outputs: bool = False) -> None:
         """Run every batch through the layer for its hooks, keeping no outputs (a full copy of
-        the activations otherwise)."""
+        the activations otherwise). With ``watch``, a batch stops as soon as each of those
+        modules has been entered (has returned, with ``outputs``), when the first batch (run
+        whole) showed each runs once per forward: observing the attention's inputs need not
+        run the MLP. Hooks registered before this call see their module first."""
         inputs = self.inputs
         if inputs is None:
             raise QFrameError(f"{self.prefix}: no calibration inputs were captured")
-        with torch.inference_mode():
-            for i, kw in enumerate(inputs.kwargs):
-                self.layer(inputs.batch(i, self.device), **kw)
+        calls: dict[nn.Module, int] = {}
+        stop_early = False
+
+        def count(module, *_):
+            calls[module] = calls.get(module, 0) + 1
+            if stop_early and len(calls) == len(hooks):
+                raise _Observed
+
+        hooks = [m.register_forward_hook(count) if outputs else m.register_forward_pre_hook(count)
+                 for m in dict.fromkeys(watch or [])]
+        try:
+            with torch.inference_mode():
+                for i, kw in enumerate(inputs.kwargs):
+                    calls.clear()
+                    try:
+                        self.layer(inputs.batch(i, self.device), **kw)
+                    except _Observed:
+                        continue
+                    # Run whole: may the next batches stop early?
+                    stop_early = bool(watch) and len(calls) == len(hooks) and all(n == 1 for n in calls.values())
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     def observe_inputs(self, names: list[str], make: Callable[[str], Calibrator]) -> dict[str, Calibrator]:
         """Run the layer once, feeding each named submodule's input to its own calibrator."""
@@ -279,7 +302,7 @@ class LayerWork:
             else:
                 hooks.append(module.register_forward_pre_hook(lambda _m, args, c=calibrator: c.observe(args[0])))
         try:
-            self.forward_all()
+            self.forward_all([self.layer.get_submodule(self._relative(n)) for n in names], outputs=outputs)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -348,6 +371,10 @@ def _first(output: Any) -> torch.Tensor:
 
 class _Captured(Exception):
     pass
+
+
+class _Observed(Exception):
+    """Every watched module has run for this batch: the rest of the layer is not needed."""
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from qframe import QuantizerPlugin, formats, hookimpl, numerics
+from qframe.calibrate import exact_tf32
 from qframe.errors import RecipeError
 from qframe.expert_inputs import (ALL, ExpertCalibration, ExpertHessians, WeightInputs, calibrate_expert_inputs,
                                   expert_matrix, expert_weight_names, observe_experts)
@@ -91,9 +92,15 @@ def check(stage) -> None:
     rtn_check(stage)
 
 
+# Elements of one float32 chunk of inputs folded into a Hessian at once (256 MiB).
+HESSIAN_CHUNK = 1 << 26
+
+
 class Hessian:
     """Accumulates ``H = 2/n Σ xᵀx`` (float32) over the rows of every input it observes;
-    rows holding NaN or inf are dropped and counted in ``dropped``.
+    rows holding NaN or inf are dropped and counted in ``dropped``. Batches are folded into a
+    sum on the device without reading anything back (no host sync per batch) and in float32
+    chunks of bounded size; ``matrix`` divides by the token count when read.
 
     Example::
 
@@ -104,23 +111,38 @@ class Hessian:
     """
 
     def __init__(self, columns: int, device: torch.device):
-        self.matrix = torch.zeros(columns, columns, dtype=torch.float32, device=device)
-        self.tokens = 0
-        self.dropped = 0
+        self.sum: torch.Tensor | None = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self._kept = torch.zeros((), dtype=torch.long, device=device)
+        self._rows = 0
 
     def observe(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(self.matrix.device, torch.float32)
-        finite = torch.isfinite(x).all(dim=1)
-        kept = int(finite.sum())
-        if kept < x.shape[0]:
-            self.dropped += x.shape[0] - kept
-            x = x[finite]
-        if kept == 0:
-            return
-        total = self.tokens + kept
-        # A running mean keeps the scale of H independent of the amount of data.
-        self.matrix.mul_(self.tokens / total).addmm_(x.T, x, alpha=2.0 / total)
-        self.tokens = total
+        rows = x.detach().reshape(-1, x.shape[-1])
+        self._rows += rows.shape[0]
+        for part in rows.split(max(1, HESSIAN_CHUNK // rows.shape[1])):
+            clean = part.to(self.sum.device, torch.float32, copy=True)
+            finite = torch.isfinite(clean).all(dim=1, keepdim=True)
+            clean.masked_fill_(~finite, 0.0)
+            with exact_tf32(x.dtype):
+                self.sum.addmm_(clean.T, clean)
+            self._kept += finite.sum()
+
+    @property
+    def tokens(self) -> int:
+        return int(self._kept)
+
+    @property
+    def dropped(self) -> int:
+        return self._rows - self.tokens
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """``H``, a new tensor (``2/n`` times the sum; a running mean would rescale it per batch)."""
+        return self.sum * (2.0 / max(self.tokens, 1))
+
+    def take(self) -> torch.Tensor:
+        """``H``, made in place of the sum, which the Hessian gives up (GPTQ consumes it)."""
+        matrix, self.sum = self.sum.mul_(2.0 / max(self.tokens, 1)), None
+        return matrix
 
 
 @dataclass
@@ -138,8 +160,9 @@ class GPTQResult:
 @dataclass
 class BatchedGPTQ:
     """:func:`gptq_batched`'s result: ``weight [B, out, in]`` (float32), ``ranges`` ``[B, out,
-    groups]`` (``[B, 1, 1]`` per tensor), NVFP4's ``global_scale [B, 1, 1]``, and per matrix
-    ``loss``, ``damp`` and ``fallback`` ``[B]``."""
+    groups]`` (``[B, 1, 1]`` per tensor), NVFP4's ``global_scale [B, 1, 1]``, per matrix
+    ``loss``, ``damp`` and ``fallback`` ``[B]``, and per row the summed ``Σ err²/d²`` and
+    ``w H wᵀ`` (``row_error``, ``row_energy`` ``[B, out]``: a block of rows' own relative loss)."""
 
     weight: torch.Tensor
     ranges: tuple[torch.Tensor, torch.Tensor]
@@ -147,6 +170,8 @@ class BatchedGPTQ:
     loss: torch.Tensor
     damp: torch.Tensor
     fallback: torch.Tensor
+    row_error: torch.Tensor
+    row_energy: torch.Tensor
 
 
 def _per_column(t: torch.Tensor, args: QuantArgs, shape: torch.Size) -> torch.Tensor:
@@ -232,7 +257,7 @@ def gptq_batched(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, block_siz
     dead = h.diagonal(dim1=-2, dim2=-1) == 0  # [B, in]
     h.diagonal(dim1=-2, dim2=-1)[dead] = 1.0
     alive = w.detach().float().masked_fill(dead.unsqueeze(1), 0.0)
-    energy = (torch.bmm(alive, h) * alive).sum((1, 2)).clamp_min(1e-30)
+    row_energy = (torch.bmm(alive, h) * alive).sum(2)  # [B, out]
     del alive
     order = torch.argsort(h.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True) if act_order else None
     if act_order:  # columns with the largest inputs first; each keeps its own group's scale
@@ -261,7 +286,7 @@ def gptq_batched(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, block_siz
     dynamic = not act_order and args.granularity == "group" and ranges is None
     if dynamic:
         lo, hi = lo.clone(), hi.clone()
-    loss = torch.zeros(b, device=device)
+    row_error = torch.zeros(b, out, device=device)
     quantized = weight  # a finished block's columns are dead: their rounded values go in their place
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)
@@ -282,14 +307,14 @@ def gptq_batched(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, block_siz
             q = numerics.fake_quantize(col, scales[..., c], None if zeros is None else zeros[..., c], args)
             quantized[..., c] = q
             err = (col - q) / u[:, i, i].unsqueeze(-1)
-            loss += err.square().sum(-1)
+            row_error += err.square()
             block[..., i:] -= err.unsqueeze(-1) * u[:, i, i:].unsqueeze(1)
             errors[..., i] = err
         weight[..., end:] -= torch.bmm(errors, upper[:, start:end, end:])  # the lazy update of later columns
     if act_order:
         quantized = _gather_columns(quantized, torch.argsort(order, dim=-1))
-    loss = torch.where(fallback, torch.full_like(loss, float("nan")), loss / energy)
-    return BatchedGPTQ(quantized, (lo, hi), global_scale, loss, damp, fallback)
+    loss = torch.where(fallback, float("nan"), row_error.sum(1) / row_energy.sum(1).clamp_min(1e-30))
+    return BatchedGPTQ(quantized, (lo, hi), global_scale, loss, damp, fallback, row_error, row_energy)
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor | Hessian, args: QuantArgs, *, block_size: int = 128,
@@ -312,8 +337,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor | Hessian, args: QuantArgs, *
         (torch.Size([4, 16]), False)
     """
     if isinstance(h, Hessian):
-        h, h_owner = h.matrix.to(w.device, torch.float32), h
-        h_owner.matrix = None
+        h = h.take().to(w.device, torch.float32)
     else:
         h = h.to(w.device, torch.float32).clone()
     r = gptq_batched(w.unsqueeze(0), h.unsqueeze(0), args, block_size=block_size, dampening=dampening,
@@ -324,6 +348,66 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor | Hessian, args: QuantArgs, *
     lo, hi = r.ranges
     return GPTQResult(r.weight[0], (lo[0], hi[0]), None if r.global_scale is None else r.global_scale.reshape(()),
                       float(r.loss[0]), float(r.damp[0]), fallback)
+
+
+def gptq_shared(weights: list[torch.Tensor], h: torch.Tensor | Hessian, args: QuantArgs, *, block_size: int = 128,
+                dampening: float = 0.01, act_order: bool = False) -> list[GPTQResult]:
+    """:func:`gptq_quantize` for linears that read one input (q/k/v, gate/up), against their
+    one Hessian: their rows are rounded as one matrix. GPTQ rounds rows independently given
+    ``H``, so each linear's result is what rounding it alone gives, for one factorization and
+    one column loop instead of one per linear; per-tensor ranges and NVFP4 global scales stay
+    each linear's own.
+
+    Example::
+
+        >>> x = torch.randn(256, 16); h = 2 * x.T @ x / 256
+        >>> q, k = torch.randn(4, 16), torch.randn(2, 16)
+        >>> both = gptq_shared([q, k], h, QuantArgs(bits=4))
+        >>> torch.equal(both[1].weight, gptq_quantize(k, h, QuantArgs(bits=4)).weight)
+        True
+    """
+    if isinstance(h, Hessian):
+        h = h.take()
+    if len(weights) == 1:
+        return [gptq_quantize(weights[0], h, args, block_size=block_size, dampening=dampening, act_order=act_order)]
+    sizes = [w.shape[0] for w in weights]
+    floats = [w.detach().float().unsqueeze(0) for w in weights]
+    ranges = None
+    if args.granularity == "tensor":  # per row, each linear's own range
+        per = [_static_ranges(w, args) for w in floats]
+        ranges = tuple(torch.cat([r[i].expand(1, n, 1) for r, n in zip(per, sizes)], 1) for i in (0, 1))
+    scales = [formats.of(args).global_scale(numerics._finite(w).abs().amax((1, 2))) for w in floats]
+    global_scale = None if scales[0] is None else torch.cat(
+        [g.reshape(1, 1, 1).expand(1, n, 1) for g, n in zip(scales, sizes)], 1)
+    del floats
+    r = gptq_batched(torch.cat([w.detach() for w in weights]).unsqueeze(0), h.to(weights[0].device).unsqueeze(0),
+                     args, block_size=block_size, dampening=dampening, act_order=act_order, ranges=ranges,
+                     global_scale=global_scale)
+    fallback = bool(r.fallback[0])
+    if fallback:
+        warnings.warn("gptq: the Hessian is not positive definite even with strong dampening; rounding to nearest")
+    results, start = [], 0
+    for n in sizes:
+        rows = slice(start, start + n)
+        one = slice(start, start + 1) if args.granularity == "tensor" else rows  # the linear's own range
+        lo, hi = (t[0, one] for t in r.ranges)
+        loss = float("nan") if fallback else float(r.row_error[0, rows].sum() / r.row_energy[0, rows].sum().clamp_min(1e-30))
+        glob = None if r.global_scale is None else r.global_scale[0, start].reshape(())
+        results.append(GPTQResult(r.weight[0, rows], (lo, hi), glob, loss, float(r.damp[0]), fallback))
+        start += n
+    return results
+
+
+def _shared_inputs(work: LayerWork, group: list[tuple[str, nn.Linear]]) -> list[list[tuple[str, nn.Linear]]]:
+    """``group``'s linears by the input they read: a smoothing group's consumers read one
+    tensor (its producer's output); any other linear reads its own."""
+    left = dict(group)
+    shared = []
+    for smoothing in (work.arch.smoothing_groups if work.arch is not None else ()):
+        names = [f"{work.prefix}.{c}" for c in smoothing.consumers if f"{work.prefix}.{c}" in left]
+        if names:
+            shared.append([(n, left.pop(n)) for n in names])
+    return shared + [[item] for item in left.items()]
 
 
 def _groups(work: LayerWork, targets: list[tuple[str, nn.Linear]], sequential: bool) -> list[list[tuple[str, nn.Linear]]]:
@@ -492,14 +576,21 @@ class GPTQ(Quantizer):
         static = acts is not None and not acts.dynamic
         rounded: dict[str, tuple[nn.Linear, GPTQResult]] = {}
         for group in _groups(work, targets, opts.true_sequential):
-            widths = {name: linear.in_features for name, linear in group}
-            hessians = work.observe_inputs(list(widths), lambda name: Hessian(widths[name], work.device))
-            for name, linear in group:
+            readers = {members[0][0]: members for members in _shared_inputs(work, group)}  # one Hessian each
+            hessians = work.observe_inputs(list(readers), lambda name: Hessian(readers[name][0][1].in_features,
+                                                                               work.device))
+            done = {}
+            for feed, members in readers.items():
                 started = time.perf_counter()
-                hessian = hessians[name]
+                dropped = hessians[feed].dropped
                 with torch.no_grad():  # consumes the Hessian: its [in, in] matrix is freed as it goes
-                    result = gptq_quantize(linear.weight, hessian, weights, block_size=opts.block_size,
-                                           dampening=opts.dampening, act_order=opts.act_order)
+                    results = gptq_shared([linear.weight for _, linear in members], hessians[feed], weights,
+                                          block_size=opts.block_size, dampening=opts.dampening,
+                                          act_order=opts.act_order)
+                elapsed, rows = time.perf_counter() - started, sum(linear.out_features for _, linear in members)
+                for (name, linear), result in zip(members, results):  # the time shared out by rows
+                    done[name] = (linear, result, elapsed * linear.out_features / rows, dropped)
+            for name, (linear, result, seconds, dropped) in done.items():
                 # A float32 linear holding the result: its codes reproduce the result exactly.
                 holder = nn.Linear(linear.in_features, linear.out_features, linear.bias is not None,
                                    device=result.weight.device)
@@ -512,7 +603,7 @@ class GPTQ(Quantizer):
                 quantized = self._build(holder, result, None if static else acts, None, linear.weight.dtype)
                 work.replace(name, quantized)
                 work.record(name, weight_error=weight_error(linear, quantized), gptq_loss=result.loss, damp=result.damp,
-                            dropped_tokens=float(hessian.dropped), seconds=round(time.perf_counter() - started, 4))
+                            dropped_tokens=float(dropped), seconds=round(seconds, 4))
                 if result.fallback:
                     work.record(name, gptq_fallback=1.0)
         if rounded:

@@ -18,15 +18,15 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 
 from qframe import numerics
+from qframe.calibrate import exact_tf32
 from qframe.experts import expert_matrix, expert_weight_names, is_fused_experts
 from qframe.qlinear import QuantLinear
 from qframe.scheme import QuantArgs
@@ -98,22 +98,6 @@ class ChannelStats:
     @property
     def mean_abs(self) -> torch.Tensor:
         return self.abs_sum / self.count.clamp_min(1)
-
-
-@contextlib.contextmanager
-def exact_tf32(dtype: torch.dtype) -> Iterator[None]:
-    """TF32 float32 matmuls on CUDA for the block when ``dtype`` (where the float32 operands
-    came from) is bfloat16 or float16: TF32 keeps 10 mantissa bits, as many as those carry, so
-    the products are exact and still sums in float32, at tensor-core speed."""
-    if dtype not in (torch.bfloat16, torch.float16):
-        yield
-        return
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @dataclass

@@ -234,3 +234,32 @@ def test_static_activations_are_calibrated_after_the_weights():
     o_proj = qmodel.quantized_modules()[f"{LAYER0}.self_attn.o_proj"]
     assert o_proj.input_scale.item() > 0 and o_proj.input_args is not None
     assert all(0 < e < 0.01 for e in layer_errors(qmodel))
+
+
+@pytest.mark.parametrize("args", [
+    QuantArgs(bits=4, granularity="group", group_size=8),
+    QuantArgs(bits=4, granularity="group", group_size=8, symmetric=False),
+    QuantArgs(bits=8, granularity="channel"),
+    QuantArgs(type="float", bits=8, granularity="tensor"),  # each linear keeps its own per-tensor range
+    QuantArgs(type="float", bits=4, format="nvfp4", granularity="group", group_size=16),  # and global scale
+], ids=["int4-g8", "int4-g8-asym", "int8-channel", "fp8-tensor", "nvfp4"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_linears_reading_one_input_round_together_as_each_alone(args, act_order):
+    """q/k/v (and gate/up) share one Hessian and one column loop: each linear's result is what
+    rounding it alone gives, per-tensor ranges and NVFP4 global scales each its own."""
+    from qframe_plugins.gptq import gptq_shared
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 32) * torch.linspace(0.1, 3, 32)
+    h = 2 * x.T @ x / 512
+    weights = [torch.randn(16, 32), torch.randn(8, 32) * 5, torch.randn(8, 32) * 0.1]
+    together = gptq_shared(weights, h.clone(), args, block_size=8, act_order=act_order)
+    for w, shared in zip(weights, together):
+        alone = gptq_quantize(w, h.clone(), args, block_size=8, act_order=act_order)
+        torch.testing.assert_close(shared.weight, alone.weight, rtol=0, atol=1e-6)
+        for ours, theirs in zip(shared.ranges, alone.ranges):
+            torch.testing.assert_close(ours, theirs.reshape(ours.shape), rtol=0, atol=1e-6)
+        assert (shared.global_scale is None) == (alone.global_scale is None)
+        if alone.global_scale is not None:
+            assert torch.equal(shared.global_scale, alone.global_scale)
+        assert shared.loss == pytest.approx(alone.loss, rel=1e-5)

@@ -10,7 +10,7 @@ from qframe.checkpoint import load_native, save_native
 from qframe.plugins import build_registry
 from qframe.qlinear import QuantLinear
 from qframe.recipe import parse_recipe
-from qframe.testing import logits, random_tokens, relative_error
+from qframe.testing import logits, make_registry, random_tokens, relative_error, tiny_llama_model
 
 CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
 
@@ -202,3 +202,51 @@ def test_rtn_weights_with_mse_ranges_reduce_weight_error():
     with pytest.raises(qframe.RecipeError, match=r"weights\.calibrator_options\.bins: 64.*take no options"):
         qframe.quantize(tiny("llama"), recipe(weights={"bits": 4, "calibrator": "mse", "calibrator_options": {"bins": 64}}),
                         device="cpu")
+
+
+def _work_on_tiny_llama(batches: int = 3):
+    from qframe.model import find_architecture
+    from qframe.pipeline import LayerWork, capture_inputs
+
+    model = tiny_llama_model()
+    arch = find_architecture(model, make_registry())
+    inputs = capture_inputs(model, arch, random_tokens(2 * batches, 8, model.config.vocab_size), 2, torch.device("cpu"))
+    layer = model.model.layers[0]
+    return LayerWork(0, "model.layers.0", layer, inputs, torch.device("cpu"), arch=arch), layer
+
+
+class _Rows:
+    def __init__(self):
+        self.rows = []
+
+    def observe(self, x):
+        self.rows.append(x.detach().reshape(-1, x.shape[-1]).clone())
+
+
+def test_observing_the_attention_inputs_stops_each_batch_after_the_first_before_the_mlp():
+    work, layer = _work_on_tiny_llama(batches=3)
+    calls = {"down": 0}
+    layer.mlp.down_proj.register_forward_pre_hook(lambda *_: calls.__setitem__("down", calls["down"] + 1))
+    seen = work.observe_inputs(["model.layers.0.self_attn.q_proj"], lambda _n: _Rows())
+    assert calls["down"] == 1  # the first batch runs whole, the two others stop at q_proj
+    assert len(seen["model.layers.0.self_attn.q_proj"].rows) == 3
+    outputs = work.observe_outputs(["model.layers.0.mlp.up_proj"], lambda _n: _Rows())
+    assert calls["down"] == 2 and len(outputs["model.layers.0.mlp.up_proj"].rows) == 3
+
+
+class _Twice(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x) + 0 * self.inner(x)
+
+
+def test_a_module_run_twice_per_forward_never_stops_a_batch_early():
+    work, layer = _work_on_tiny_llama(batches=3)
+    layer.self_attn.q_proj = _Twice(layer.self_attn.q_proj)
+    calls = {"down": 0}
+    layer.mlp.down_proj.register_forward_pre_hook(lambda *_: calls.__setitem__("down", calls["down"] + 1))
+    seen = work.observe_inputs(["model.layers.0.self_attn.q_proj.inner"], lambda _n: _Rows())
+    assert calls["down"] == 3 and len(seen["model.layers.0.self_attn.q_proj.inner"].rows) == 6
