@@ -366,10 +366,10 @@ def gptq_shared(weights: list[torch.Tensor], h: torch.Tensor | Hessian, args: Qu
         >>> torch.equal(both[1].weight, gptq_quantize(k, h, QuantArgs(bits=4)).weight)
         True
     """
-    if isinstance(h, Hessian):
-        h = h.take()
-    if len(weights) == 1:
+    if len(weights) == 1:  # a Hessian handed on whole is consumed there, not copied
         return [gptq_quantize(weights[0], h, args, block_size=block_size, dampening=dampening, act_order=act_order)]
+    # A Hessian object is consumed; a tensor of the caller's is left as it was.
+    h = h.take() if isinstance(h, Hessian) else h.to(weights[0].device, torch.float32).clone()
     sizes = [w.shape[0] for w in weights]
     floats = [w.detach().float().unsqueeze(0) for w in weights]
     ranges = None
