@@ -398,15 +398,23 @@ def gptq_shared(weights: list[torch.Tensor], h: torch.Tensor | Hessian, args: Qu
     return results
 
 
-def _shared_inputs(work: LayerWork, group: list[tuple[str, nn.Linear]]) -> list[list[tuple[str, nn.Linear]]]:
-    """``group``'s linears by the input they read: a smoothing group's consumers read one
-    tensor (its producer's output); any other linear reads its own."""
-    left = dict(group)
-    shared = []
+def _smoothing_groups(work: LayerWork, linears: list[tuple[str, nn.Linear]]
+                      ) -> tuple[list[list[tuple[str, nn.Linear]]], dict[str, nn.Linear]]:
+    """``linears`` by the architecture's smoothing groups, in its order (a group's consumers
+    read one tensor, its producer's output), and those in none."""
+    left = dict(linears)
+    groups = []
     for smoothing in (work.arch.smoothing_groups if work.arch is not None else ()):
         names = [f"{work.prefix}.{c}" for c in smoothing.consumers if f"{work.prefix}.{c}" in left]
         if names:
-            shared.append([(n, left.pop(n)) for n in names])
+            groups.append([(n, left.pop(n)) for n in names])
+    return groups, left
+
+
+def _shared_inputs(work: LayerWork, group: list[tuple[str, nn.Linear]]) -> list[list[tuple[str, nn.Linear]]]:
+    """``group``'s linears by the input they read: a smoothing group's consumers read one
+    tensor; any other linear reads its own."""
+    shared, left = _smoothing_groups(work, group)
     return shared + [[item] for item in left.items()]
 
 
@@ -414,15 +422,8 @@ def _groups(work: LayerWork, targets: list[tuple[str, nn.Linear]], sequential: b
     """Targets in the order true-sequential quantization takes them; the rest come last."""
     if not sequential or work.arch is None or not work.arch.smoothing_groups:
         return [targets]
-    left = dict(targets)
-    groups = []
-    for group in work.arch.smoothing_groups:
-        names = [f"{work.prefix}.{c}" for c in group.consumers if f"{work.prefix}.{c}" in left]
-        if names:
-            groups.append([(n, left.pop(n)) for n in names])
-    if left:
-        groups.append(list(left.items()))
-    return groups
+    groups, left = _smoothing_groups(work, targets)
+    return groups + ([list(left.items())] if left else [])
 
 
 def _expert_ranges(w: torch.Tensor, args: QuantArgs) -> tuple[tuple[torch.Tensor, torch.Tensor] | None,
