@@ -5,14 +5,14 @@ The same random-weight Llama (seeded; timing and memory do not depend on weight 
 the same random calibration tokens for every tool; one tool per process, so that one tool's
 cached memory never counts against another's:
 
-    for t in qframe-awq qframe-gptq modelopt-awq llmcompressor-gptq llmcompressor-awq; do
-        python bench/algorithms_speed.py --tool $t --hidden 4096 --intermediate 14336 --layers 4 \\
-            --heads 32 --kv-heads 8 --samples 128 --seq-len 2048
-    done
+    python bench/algorithms_speed.py --tools qframe-gptq,qframe-awq,llmcompressor-gptq,llmcompressor-awq,modelopt-awq \\
+        --layers 4 --tokenizer TOKENIZER_DIR
 
 qframe keeps the model in CPU memory and moves one decoder layer at a time to the GPU; the peers
 get the model as their documented flows take it (modelopt: on the GPU; llm-compressor's
-``oneshot``: on the GPU, its sequential pipeline). Prints one JSON line per run.
+``oneshot``: on the GPU, its sequential pipeline). ``--tools`` runs each tool in a process of
+its own, one after the other, and prints a table (seconds per layer: the median over layers
+after the first, which pays for warm-up); ``--tool`` runs one and prints one JSON line.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import contextlib
 import copy
 import io
 import json
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -95,9 +97,34 @@ def run_llmcompressor(tool: str, model, ids, device, group: int, batch: int, tok
     return {}
 
 
+def compare(tools: list[str], argv: list[str]) -> None:
+    """Run each tool in a fresh process (same arguments) and print their results side by side."""
+    i = argv.index("--tools")
+    rest = argv[:i] + argv[i + 2:]
+    rows = []
+    for tool in tools:
+        done = subprocess.run([sys.executable, __file__, "--tool", tool, *rest], capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode or not lines:
+            print(f"{tool}: failed ({done.returncode})\n{done.stderr[-2000:]}", flush=True)
+            continue
+        result = json.loads(lines[-1])
+        print(lines[-1], flush=True)
+        rows.append(result)
+    print("\n| tool | s/layer (median after the first) | mean | peak GPU GiB | bound GiB | offload |")
+    print("|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        per = r.get("seconds_per_layer")
+        steady = statistics.median(per[1:]) if per and len(per) > 1 else None
+        print(f"| {r['tool']} | {steady if steady is not None else '-'} | {r['seconds_per_layer_mean']} | "
+              f"{r['peak_gpu_gib']} | {r['bound_gib']} | {r['offload'] or '-'} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tool", required=True, choices=[*RECIPES, *PEERS])
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--tool", choices=[*RECIPES, *PEERS])
+    which.add_argument("--tools", help="comma-separated tools, each run in its own process; prints a table")
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--intermediate", type=int, default=14336)
     p.add_argument("--layers", type=int, default=4)
@@ -115,13 +142,18 @@ def main() -> None:
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="run qframe under torch.profiler and print its ROWS costliest operations (self CUDA time)")
     args = p.parse_args()
+    if args.tools:
+        compare(args.tools.split(","), sys.argv[1:])
+        return
 
     device = torch.device("cuda")
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                          num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
                          max_position_embeddings=max(args.seq_len, 2048))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval()
+    with torch.device(device):  # random weights drawn on the GPU: seconds, not a minute, on the CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+    model = model.to("cpu").eval()
     ids = torch.randint(0, args.vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(1))
     layer_bytes = sum(t.numel() * t.element_size() for t in model.model.layers[0].parameters())
     acts_bytes = args.samples * args.seq_len * args.hidden * torch.empty((), dtype=model.dtype).element_size()
@@ -130,7 +162,7 @@ def main() -> None:
     if args.tool in RECIPES and args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:  # CPU activity is too slow for GPTQ's loop
             extra = run_qframe(args.tool, model, ids, device, args.group, args.batch_size, args.offload)
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.profile), flush=True)
     elif args.tool in RECIPES:

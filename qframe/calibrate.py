@@ -16,11 +16,10 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 from abc import ABC, abstractmethod
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -262,27 +261,34 @@ class Prescaled:
 
 
 
-@contextlib.contextmanager
-def exact_tf32(dtype: torch.dtype) -> Iterator[None]:
-    """TF32 float32 matmuls on CUDA for the block when ``dtype`` (where the float32 operands
-    came from) is bfloat16 or float16: TF32 keeps 10 mantissa bits, as many as those carry, so
-    the products are exact and still summed in float32, at tensor-core speed. For statistics
-    such as a Hessian ``Σ xᵀx`` of a 16-bit model's activations.
+_OUT_DTYPE_MM: list[bool] = []  # whether this torch multiplies 16-bit matrices into float32 (once known)
+
+
+def add_gram(total: torch.Tensor, rows: torch.Tensor) -> None:
+    """``total += rowsᵀ rows``, summed in float32 (``total`` is float32 ``[in, in]``, ``rows``
+    ``[n, in]`` finite). On CUDA, 16-bit rows are multiplied as they are, with float32
+    products and sums (exact products at tensor-core speed, no float32 copy of the rows);
+    otherwise in float32.
 
     Example::
 
-        >>> with exact_tf32(torch.bfloat16):
-        ...     g = torch.ones(2, 3).T @ torch.ones(2, 3)
-        >>> g[0, 0].item()
+        >>> total = torch.zeros(3, 3)
+        >>> add_gram(total, torch.ones(2, 3, dtype=torch.bfloat16))
+        >>> total[0, 0].item()
         2.0
     """
-    if dtype not in (torch.bfloat16, torch.float16):
-        yield
-        return
+    if rows.is_cuda and rows.dtype in (torch.bfloat16, torch.float16) and _OUT_DTYPE_MM != [False]:
+        try:
+            torch.addmm(total, rows.T, rows, out_dtype=torch.float32, out=total)
+            _OUT_DTYPE_MM[:] = [True]
+            return
+        except (TypeError, RuntimeError):  # an older torch: TF32 is exact for 16-bit operands too
+            _OUT_DTYPE_MM[:] = [False]
+    wide = rows.float()
     before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = rows.dtype in (torch.bfloat16, torch.float16)
     try:
-        yield
+        total.addmm_(wide.T, wide)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
 

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from .calibrate import Calibrator, build_calibrator
 from .description import CacheState, ExpertsState, LinearState, ModelDescription, planned, staged
@@ -68,6 +69,21 @@ class Quantizer(ABC):
     def needs_calibration(cls, stage: StageSpec) -> bool:
         """Whether this stage must see the layer's inputs (by default: to calibrate static activations)."""
         return stage.static_activations
+
+    def working_set(self, layer: nn.Module, batch_tokens: int) -> int:
+        """Bytes of accelerator memory this stage needs beyond ``layer`` and the calibration
+        activations while it quantizes a layer like it, on batches of ``batch_tokens``
+        tokens; by default one forward's intermediates (:func:`forward_bytes`). A stage that
+        keeps statistics (Hessians, Gram matrices) adds them: ``calibration.offload = "auto"``
+        spills the activations to CPU memory when this passes 2 GiB.
+
+        Example::
+
+            def working_set(self, layer, batch_tokens):
+                widest = max(m.in_features for m in layer.modules() if isinstance(m, nn.Linear))
+                return super().working_set(layer, batch_tokens) + 4 * widest**2  # one float32 Hessian
+        """
+        return forward_bytes(layer, batch_tokens)
 
     # Whether this class quantizes fused experts (qframe.experts): declared by each class itself,
     # so a subclass with an algorithm of its own leaves them alone until it says otherwise.
@@ -175,14 +191,24 @@ class LayerInputs:
 
 
 def _spill(t: torch.Tensor) -> torch.Tensor:
-    out = t.detach().to("cpu", non_blocking=False)
-    return out.pin_memory() if torch.cuda.is_available() else out
+    if t.device.type == "cpu":
+        return t.detach()
+    # Straight into pinned memory (the caching host allocator reuses the last layer's blocks).
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available()).copy_(t.detach())
 
 
-def should_spill(offload: str, device: torch.device, ids: torch.Tensor, hidden_size: int, dtype: torch.dtype) -> bool:
+# What ``calibration.offload = "auto"`` lets a stage use beyond the layer and its activations.
+HEADROOM = 2 << 30
+
+
+def should_spill(offload: str, device: torch.device, ids: torch.Tensor, hidden_size: int, dtype: torch.dtype,
+                 working_set: int = 0, layer_bytes: int = 0) -> bool:
     """Whether calibration activations go to CPU memory: ``offload = "cpu"`` always,
-    ``"device"`` never, ``"auto"`` when they would take more than a third of the accelerator's
-    free memory (the rest is for the layer, its copy and the algorithms' work).
+    ``"device"`` never, ``"auto"`` when keeping them would make the accelerator hold more than
+    one layer, its activations and 2 GiB (``HEADROOM``), i.e. when the stages' ``working_set``
+    (bytes beyond the layer and the activations, :meth:`Quantizer.working_set`) passes 2 GiB,
+    or when all of it would not fit in free memory. Spilled, each batch visits the device only
+    while the layer runs on it, and the peak is about one layer, the working set and a batch.
 
     Example::
 
@@ -195,7 +221,43 @@ def should_spill(offload: str, device: torch.device, ids: torch.Tensor, hidden_s
         return False
     needed = ids.numel() * hidden_size * torch.empty((), dtype=dtype).element_size()
     free, _total = torch.cuda.mem_get_info(device)
-    return needed > free / 3
+    return over_bound(needed, layer_bytes, working_set, free)
+
+
+def over_bound(activations: int, layer: int, working_set: int, free: int) -> bool:
+    """``offload = "auto"``'s rule, in bytes: spill when keeping the activations on the device
+    would pass one layer + its activations + ``HEADROOM`` (the working set is larger than the
+    headroom), or when activations, layer and working set do not fit in ``free`` memory.
+
+    Example::
+
+        >>> GiB = 1 << 30
+        >>> over_bound(2 * GiB, GiB // 2, 3 * GiB, 100 * GiB), over_bound(2 * GiB, GiB // 2, GiB, 100 * GiB)
+        (True, False)
+    """
+    return working_set > HEADROOM or activations + layer + working_set > free
+
+
+def forward_bytes(layer: nn.Module, tokens: int) -> int:
+    """About the accelerator memory one forward of ``layer`` over ``tokens`` tokens needs for
+    its intermediates: three tensors as wide as its widest linear output (an MLP's gate, up
+    and their product), in the layer's dtype.
+
+    Example::
+
+        >>> forward_bytes(nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 4)), 10)
+        1920
+    """
+    widths = [m.out_features for m in layer.modules() if isinstance(m, (nn.Linear, QuantLinear))]
+    widths += [int(max(p.shape[1:])) for m in layer.modules() if is_fused_experts(m)
+               for p in m.parameters(recurse=False) if p.dim() == 3]
+    dtype = next(layer.parameters(), torch.empty(0)).dtype
+    return 3 * tokens * max(widths, default=0) * torch.empty((), dtype=dtype).element_size()
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s parameters and buffers (shapes only: meta tensors count too)."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 class LayerSink(Protocol):
@@ -437,6 +499,23 @@ def capture_inputs(model: nn.Module, arch: Architecture, ids: torch.Tensor, batc
     return captured
 
 
+def unquantized_copy(layer: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of ``layer`` as it is, to compare its quantized self with. When the layer is
+    about to move to another device, the copy shares its tensors (moving gives the layer new
+    ones, and the quantizers change only those): no memory and no time for a second copy.
+
+    Example::
+
+        >>> layer = nn.Linear(2, 2)
+        >>> unquantized_copy(layer, torch.device("cpu")).weight.data_ptr() == layer.weight.data_ptr()
+        False
+    """
+    if _device_of(layer) == torch.empty(0, device=device).device:  # "cuda" is "cuda:0"
+        return copy.deepcopy(layer)
+    shared = {id(p): nn.Parameter(p.data, requires_grad=p.requires_grad) for p in layer.parameters()}
+    return copy.deepcopy(layer, shared)
+
+
 def advance(layer: nn.Module, reference: nn.Module, inputs: LayerInputs, propagate: str = "quantized",
             device: torch.device | None = None, *, name: str = "the layer", stage: str = "quantization") -> float:
     """Replace each batch of ``inputs`` by the next layer's inputs, in place: the quantized
@@ -464,8 +543,10 @@ def output_error(layer: nn.Module, reference: nn.Module, inputs: LayerInputs, de
 
 def _compare(layer, reference, inputs: LayerInputs, device: torch.device, propagate: str | None,
              name: str, stage: str) -> float:
-    home = _device_of(reference)
-    reference.to(device)  # on the accelerator only while it is compared with
+    # The reference's tensors visit the device as copies for this comparison only: nothing
+    # is moved back to the host (fresh host memory costs page faults, not just a copy).
+    state = {n: t.to(device, non_blocking=True) for n, t in (*reference.named_parameters(),
+                                                            *reference.named_buffers())}
     # Which quantized modules' outputs stay finite, kept on the device: when the layer's are not,
     # the streamed inputs may already be overwritten, so the culprits are watched as it runs.
     watched: dict[str, torch.Tensor] = {}
@@ -488,7 +569,7 @@ def _compare(layer, reference, inputs: LayerInputs, device: torch.device, propag
             for i, kwargs in enumerate(inputs.kwargs):
                 hidden = inputs.batch(i, device)
                 out = _first(layer(hidden, **kwargs))
-                ref = _first(reference(hidden, **kwargs))
+                ref = _first(functional_call(reference, state, (hidden,), kwargs))
                 out_ok &= all_finite(out)
                 ref_ok &= all_finite(ref)
                 num += (out.float() - ref.float()).pow(2).sum()
@@ -499,7 +580,7 @@ def _compare(layer, reference, inputs: LayerInputs, device: torch.device, propag
     finally:
         for hook in hooks:
             hook.remove()
-        reference.to(home)
+        del state
     if not ref_fine:
         raise ModelError(
             f"{name}: the unquantized layer's outputs hold NaN or inf on the calibration data although its "
@@ -811,7 +892,10 @@ def run_pipeline(
         settings = plan.recipe.calibration
         dtype = next(model.parameters()).dtype
         width = getattr(model.config, "hidden_size", None) or 0  # unknown: spill only when told to
-        spill = should_spill(settings.offload, device, calibration, width, dtype)
+        tokens = settings.batch_size * calibration.shape[-1]
+        working_set = max(quantizer.working_set(layers[start], tokens) for _spec, quantizer in quantizers)
+        spill = should_spill(settings.offload, device, calibration, width, dtype, working_set,
+                             tensor_bytes(layers[start]))
         with loaded(loader, "first"):
             inputs = capture_inputs(model, arch, calibration, settings.batch_size, device, spill)
         if resumed is not None and start > 0:
@@ -825,10 +909,10 @@ def run_pipeline(
         started = time.perf_counter()
         layer = loader.load_layer(index) if loader is not None else layers[index]
         # What the layer was loaded as: stages replace some modules, which the plan still names.
-        loaded_modules = list(layer.modules()) if loader is not None else []
+        loaded_modules = list(layer.modules())
         home = _device_of(layer)
         # The unquantized copy stays in the layer's home memory until it is compared with.
-        reference = copy.deepcopy(layer) if inputs is not None else None
+        reference = unquantized_copy(layer, device) if inputs is not None else None
         layer.to(device)
         work = LayerWork(index, f"{prefix}.{index}", layer, inputs, device, arch=arch)
         check_finite_weights([*layer.named_parameters(work.prefix), *layer.named_buffers(work.prefix)])
@@ -859,6 +943,10 @@ def run_pipeline(
             del reference
         if loader is None:  # a streamed layer is written from where it is, then freed
             layer.to(home)
+            kept = set(layer.modules())
+            for module in loaded_modules:  # replaced modules hold device memory the plan would keep alive
+                if module not in kept:
+                    to_meta(module)
         entry["seconds"] = round(time.perf_counter() - started, 4)
         report.append(entry)
         if sink is not None:

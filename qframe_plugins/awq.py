@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -53,8 +54,8 @@ from qframe.qlinear import QuantLinear
 from qframe.scheme import QuantArgs
 
 from .rtn import check as check_rtn
-from .smoothing import (CandidateLoss, ChannelStats, active_groups, apply_scale, concatenated_gate, expert_group,
-                        fold_block_input, fold_up_down, scale_columns)
+from .smoothing import (CANDIDATE_BYTES, CandidateLoss, ChannelStats, active_groups, apply_scale, concatenated_gate,
+                        expert_group, fold_block_input, fold_up_down, scale_columns)
 
 # The clip search's partial outputs [tokens, rows, groups] are computed this many elements at a time.
 CLIP_CHUNK = 1 << 24
@@ -189,8 +190,10 @@ def clip_ranges_gram(w: torch.Tensor, gram: torch.Tensor, args: QuantArgs, steps
     lo, hi = numerics.minmax_ranges(w, args)
     wg = numerics.grouped(w, args)  # [rows, groups, size]
     groups, size = wg.shape[1], wg.shape[2]
-    padded = torch.nn.functional.pad(gram.float(), (0, groups * size - gram.shape[0]) * 2)
-    blocks = padded.view(groups, size, groups, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [groups, size, size]
+    gram = gram.float()
+    if groups * size != gram.shape[0]:  # a partial last group: pad (a copy), else G's own blocks (a view)
+        gram = torch.nn.functional.pad(gram, (0, groups * size - gram.shape[0]) * 2)
+    blocks = gram.view(groups, size, groups, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
     best_err = torch.full(lo.shape, float("inf"), device=w.device)
     best = torch.ones_like(lo)
     for k in range(steps + 1):
@@ -356,6 +359,14 @@ class AWQ(Quantizer):
 
     handles_experts = True
 
+    def working_set(self, layer: nn.Module, batch_tokens: int) -> int:
+        """A forward, every linear's input Gram matrix (float32, all observed in one pass) and
+        the candidate search's float32 copies of the largest weight."""
+        linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+        grams = sum(4 * m.in_features**2 for m in linears)
+        largest = max((m.weight.numel() for m in linears), default=0)
+        return super().working_set(layer, batch_tokens) + grams + max(CANDIDATE_BYTES, 4 * 4 * largest)
+
     @classmethod
     def needs_calibration(cls, stage) -> bool:
         return True
@@ -510,17 +521,25 @@ class AWQ(Quantizer):
                 return Prescaled(calibrator, 1.0 / pending[name]) if name in pending else calibrator
 
             ranges = {n: c.compute() for n, c in work.observe_inputs([n for n, _ in targets], make).items()}
+        rescaled: set[str] = set()
+        readers = Counter(feed[name] for name, _ in targets)  # a Gram matrix is freed after its last reader
         for name, linear in targets:
             if name in pending:
                 scale_columns(linear, pending[name])
             weight_ranges, clip_mean = None, 1.0
-            gram = stats[feed[name]].gram
+            key = feed[name]
+            gram = stats[key].gram
             if opts.clip and gram is not None:
-                if name in smoothed:  # gathered before smoothing; the layer now reads x / s
+                if name in smoothed and key not in rescaled:  # gathered before smoothing; the layer now reads x / s
                     s = smoothed[name].to(gram.device)
-                    gram = gram / s.unsqueeze(1) / s.unsqueeze(0)
+                    with torch.inference_mode():  # in place (G was summed there): one for the group's readers
+                        gram.div_(s.unsqueeze(1)).div_(s.unsqueeze(0))
+                    rescaled.add(key)
                 weight_ranges, clip_mean = clip_ranges_gram(linear.weight, gram, weights, opts.clip_grid,
                                                             opts.max_shrink)
+            readers[key] -= 1
+            if not readers[key]:
+                stats[key].gram = gram = None
             quantized = QuantLinear.from_linear(linear, weights, acts, weight_ranges=weight_ranges,
                                                 input_range=ranges.get(name))
             if name in pending:

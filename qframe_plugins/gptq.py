@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from qframe import QuantizerPlugin, formats, hookimpl, numerics
-from qframe.calibrate import exact_tf32
+from qframe.calibrate import add_gram
 from qframe.errors import RecipeError
 from qframe.expert_inputs import (ALL, ExpertCalibration, ExpertHessians, WeightInputs, calibrate_expert_inputs,
                                   expert_matrix, expert_weight_names, observe_experts)
@@ -45,6 +45,7 @@ from qframe.experts import OUT_IN, QuantExperts, expert_layouts, experts_error, 
 from qframe.pipeline import LayerWork, Quantizer, weight_error
 from qframe.qlinear import QuantLinear
 from qframe.scheme import QuantArgs
+from qframe_plugins import gptq_triton
 from qframe_plugins.rtn import check as rtn_check
 
 # Failed Cholesky factorizations are retried with 10x the dampening this many times.
@@ -92,8 +93,10 @@ def check(stage) -> None:
     rtn_check(stage)
 
 
-# Elements of one float32 chunk of inputs folded into a Hessian at once (256 MiB).
+# Elements of inputs folded into a Hessian at once (a copy of at most 256 MiB in float32).
 HESSIAN_CHUNK = 1 << 26
+# The rows of a weight whose output energy w H wᵀ is computed at once (float32 temporaries).
+ENERGY_ROWS = 4096
 
 
 class Hessian:
@@ -119,11 +122,9 @@ class Hessian:
         rows = x.detach().reshape(-1, x.shape[-1])
         self._rows += rows.shape[0]
         for part in rows.split(max(1, HESSIAN_CHUNK // rows.shape[1])):
-            clean = part.to(self.sum.device, torch.float32, copy=True)
-            finite = torch.isfinite(clean).all(dim=1, keepdim=True)
-            clean.masked_fill_(~finite, 0.0)
-            with exact_tf32(x.dtype):
-                self.sum.addmm_(clean.T, clean)
+            part = part.to(self.sum.device)
+            finite = torch.isfinite(part).all(dim=1, keepdim=True)
+            add_gram(self.sum, part.masked_fill(~finite, 0.0))  # a copy in the rows' own dtype
             self._kept += finite.sum()
 
     @property
@@ -190,7 +191,7 @@ def _inverse_factor(reversed_h: torch.Tensor, dampening: float) -> tuple[torch.T
     It takes ``J·H·J``, ``H`` with rows and columns reversed, because then
     ``U = J·L⁻¹·J`` for the lower Cholesky factor ``L`` of ``J·H·J``, and ``L⁻¹`` can be
     solved for in place: no more than two ``[B, in, in]`` tensors exist at any moment (for a
-    14336-wide down_proj each matrix is 784 MiB). ``reversed_h`` is overwritten.
+    14336-wide down_proj each matrix is 784 MiB). ``reversed_h`` is overwritten with ``U``.
     """
     h = reversed_h
     diagonal = h.diagonal(dim1=-2, dim2=-1)
@@ -211,7 +212,8 @@ def _inverse_factor(reversed_h: torch.Tensor, dampening: float) -> tuple[torch.T
     h.zero_().diagonal(dim1=-2, dim2=-1).fill_(1.0)
     torch.linalg.solve_triangular(lower, h, upper=False, out=h)  # h = L⁻¹
     del lower
-    upper = h.flip((-2, -1))
+    h.copy_(h.flip((-2, -1)))  # U, in H's memory: a caller's reference to H holds nothing more
+    upper = h
     failed = failed | ~torch.isfinite(upper).flatten(1).all(-1)
     upper[failed] = eye
     return upper, torch.where(failed, torch.full_like(damp, float("nan")), damp), failed
@@ -256,21 +258,22 @@ def gptq_batched(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, block_siz
     # An input channel that is always zero carries no information: its weights can be dropped.
     dead = h.diagonal(dim1=-2, dim2=-1) == 0  # [B, in]
     h.diagonal(dim1=-2, dim2=-1)[dead] = 1.0
-    alive = w.detach().float().masked_fill(dead.unsqueeze(1), 0.0)
-    row_energy = (torch.bmm(alive, h) * alive).sum(2)  # [B, out]
-    del alive
+    row_energy = torch.cat([(torch.bmm(alive, h) * alive).sum(2)  # [B, out], in row chunks of bounded size
+                            for alive in (rows.float().masked_fill(dead.unsqueeze(1), 0.0)
+                                          for rows in w.detach().split(ENERGY_ROWS, dim=1))], dim=1)
     order = torch.argsort(h.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True) if act_order else None
-    if act_order:  # columns with the largest inputs first; each keeps its own group's scale
-        backwards = order.flip(-1)
-        h = h.gather(1, backwards.unsqueeze(-1).expand_as(h))  # rows, then columns: two [B, in, in] at once
-        h = _gather_columns(h, backwards)
-    else:
-        h = h.flip((-2, -1))
+    # Columns in reverse order of rounding (see _inverse_factor), permuted within H's memory:
+    # two [B, in, in] matrices at most, also while a caller still holds H.
+    # act_order rounds the columns with the largest inputs first; each keeps its own group's scale.
+    backwards = order.flip(-1) if act_order else torch.arange(columns - 1, -1, -1, device=device).expand(b, -1)
+    rows_permuted = h.gather(1, backwards.unsqueeze(-1).expand_as(h))
+    torch.gather(rows_permuted, 2, backwards.unsqueeze(1).expand_as(h), out=h)
+    del rows_permuted
     # Factorize first: float32 copies of the weight wait until H has become its factor.
     upper, damp, fallback = _inverse_factor(h, dampening)
     del h  # overwritten by the factorization
 
-    weight = w.detach().float().clone()
+    weight = w.detach().to(torch.float32, copy=True)
     # Static scales from the original weight: rounding the result again gives the same codes.
     lo, hi = ranges if ranges is not None else _static_ranges(weight, args)
     if global_scale is None:
@@ -288,33 +291,58 @@ def gptq_batched(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, block_siz
         lo, hi = lo.clone(), hi.clone()
     row_error = torch.zeros(b, out, device=device)
     quantized = weight  # a finished block's columns are dead: their rounded values go in their place
+    grid = gptq_triton.kernel_grid(formats.of(args)) if gptq_triton.available(device) else None
+
+    def new_group(c: int, current: torch.Tensor) -> None:
+        """Group scale (and zero) of the group starting at column ``c`` from the columns as
+        the earlier errors have updated them: ``current`` from column ``c`` on."""
+        g, size = c // args.group_size, min(args.group_size, columns - c)
+        lo[..., g], hi[..., g] = current[..., :size].amin(-1), current[..., :size].amax(-1)
+        s_g, z_g, _ = numerics.scale_parts(lo[..., g:g + 1], hi[..., g:g + 1], args, global_scale)
+        scales[..., c:c + size] = numerics.effective_scale(s_g, global_scale, args)
+        if zeros is not None:
+            zeros[..., c:c + size] = z_g
+
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)
-        block = weight[..., start:end].clone()
+        block = weight[..., start:end].clone(memory_format=torch.contiguous_format)
         errors = torch.zeros_like(block)
         u = upper[:, start:end, start:end]
-        for i in range(end - start):
-            c = start + i
-            if dynamic and c % args.group_size == 0:  # a new group: its scale from the updated weight
-                g, size = c // args.group_size, min(args.group_size, columns - c)
-                current = torch.cat([block[..., i:], weight[..., end:]], -1)[..., :size]
-                lo[..., g], hi[..., g] = current.amin(-1), current.amax(-1)
-                s_g, z_g, _ = numerics.scale_parts(lo[..., g:g + 1], hi[..., g:g + 1], args, global_scale)
-                scales[..., c:c + size] = numerics.effective_scale(s_g, global_scale, args)
-                if zeros is not None:
-                    zeros[..., c:c + size] = z_g
-            col = block[..., i]
-            q = numerics.fake_quantize(col, scales[..., c], None if zeros is None else zeros[..., c], args)
-            quantized[..., c] = q
-            err = (col - q) / u[:, i, i].unsqueeze(-1)
-            row_error += err.square()
-            block[..., i:] -= err.unsqueeze(-1) * u[:, i, i:].unsqueeze(1)
-            errors[..., i] = err
+        if grid is not None:  # one kernel per block; with dynamic group scales, one per group in it
+            u, rounded = u.contiguous(), torch.zeros_like(block)
+            cuts = sorted({0, end - start, *(c - start for c in range(start, end) if dynamic and c % args.group_size == 0)})
+            for first, last in zip(cuts, cuts[1:]):
+                if dynamic and (start + first) % args.group_size == 0:
+                    new_group(start + first, torch.cat([block[..., first:], weight[..., end:]], -1))
+                gptq_triton.round_block(block, u, scales[..., start:end].contiguous(),
+                                        None if zeros is None else zeros[..., start:end].contiguous(),
+                                        rounded, errors, row_error, first, last, grid)
+            quantized[..., start:end] = rounded
+        else:
+            for i in range(end - start):
+                c = start + i
+                if dynamic and c % args.group_size == 0:  # a new group: its scale from the updated weight
+                    new_group(c, torch.cat([block[..., i:], weight[..., end:]], -1))
+                col = block[..., i]
+                q = numerics.fake_quantize(col, scales[..., c], None if zeros is None else zeros[..., c], args)
+                quantized[..., c] = q
+                err = (col - q) / u[:, i, i].unsqueeze(-1)
+                row_error += err.square()
+                block[..., i:] -= err.unsqueeze(-1) * u[:, i, i:].unsqueeze(1)
+                errors[..., i] = err
         weight[..., end:] -= torch.bmm(errors, upper[:, start:end, end:])  # the lazy update of later columns
     if act_order:
         quantized = _gather_columns(quantized, torch.argsort(order, dim=-1))
     loss = torch.where(fallback, float("nan"), row_error.sum(1) / row_energy.sum(1).clamp_min(1e-30))
     return BatchedGPTQ(quantized, (lo, hi), global_scale, loss, damp, fallback, row_error, row_energy)
+
+
+def _own_matrix(h: torch.Tensor | Hessian, device: torch.device) -> torch.Tensor:
+    """A float32 ``H`` on ``device`` that GPTQ may overwrite: a Hessian object's own (it is
+    consumed), or a copy of a caller's tensor (left as it was)."""
+    if isinstance(h, Hessian):
+        return h.take().to(device, torch.float32)
+    return h.to(device, torch.float32, copy=True)
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor | Hessian, args: QuantArgs, *, block_size: int = 128,
@@ -336,12 +364,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor | Hessian, args: QuantArgs, *
         >>> r.weight.shape, r.fallback
         (torch.Size([4, 16]), False)
     """
-    if isinstance(h, Hessian):
-        h = h.take().to(w.device, torch.float32)
-    else:
-        h = h.to(w.device, torch.float32).clone()
-    r = gptq_batched(w.unsqueeze(0), h.unsqueeze(0), args, block_size=block_size, dampening=dampening,
-                     act_order=act_order)
+    # Handed on without a name here, so gptq_batched can free it as it goes.
+    r = gptq_batched(w.unsqueeze(0), _own_matrix(h, w.device).unsqueeze(0), args, block_size=block_size,
+                     dampening=dampening, act_order=act_order)
     fallback = bool(r.fallback[0])
     if fallback:
         warnings.warn("gptq: the Hessian is not positive definite even with strong dampening; rounding to nearest")
@@ -368,8 +393,6 @@ def gptq_shared(weights: list[torch.Tensor], h: torch.Tensor | Hessian, args: Qu
     """
     if len(weights) == 1:  # a Hessian handed on whole is consumed there, not copied
         return [gptq_quantize(weights[0], h, args, block_size=block_size, dampening=dampening, act_order=act_order)]
-    # A Hessian object is consumed; a tensor of the caller's is left as it was.
-    h = h.take() if isinstance(h, Hessian) else h.to(weights[0].device, torch.float32).clone()
     sizes = [w.shape[0] for w in weights]
     floats = [w.detach().float().unsqueeze(0) for w in weights]
     ranges = None
@@ -380,7 +403,7 @@ def gptq_shared(weights: list[torch.Tensor], h: torch.Tensor | Hessian, args: Qu
     global_scale = None if scales[0] is None else torch.cat(
         [g.reshape(1, 1, 1).expand(1, n, 1) for g, n in zip(scales, sizes)], 1)
     del floats
-    r = gptq_batched(torch.cat([w.detach() for w in weights]).unsqueeze(0), h.to(weights[0].device).unsqueeze(0),
+    r = gptq_batched(torch.cat([w.detach() for w in weights]).unsqueeze(0), _own_matrix(h, weights[0].device).unsqueeze(0),
                      args, block_size=block_size, dampening=dampening, act_order=act_order, ranges=ranges,
                      global_scale=global_scale)
     fallback = bool(r.fallback[0])
@@ -529,6 +552,18 @@ class GPTQ(Quantizer):
     def needs_calibration(cls, stage) -> bool:
         return True  # the Hessians come from data
 
+    def working_set(self, layer: nn.Module, batch_tokens: int) -> int:
+        """The larger of observing (a forward and the widest Hessian, float32) and rounding (the
+        widest Hessian and its factor, three float32 copies of the largest weight, twice for
+        linears rounded together); fused experts hold one Hessian per expert."""
+        linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+        widest = max((m.in_features for m in linears), default=0)
+        largest = max((m.weight.numel() for m in linears), default=0)
+        experts = max((num_experts(m) * max(p.shape[1:]) ** 2 for m in layer.modules() if is_fused_experts(m)
+                       for p in m.parameters(recurse=False) if p.dim() == 3), default=0)
+        hessians = 4 * max(widest**2, experts)
+        return max(super().working_set(layer, batch_tokens) + hessians, 2 * hessians + 3 * 4 * 2 * largest)
+
     def quantize_layer(self, work: LayerWork, targets: list[tuple[str, nn.Module]]) -> None:
         experts = [(n, m) for n, m in targets if is_fused_experts(m)]
         self._quantize_linears(work, [(n, m) for n, m in targets if not is_fused_experts(m)])
@@ -573,45 +608,48 @@ class GPTQ(Quantizer):
                     seconds=round(time.perf_counter() - started, 4))
 
     def _quantize_linears(self, work: LayerWork, targets: list[tuple[str, nn.Linear]]) -> None:
-        weights, acts, opts = self.scheme.weights, self.scheme.activations, self.options
+        acts = self.scheme.activations
         static = acts is not None and not acts.dynamic
         rounded: dict[str, tuple[nn.Linear, GPTQResult]] = {}
-        for group in _groups(work, targets, opts.true_sequential):
+        for group in _groups(work, targets, self.options.true_sequential):
             readers = {members[0][0]: members for members in _shared_inputs(work, group)}  # one Hessian each
             hessians = work.observe_inputs(list(readers), lambda name: Hessian(readers[name][0][1].in_features,
                                                                                work.device))
-            done = {}
-            for feed, members in readers.items():
-                started = time.perf_counter()
-                dropped = hessians[feed].dropped
-                with torch.no_grad():  # consumes the Hessian: its [in, in] matrix is freed as it goes
-                    results = gptq_shared([linear.weight for _, linear in members], hessians[feed], weights,
-                                          block_size=opts.block_size, dampening=opts.dampening,
-                                          act_order=opts.act_order)
-                elapsed, rows = time.perf_counter() - started, sum(linear.out_features for _, linear in members)
-                for (name, linear), result in zip(members, results):  # the time shared out by rows
-                    done[name] = (linear, result, elapsed * linear.out_features / rows, dropped)
-            for name, (linear, result, seconds, dropped) in done.items():
-                # A float32 linear holding the result: its codes reproduce the result exactly.
-                holder = nn.Linear(linear.in_features, linear.out_features, linear.bias is not None,
-                                   device=result.weight.device)
-                with torch.no_grad():
-                    holder.weight.copy_(result.weight)
-                    if linear.bias is not None:
-                        holder.bias.copy_(linear.bias.float())
-                if static:  # input scales come last, calibrated with every weight quantized
-                    rounded[name] = (holder, result)
-                quantized = self._build(holder, result, None if static else acts, None, linear.weight.dtype)
-                work.replace(name, quantized)
-                work.record(name, weight_error=weight_error(linear, quantized), gptq_loss=result.loss, damp=result.damp,
-                            dropped_tokens=float(dropped), seconds=round(seconds, 4))
-                if result.fallback:
-                    work.record(name, gptq_fallback=1.0)
-        if rounded:
+            for feed, members in readers.items():  # each feed's float32 results freed before the next
+                rounded.update(self._round(work, members, hessians.pop(feed), static))
+        if rounded:  # input scales come last, calibrated with every weight quantized
             observed = work.observe_inputs(list(rounded), lambda _name: self.calibrator(acts))
             for name, (holder, result) in rounded.items():
                 dtype = dict(targets)[name].weight.dtype
                 work.replace(name, self._build(holder, result, acts, observed[name].compute(), dtype))
+
+    def _round(self, work: LayerWork, members: list[tuple[str, nn.Linear]], hessian: Hessian, static: bool
+               ) -> dict[str, tuple[nn.Linear, GPTQResult]]:
+        """Round linears reading one input against its Hessian (consumed) and put them in the
+        layer; with static activations, return their float32 holders for input calibration."""
+        weights, opts = self.scheme.weights, self.options
+        started, dropped = time.perf_counter(), hessian.dropped
+        with torch.no_grad():  # consumes the Hessian: its [in, in] matrix is freed as it goes
+            results = gptq_shared([linear.weight for _, linear in members], hessian, weights,
+                                  block_size=opts.block_size, dampening=opts.dampening, act_order=opts.act_order)
+        elapsed, rows = time.perf_counter() - started, sum(linear.out_features for _, linear in members)
+        pending = {}
+        for (name, linear), result in zip(members, results):
+            # A float32 linear holding the result (not a copy): its codes reproduce the result exactly.
+            holder = nn.Linear(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+            holder.weight = nn.Parameter(result.weight, requires_grad=False)
+            if linear.bias is not None:
+                holder.bias = nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+            if static:
+                pending[name] = (holder, result)
+            quantized = self._build(holder, result, None if static else self.scheme.activations, None,
+                                    linear.weight.dtype)
+            work.replace(name, quantized)
+            work.record(name, weight_error=weight_error(linear, quantized), gptq_loss=result.loss, damp=result.damp,
+                        dropped_tokens=float(dropped), seconds=round(elapsed * linear.out_features / rows, 4))
+            if result.fallback:
+                work.record(name, gptq_fallback=1.0)
+        return pending
 
     def _build(self, holder: nn.Linear, result: GPTQResult, acts: QuantArgs | None, input_range, dtype) -> QuantLinear:
         module = QuantLinear.from_linear(holder, self.scheme.weights, acts, weight_ranges=result.ranges,

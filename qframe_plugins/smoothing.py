@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from qframe import numerics
-from qframe.calibrate import exact_tf32
+from qframe.calibrate import add_gram
 from qframe.experts import expert_matrix, expert_weight_names, is_fused_experts
 from qframe.qlinear import QuantLinear
 from qframe.scheme import QuantArgs
@@ -35,6 +35,8 @@ from qframe.scheme import QuantArgs
 TINY = 1e-5
 # Precompute every candidate's quantized weights when they fit in this many bytes.
 CANDIDATE_BYTES = 1 << 29
+# Activations are turned into float32 statistics this many elements at a time (128 MiB).
+CHUNK = 1 << 25
 
 
 class ChannelStats:
@@ -61,10 +63,15 @@ class ChannelStats:
         self._seen, self._stride = 0, 1
 
     def observe(self, x: torch.Tensor) -> None:
-        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        rows = x.detach().reshape(-1, x.shape[-1])
+        for part in rows.split(max(1, CHUNK // rows.shape[1])):  # float32 copies of bounded size
+            self._observe(part)
+
+    def _observe(self, rows: torch.Tensor) -> None:
         finite = torch.isfinite(rows)
-        clean = torch.where(finite, rows, torch.zeros((), device=rows.device))
-        lo, hi, mag = clean.amin(0), clean.amax(0), clean.abs()
+        clean = rows.masked_fill(~finite, 0.0)
+        wide = clean.float()
+        lo, hi, mag = wide.amin(0), wide.amax(0), wide.abs()
         if self.amax is None:
             self.lo, self.hi, self.amax = lo, hi, mag.amax(0)
             self.abs_sum, self.count = mag.sum(0), finite.sum(0)
@@ -72,13 +79,13 @@ class ChannelStats:
             self.lo, self.hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
             self.amax = torch.maximum(self.amax, mag.amax(0))
             self.abs_sum, self.count = self.abs_sum + mag.sum(0), self.count + finite.sum(0)
+        del mag
         if self.keep_tokens:
-            self._keep(clean)
+            self._keep(wide)
         if self.want_gram:
             if self.gram is None:
                 self.gram = torch.zeros(clean.shape[1], clean.shape[1], device=clean.device)
-            with exact_tf32(x.dtype):
-                self.gram.addmm_(clean.T, clean)
+            add_gram(self.gram, clean)
 
     def _keep(self, rows: torch.Tensor) -> None:
         # Keep tokens whose position in the stream is a multiple of the stride; when too many

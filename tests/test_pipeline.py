@@ -250,3 +250,63 @@ def test_a_module_run_twice_per_forward_never_stops_a_batch_early():
     layer.mlp.down_proj.register_forward_pre_hook(lambda *_: calls.__setitem__("down", calls["down"] + 1))
     seen = work.observe_inputs(["model.layers.0.self_attn.q_proj.inner"], lambda _n: _Rows())
     assert calls["down"] == 3 and len(seen["model.layers.0.self_attn.q_proj.inner"].rows) == 6
+
+
+def test_auto_offload_spills_when_the_working_set_passes_the_headroom():
+    from qframe.pipeline import HEADROOM, over_bound
+
+    gib = 1 << 30
+    assert HEADROOM == 2 * gib
+    assert not over_bound(2 * gib, gib // 2, 2 * gib, 100 * gib)  # layer + activations + 2 GiB: allowed
+    assert over_bound(2 * gib, gib // 2, 2 * gib + 1, 100 * gib)  # one byte more
+    assert over_bound(60 * gib, gib // 2, gib, 60 * gib)  # small working set, but it does not fit
+
+
+def _llama_8b_layer() -> nn.Module:
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                         num_hidden_layers=1, vocab_size=128)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).model.layers[0]
+
+
+@pytest.mark.parametrize("stage, spills", [
+    ({"quantizer": "rtn", "weights": {"bits": 4, "group_size": 128}}, False),
+    ({"quantizer": "gptq", "weights": {"bits": 4, "group_size": 128}}, True),
+    ({"quantizer": "awq", "weights": {"bits": 4, "group_size": 128}}, True),
+])
+def test_working_sets_of_a_llama_8b_layer(stage, spills):
+    from qframe.pipeline import HEADROOM, forward_bytes, tensor_bytes
+    from qframe.recipe import resolve
+
+    registry = make_registry()
+    spec = resolve(parse_recipe({"stage": [stage]}), registry).stages[0]
+    quantizer = spec.record.factory(spec.spec, spec.options, registry)
+    layer, tokens = _llama_8b_layer(), 8 * 2048
+    assert tensor_bytes(layer) == 218_112_000 * 2  # shapes alone: the layer is on the meta device
+    assert forward_bytes(layer, tokens) == 3 * tokens * 14336 * 2  # the MLP's intermediates
+    working_set = quantizer.working_set(layer, tokens)
+    assert working_set >= forward_bytes(layer, tokens)
+    assert (working_set > HEADROOM) == spills
+    if stage["quantizer"] == "gptq":  # down_proj's Hessian and its factor, float32
+        assert working_set >= 2 * 4 * 14336**2
+
+
+def test_the_unquantized_copy_shares_tensors_and_survives_the_move():
+    from qframe.pipeline import unquantized_copy
+
+    layer = tiny("llama").model.layers[0]
+    before = layer.mlp.up_proj.weight.detach().clone()
+    same_device = unquantized_copy(layer, torch.device("cpu"))  # the layer is quantized where it is: a copy
+    assert same_device.mlp.up_proj.weight.data_ptr() != layer.mlp.up_proj.weight.data_ptr()
+    reference = unquantized_copy(layer, torch.device("meta"))  # the layer moves: shared, no copy
+    assert reference.mlp.up_proj.weight.data_ptr() == layer.mlp.up_proj.weight.data_ptr()
+    layer.to("meta")
+    assert torch.equal(reference.mlp.up_proj.weight, before) and layer.mlp.up_proj.weight.is_meta
+
+
+def test_replaced_linears_are_released_after_their_layer():
+    model = tiny("llama")
+    original = model.model.layers[0].mlp.up_proj  # replaced by a QuantLinear; the model no longer holds it
+    qframe.quantize(model, recipe(weights={"bits": 4, "group_size": 32}), device="cpu")
+    assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
+    assert original.weight.is_meta  # its memory (on the accelerator, when there is one) is released
