@@ -106,6 +106,8 @@ QFRAME = {
     "qframe-nvfp4-token": ("nvfp4.toml", {"stage.0.activations.dynamic": True}),
     "qframe-nvfp4-quantized": ("nvfp4.toml", {"calibration.propagate": "quantized"}),
     "qframe-nvfp4-wmse": ("nvfp4.toml", {"stage.0.weights.calibrator": "mse"}),
+    "qframe-nvfp4-gptq": ("nvfp4_gptq.toml", {}),
+    "qframe-nvfp4-gptq-dynamic": ("nvfp4_gptq.toml", {"stage.0.options.act_order": False}),
     "qframe-mxfp4": ("mxfp4.toml", {}),
     **{f"qframe-w8a8-{c}": ("w8a8_int8.toml", {"stage.0.activations.calibrator": c}) for c in CALIBRATORS},
     "qframe-rtn-w4a16": ("rtn_w4a16.toml", {}),
@@ -117,12 +119,17 @@ MODELOPT = {  # name -> (config name(s) in modelopt.torch.quantization, needs CU
     "modelopt-nvfp4": (("NVFP4_DEFAULT_CFG",), True),
     "modelopt-int8": (("INT8_DEFAULT_CFG",), False),
     "modelopt-fp8-kv": (("FP8_DEFAULT_CFG", "FP8_KV_CFG"), False),
+    # FP8_DEFAULT_CFG as its export serves it: export_hf_checkpoint merges q/k/v's and gate/up's
+    # weight and input scales (a fused linear has one); the exported codes and scales are read
+    # back, dequantized and evaluated with their FP8 input scales (see served_modelopt).
+    "modelopt-fp8-served": (("FP8_DEFAULT_CFG",), False),
+    "modelopt-nvfp4-served": (("NVFP4_DEFAULT_CFG",), True),
 }
 TABLE_ORDER = [
     "baseline",
-    "modelopt-fp8", "qframe-fp8", "qframe-fp8-minmax", "qframe-fp8-quantized", "qframe-fp8-minmax-quantized",
+    "modelopt-fp8", "modelopt-fp8-served", "qframe-fp8", "qframe-fp8-minmax", "qframe-fp8-quantized", "qframe-fp8-minmax-quantized",
     "qframe-fp8-token",
-    "modelopt-nvfp4", "qframe-nvfp4", "qframe-nvfp4-token", "qframe-nvfp4-quantized", "qframe-nvfp4-wmse",
+    "modelopt-nvfp4", "modelopt-nvfp4-served", "qframe-nvfp4", "qframe-nvfp4-gptq", "qframe-nvfp4-gptq-dynamic", "qframe-nvfp4-token", "qframe-nvfp4-quantized", "qframe-nvfp4-wmse",
     "qframe-mxfp4",
     "modelopt-int8", *[f"qframe-w8a8-{c}" for c in CALIBRATORS],
     "modelopt-fp8-kv", "qframe-fp8-kv", "qframe-rtn-w4a16", "qframe-int8-kv",
@@ -235,7 +242,69 @@ def run_modelopt(mtq, name: str, base: nn.Module, calib: TokenWindows, device: t
     text = chatter.getvalue().strip()
     if text:
         config["modelopt_stdout_tail"] = text[-2000:]
+    if name.endswith("-served"):
+        model, config["served"] = served_modelopt(model, base, device), "export_hf_checkpoint, read back"
     return model, config
+
+
+def served_modelopt(quantized: nn.Module, base: nn.Module, device: torch.device) -> nn.Module:
+    """What modelopt's export serves: ``export_hf_checkpoint`` of its quantized model, read back.
+    Each exported linear's weight is dequantized from its codes and scales (FP8: ``weight *
+    weight_scale``; NVFP4: E2M1 nibbles × E4M3 block scales × ``weight_scale_2``) into a copy of
+    the float model, and its input is quantized as the engine does with the exported
+    ``input_scale`` (FP8: a saturating E4M3 cast; NVFP4: E2M1 in blocks of 16 under that global
+    scale)."""
+    import tempfile
+
+    from modelopt.torch.export import export_hf_checkpoint
+    from safetensors.torch import load_file
+
+    from qframe.scheme import QuantArgs
+
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings(), \
+            contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        export_hf_checkpoint(quantized, export_dir=folder)
+        tensors = {}
+        for file in sorted(Path(folder).glob("*.safetensors")):
+            tensors.update(load_file(file))
+    model = copy.deepcopy(base).to(device)
+    served = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or f"{name}.weight_scale" not in tensors:
+            continue
+        codes, scale = tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"].float()
+        if codes.dtype == torch.float8_e4m3fn:  # FP8, one scale per tensor
+            weight = codes.float() * scale
+            args = QuantArgs(type="float", bits=8, granularity="tensor")
+        else:  # NVFP4: two E2M1 nibbles per byte (low first), a block scale per 16, a global scale
+            from qframe.formats import e2m1_decode
+
+            nibbles = torch.stack([codes & 0xF, codes >> 4], -1).reshape(codes.shape[0], -1)
+            blocks = scale.repeat_interleave(16, dim=1) * tensors[f"{name}.weight_scale_2"].float()
+            weight = e2m1_decode(nibbles) * blocks
+            args = QuantArgs(type="float", bits=4, format="nvfp4", granularity="group", group_size=16)
+        module.weight.data.copy_(weight.to(module.weight.dtype))
+        input_scale = tensors.get(f"{name}.input_scale")
+        if input_scale is not None:
+            module.register_forward_pre_hook(_input_quantizer(input_scale.float().to(device), args))
+        served += 1
+    if not served:
+        raise RuntimeError("modelopt's export holds no quantized linear that this reader knows")
+    return model
+
+
+def _input_quantizer(input_scale: torch.Tensor, args):
+    from qframe import numerics
+
+    def hook(_module, inputs):
+        x = inputs[0]
+        if args.bits == 8:
+            q = numerics.fake_quantize(x.float(), input_scale, None, args)
+        else:  # NVFP4 activations: block scales at run time under the static global scale
+            q = numerics.quantize_input(x.float(), args, input_scale, None)
+        return (q.to(x.dtype), *inputs[1:])
+    return hook
 
 
 # -- driver ----------------------------------------------------------------------------------
