@@ -102,6 +102,9 @@ QFRAME = {
     "qframe-fp8-minmax-quantized": ("fp8.toml", {"stage.0.activations.calibrator": "minmax",
                                                  "calibration.propagate": "quantized"}),
     "qframe-fp8-token": ("fp8.toml", {"stage.0.activations.dynamic": True}),
+    "qframe-fp8-search": ("fp8.toml", {"stage.0.options.shared_scale": "search"}),
+    # per-tensor FP8 weights with a scale of each linear's own (not what a fused qkv serves)
+    "qframe-fp8-unshared": ("fp8.toml", {"stage.0.quantizer": "rtn"}),
     "qframe-nvfp4": ("nvfp4.toml", {}),
     "qframe-nvfp4-token": ("nvfp4.toml", {"stage.0.activations.dynamic": True}),
     "qframe-nvfp4-quantized": ("nvfp4.toml", {"calibration.propagate": "quantized"}),
@@ -127,7 +130,7 @@ MODELOPT = {  # name -> (config name(s) in modelopt.torch.quantization, needs CU
 }
 TABLE_ORDER = [
     "baseline",
-    "modelopt-fp8", "modelopt-fp8-served", "qframe-fp8", "qframe-fp8-minmax", "qframe-fp8-quantized", "qframe-fp8-minmax-quantized",
+    "modelopt-fp8", "modelopt-fp8-served", "qframe-fp8", "qframe-fp8-search", "qframe-fp8-unshared", "qframe-fp8-minmax", "qframe-fp8-quantized", "qframe-fp8-minmax-quantized",
     "qframe-fp8-token",
     "modelopt-nvfp4", "modelopt-nvfp4-served", "qframe-nvfp4", "qframe-nvfp4-gptq", "qframe-nvfp4-gptq-dynamic", "qframe-nvfp4-token", "qframe-nvfp4-quantized", "qframe-nvfp4-wmse",
     "qframe-mxfp4",

@@ -16,15 +16,22 @@ checkpoint hold exactly the model that was evaluated.
 Fused experts (``targets`` kind ``Experts``) get scales of their own, per expert: FP8's per-tensor
 scale and NVFP4's global scale cover one expert's fused gate/up matrix, and its down matrix.
 
+An fp8 stage can search that shared scale against the group's joint output error on the
+calibration data instead of taking the joint maximum (``options = { shared_scale = "search" }``,
+see :class:`SharedScaleOptions`).
+
 Recipe::
 
     [[stage]]
     quantizer = "fp8"
     weights = { type = "float", bits = 8, granularity = "tensor" }
     activations = { type = "float", bits = 8, calibrator = "minmax" }
+    options = { shared_scale = "search" }
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -34,6 +41,7 @@ from qframe.experts import is_fused_experts
 from qframe.pipeline import LayerWork, weight_error
 
 from .rtn import RTN, WEIGHT_RANGES
+from .smoothing import ChannelStats
 from .rtn import check as check_rtn
 
 
@@ -110,12 +118,81 @@ def input_sharing_groups(work: LayerWork, names) -> list[list[str]]:
     return groups
 
 
+@dataclass(frozen=True)
+class SharedScaleOptions:
+    """``options`` of an fp8 stage: how linears that read one input (q/k/v, gate/up) get their
+    one per-tensor weight scale.
+
+    ``shared_scale = "max"``: the joint range of their weights, as TensorRT-LLM's and
+    modelopt's exports merge scales. ``"search"``: the range among ``grid + 1`` shrink ratios
+    of the joint one, down to ``min_ratio``, whose rounding gives the least joint output error
+    ``Σ_j tr(ΔW_j G ΔW_jᵀ)`` on the calibration inputs (``G = Σ xᵀx`` of their shared input,
+    gathered in one more pass over the layer). ``"max"`` is among the candidates, so the
+    search never does worse on the calibration data.
+
+    Example::
+
+        >>> SharedScaleOptions(shared_scale="search").grid
+        20
+    """
+
+    shared_scale: str = "max"
+    grid: int = 20
+    min_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.shared_scale not in SHARED_SCALES:
+            raise RecipeError("shared_scale", self.shared_scale, f"allowed: {', '.join(SHARED_SCALES)}")
+        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 1:
+            raise RecipeError("grid", self.grid, "expected a positive number of candidates")
+        if not 0 < self.min_ratio <= 1:  # also refuses NaN
+            raise RecipeError("min_ratio", self.min_ratio, "expected a fraction of the joint range, in (0, 1]")
+
+
+SHARED_SCALES = ("max", "search")
+
+
+def search_shared_range(weights: list[torch.Tensor], gram: torch.Tensor, args, grid: int = 20,
+                        min_ratio: float = 0.5) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
+    """The per-tensor range ``(lo, hi)`` shared by ``weights`` (linears reading one input whose
+    Gram matrix is ``gram``) that minimizes their joint output error ``Σ_j tr(ΔW_j G ΔW_jᵀ)``
+    among the joint min/max range shrunk by ``1, ..., min_ratio``; and the chosen ratio.
+
+    Example::
+
+        >>> from qframe.scheme import QuantArgs
+        >>> x = torch.randn(256, 8); w = [torch.randn(4, 8), torch.randn(2, 8)]
+        >>> (lo, hi), ratio = search_shared_range(w, x.T @ x, QuantArgs(type="float", bits=8, granularity="tensor"))
+        >>> 0.5 <= ratio <= 1.0
+        True
+    """
+    gram = gram.float()
+    floats = [w.detach().float().to(gram.device) for w in weights]
+    lo = torch.stack([numerics._finite(w).amin() for w in floats]).amin().reshape(1, 1)
+    hi = torch.stack([numerics._finite(w).amax() for w in floats]).amax().reshape(1, 1)
+    best, best_loss = 1.0, None
+    for k in range(grid + 1):
+        ratio = 1.0 - (1.0 - min_ratio) * k / grid
+        loss = torch.zeros((), dtype=torch.float64, device=gram.device)
+        for w in floats:
+            delta = numerics.quantize_weight(w, args, (lo * ratio, hi * ratio)).dequantize().sub_(w)
+            loss += ((delta @ gram) * delta).sum(dtype=torch.float64)
+        if best_loss is None or bool(loss < best_loss):
+            best, best_loss = ratio, loss
+    return (lo * best, hi * best), best
+
+
 class SharedScaleRTN(RTN):
     """Round to nearest, with one per-tensor weight scale for the linears that read one input
-    (see the module docstring): each is quantized again with the group's joint range (FP8) or
-    the group's largest global scale (NVFP4)."""
+    (see the module docstring): each is quantized again with the group's joint range (FP8;
+    searched against the joint output error with ``shared_scale = "search"``) or the group's
+    largest global scale (NVFP4)."""
 
     handles_experts = True
+
+    @classmethod
+    def needs_calibration(cls, stage) -> bool:
+        return stage.static_activations or stage.options.get("shared_scale") == "search"
 
     def quantize_layer(self, work: LayerWork, targets, prescales: dict[str, torch.Tensor] | None = None) -> None:
         originals = {n: m for n, m in targets if not is_fused_experts(m)}  # experts: one scale set each
@@ -125,12 +202,24 @@ class SharedScaleRTN(RTN):
         per_tensor = fmt is not None and (weights.granularity == "tensor" or fmt.has_global_scale)
         if not per_tensor:
             return
-        for group in input_sharing_groups(work, list(originals)):
+        groups = input_sharing_groups(work, list(originals))
+        search = getattr(self.options, "shared_scale", "max") == "search" and not fmt.has_global_scale
+        grams = {}
+        if search and groups and work.inputs is not None:  # one more pass: each shared input's Gram matrix
+            grams = {n: s.gram for n, s in work.observe_inputs([g[0] for g in groups],
+                                                              lambda _n: ChannelStats(gram=True)).items()}
+        for group in groups:
             ranges = {n: WEIGHT_RANGES[weights.calibrator](originals[n].weight.detach(), weights) for n in group}
             joint_global = None
             if fmt.has_global_scale:
                 joint_global = torch.stack([numerics.weight_global_scale(originals[n].weight.detach(), weights)
                                             for n in group]).amax()
+            elif group[0] in grams:
+                joint, ratio = search_shared_range([originals[n].weight for n in group], grams.pop(group[0]),
+                                                   weights, self.options.grid, self.options.min_ratio)
+                ranges = {n: joint for n in group}
+                for name in group:
+                    work.record(name, shared_scale_ratio=ratio)
             else:
                 lo = torch.stack([ranges[n][0] for n in group]).amin(0)
                 hi = torch.stack([ranges[n][1] for n in group]).amax(0)
@@ -145,7 +234,7 @@ class SharedScaleRTN(RTN):
 @hookimpl
 def qframe_quantizers():
     yield QuantizerPlugin(name="fp8", summary="FP8 E4M3/E5M2 weights, static or dynamic FP8 activations",
-                          factory=SharedScaleRTN, check=check_fp8)
+                          factory=SharedScaleRTN, options=SharedScaleOptions, check=check_fp8)
     yield QuantizerPlugin(name="nvfp4", summary="NVFP4: E2M1 in blocks of 16, E4M3 block scales, FP32 global scale",
                           factory=SharedScaleRTN, check=_check_fp4(formats.NVFP4))
     yield QuantizerPlugin(name="mxfp4", summary="MXFP4: E2M1 in blocks of 32, E8M0 power-of-two scales (OCP MX)",

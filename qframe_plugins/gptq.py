@@ -376,12 +376,14 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor | Hessian, args: QuantArgs, *
 
 
 def gptq_shared(weights: list[torch.Tensor], h: torch.Tensor | Hessian, args: QuantArgs, *, block_size: int = 128,
-                dampening: float = 0.01, act_order: bool = False) -> list[GPTQResult]:
+                dampening: float = 0.01, act_order: bool = False, joint: bool = True) -> list[GPTQResult]:
     """:func:`gptq_quantize` for linears that read one input (q/k/v, gate/up), against their
     one Hessian: their rows are rounded as one matrix. GPTQ rounds rows independently given
     ``H``, so each linear's result is what rounding it alone gives, for one factorization and
-    one column loop instead of one per linear; per-tensor ranges and NVFP4 global scales stay
-    each linear's own.
+    one column loop instead of one per linear. A per-tensor scale (a per-tensor range, NVFP4's
+    global scale) is the linears' ``joint`` one, as engines serve them fused (one scale for
+    TensorRT-LLM's ``qkv``, vLLM's ``gate_up_proj``): the joint range, the largest global
+    scale; with ``joint=False`` each keeps its own.
 
     Example::
 
@@ -396,10 +398,14 @@ def gptq_shared(weights: list[torch.Tensor], h: torch.Tensor | Hessian, args: Qu
     sizes = [w.shape[0] for w in weights]
     floats = [w.detach().float().unsqueeze(0) for w in weights]
     ranges = None
-    if args.granularity == "tensor":  # per row, each linear's own range
+    if args.granularity == "tensor":  # per row, the linear's range (or the joint one)
         per = [_static_ranges(w, args) for w in floats]
+        if joint:
+            per = [(torch.stack([r[0] for r in per]).amin(0), torch.stack([r[1] for r in per]).amax(0))] * len(per)
         ranges = tuple(torch.cat([r[i].expand(1, n, 1) for r, n in zip(per, sizes)], 1) for i in (0, 1))
     scales = [formats.of(args).global_scale(numerics._finite(w).abs().amax((1, 2))) for w in floats]
+    if joint and scales[0] is not None:
+        scales = [torch.stack(scales).amax(0)] * len(scales)
     global_scale = None if scales[0] is None else torch.cat(
         [g.reshape(1, 1, 1).expand(1, n, 1) for g, n in zip(scales, sizes)], 1)
     del floats

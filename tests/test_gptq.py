@@ -244,16 +244,32 @@ def test_static_activations_are_calibrated_after_the_weights():
     QuantArgs(type="float", bits=4, format="nvfp4", granularity="group", group_size=16),  # and global scale
 ], ids=["int4-g8", "int4-g8-asym", "int8-channel", "fp8-tensor", "nvfp4"])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_linears_reading_one_input_round_together_as_each_alone(args, act_order):
+@pytest.mark.parametrize("joint", [False, True], ids=["own-scales", "joint-scales"])
+def test_linears_reading_one_input_round_together_as_each_alone(args, act_order, joint):
     """q/k/v (and gate/up) share one Hessian and one column loop: each linear's result is what
-    rounding it alone gives, per-tensor ranges and NVFP4 global scales each its own."""
-    from qframe_plugins.gptq import gptq_shared
+    rounding it alone gives, with its own per-tensor range and NVFP4 global scale, or (``joint``,
+    as fused linears are served) with the group's joint range and largest global scale."""
+    from qframe_plugins.gptq import gptq_batched, gptq_shared
 
     torch.manual_seed(0)
     x = torch.randn(512, 32) * torch.linspace(0.1, 3, 32)
     h = 2 * x.T @ x / 512
     weights = [torch.randn(16, 32), torch.randn(8, 32) * 5, torch.randn(8, 32) * 0.1]
-    together = gptq_shared(weights, h.clone(), args, block_size=8, act_order=act_order)
+    together = gptq_shared(weights, h.clone(), args, block_size=8, act_order=act_order, joint=joint)
+    per_tensor = args.granularity == "tensor" or args.format == "nvfp4"
+    if joint and per_tensor:  # one scale for the group: the joint range, the largest global scale
+        ranges = (torch.stack([w.min() for w in weights]).min().reshape(1, 1, 1),
+                  torch.stack([w.max() for w in weights]).max().reshape(1, 1, 1)) if args.format != "nvfp4" else None
+        glob = together[0].global_scale
+        if glob is not None:
+            assert all(torch.equal(r.global_scale, glob) for r in together)
+            assert torch.equal(glob, torch.stack([gptq_quantize(w, h.clone(), args, block_size=8).global_scale
+                                                  for w in weights]).amax())
+        for w, shared in zip(weights, together):
+            alone = gptq_batched(w.unsqueeze(0), h.clone().unsqueeze(0), args, block_size=8, act_order=act_order,
+                                 ranges=ranges, global_scale=None if glob is None else glob.reshape(1, 1, 1))
+            torch.testing.assert_close(shared.weight, alone.weight[0], rtol=0, atol=1e-6)
+        return
     for w, shared in zip(weights, together):
         alone = gptq_quantize(w, h.clone(), args, block_size=8, act_order=act_order)
         torch.testing.assert_close(shared.weight, alone.weight, rtol=0, atol=1e-6)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import qframe
+from qframe import numerics
 from qframe.checkpoint import load_native, save_native
 from qframe.plugins import build_registry
 from qframe.cli import main
@@ -92,3 +93,43 @@ def test_kv_cache_refuses_weights_and_fp4(capsys):
     assert "stage[1].weights" in capsys.readouterr().err
     assert main(["validate", "recipes/int8_kv.toml", "--set", "stage.1.activations.dynamic=true"]) == 2
     assert "stage[1].activations" in capsys.readouterr().err
+
+
+def test_fp8_shared_scale_search_never_loses_to_the_joint_maximum():
+    from qframe.scheme import QuantArgs
+    from qframe_plugins.fp import search_shared_range
+
+    args = QuantArgs(type="float", bits=8, granularity="tensor")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 32, generator=g) * torch.linspace(0.1, 3, 32)
+    gram = x.T @ x
+    weights = [torch.randn(16, 32, generator=g) * 0.02, torch.randn(8, 32, generator=g) * 0.02]
+    weights[0][3, 5] = 1.0  # one outlier sets the joint maximum
+
+    def loss(lo, hi):
+        return sum(float((((d := numerics.quantize_weight(w, args, (lo, hi)).dequantize() - w) @ gram) * d).sum())
+                   for w in weights)
+
+    (lo, hi), ratio = search_shared_range(weights, gram, args, grid=10, min_ratio=0.5)
+    joint = (torch.tensor([[min(float(w.min()) for w in weights)]]), torch.tensor([[max(float(w.max()) for w in weights)]]))
+    assert 0.5 <= ratio <= 1.0 and torch.equal(hi, joint[1] * ratio)
+    assert loss(lo, hi) <= loss(*joint)
+
+
+def test_fp8_searched_shared_scale_is_one_scale_per_fused_group():
+    model = tiny_llama_model(hidden_size=64, intermediate_size=128, vocab_size=256)
+    recipe = qframe.load_recipe("recipes/fp8.toml", ["stage.0.options.shared_scale=\"search\""])
+    qmodel = qframe.quantize(model, recipe, calibration=tokens(), device="cpu")
+    q = qmodel.quantized_modules()
+    for layer in ("model.layers.0", "model.layers.1"):
+        qkv = {float(q[f"{layer}.self_attn.{p}_proj"].weight_scale) for p in "qkv"}
+        gate_up = {float(q[f"{layer}.mlp.{p}_proj"].weight_scale) for p in ("gate", "up")}
+        assert len(qkv) == 1 and len(gate_up) == 1
+        ratio = qmodel.layers[int(layer[-1])]["modules"][f"{layer}.self_attn.q_proj"]["shared_scale_ratio"]
+        assert 0.5 <= ratio <= 1.0
+
+
+def test_fp8_shared_scale_option_is_checked(capsys):
+    assert main(["validate", "recipes/fp8.toml", "--set", "stage.0.options.shared_scale=\"mean\""]) == 2
+    err = capsys.readouterr().err
+    assert "shared_scale" in err and "allowed: max, search" in err and "Traceback" not in err
