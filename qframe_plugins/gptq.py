@@ -11,6 +11,9 @@ rounding reaches the group, after the earlier columns' errors have updated it. W
 ``act_order`` (columns in order of decreasing ``diag(H)``) they are fixed up front from the
 original weight instead (static groups), so the scales stay contiguous and export as for RTN. Every weight format of :mod:`qframe.numerics` works
 (int2-8 symmetric or asymmetric, FP8, NVFP4 with the original weight's global scale, MXFP4).
+Linears that read one input (q/k/v, gate/up) are rounded together, against one Hessian, and
+share a per-tensor scale (FP8's range, NVFP4's global scale) as engines serve them fused.
+On CUDA the column loop runs as a Triton kernel (:mod:`qframe_plugins.gptq_triton`).
 
 With ``true_sequential`` the layer's linears are quantized in the order of the architecture's
 smoothing groups (q/k/v, o, gate/up, down), each group's Hessians observed on inputs computed
