@@ -111,6 +111,7 @@ QFRAME = {
     "qframe-nvfp4-wmse": ("nvfp4.toml", {"stage.0.weights.calibrator": "mse"}),
     "qframe-nvfp4-gptq": ("nvfp4_gptq.toml", {}),
     "qframe-nvfp4-gptq-dynamic": ("nvfp4_gptq.toml", {"stage.0.options.act_order": False}),
+    "qframe-nvfp4-gptq-quantized": ("nvfp4_gptq.toml", {"calibration.propagate": "quantized"}),
     "qframe-mxfp4": ("mxfp4.toml", {}),
     **{f"qframe-w8a8-{c}": ("w8a8_int8.toml", {"stage.0.activations.calibrator": c}) for c in CALIBRATORS},
     "qframe-rtn-w4a16": ("rtn_w4a16.toml", {}),
@@ -132,7 +133,8 @@ TABLE_ORDER = [
     "baseline",
     "modelopt-fp8", "modelopt-fp8-served", "qframe-fp8", "qframe-fp8-search", "qframe-fp8-unshared", "qframe-fp8-minmax", "qframe-fp8-quantized", "qframe-fp8-minmax-quantized",
     "qframe-fp8-token",
-    "modelopt-nvfp4", "modelopt-nvfp4-served", "qframe-nvfp4", "qframe-nvfp4-gptq", "qframe-nvfp4-gptq-dynamic", "qframe-nvfp4-token", "qframe-nvfp4-quantized", "qframe-nvfp4-wmse",
+    "modelopt-nvfp4", "modelopt-nvfp4-served", "qframe-nvfp4", "qframe-nvfp4-gptq", "qframe-nvfp4-gptq-dynamic",
+    "qframe-nvfp4-gptq-quantized", "qframe-nvfp4-token", "qframe-nvfp4-quantized", "qframe-nvfp4-wmse",
     "qframe-mxfp4",
     "modelopt-int8", *[f"qframe-w8a8-{c}" for c in CALIBRATORS],
     "modelopt-fp8-kv", "qframe-fp8-kv", "qframe-rtn-w4a16", "qframe-int8-kv",
@@ -267,6 +269,8 @@ def served_modelopt(quantized: nn.Module, base: nn.Module, device: torch.device)
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings(), \
             contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
+        if not getattr(quantized.config, "architectures", None):  # a model loaded from GGUF names none
+            quantized.config.architectures = [type(quantized).__name__]
         export_hf_checkpoint(quantized, export_dir=folder)
         tensors = {}
         for file in sorted(Path(folder).glob("*.safetensors")):
