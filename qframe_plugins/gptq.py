@@ -296,11 +296,15 @@ def gptq_batched(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, block_siz
     quantized = weight  # a finished block's columns are dead: their rounded values go in their place
     grid = gptq_triton.kernel_grid(formats.of(args)) if gptq_triton.available(device) else None
 
-    def new_group(c: int, current: torch.Tensor) -> None:
-        """Group scale (and zero) of the group starting at column ``c`` from the columns as
-        the earlier errors have updated them: ``current`` from column ``c`` on."""
+    def new_group(block: torch.Tensor, i: int, end: int) -> None:
+        """Scale (and zero) of the group starting at column ``i`` of ``block`` (which ends at
+        column ``end`` of the weight), from its columns as the earlier errors updated them:
+        those left in the block, then the weight's next ones."""
+        c = end - block.shape[-1] + i
         g, size = c // args.group_size, min(args.group_size, columns - c)
-        lo[..., g], hi[..., g] = current[..., :size].amin(-1), current[..., :size].amax(-1)
+        beyond = max(0, size - (block.shape[-1] - i))
+        current = torch.cat([block[..., i:i + size], weight[..., end:end + beyond]], -1)
+        lo[..., g], hi[..., g] = current.amin(-1), current.amax(-1)
         s_g, z_g, _ = numerics.scale_parts(lo[..., g:g + 1], hi[..., g:g + 1], args, global_scale)
         scales[..., c:c + size] = numerics.effective_scale(s_g, global_scale, args)
         if zeros is not None:
@@ -313,10 +317,11 @@ def gptq_batched(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, block_siz
         u = upper[:, start:end, start:end]
         if grid is not None:  # one kernel per block; with dynamic group scales, one per group in it
             u, rounded = u.contiguous(), torch.zeros_like(block)
-            cuts = sorted({0, end - start, *(c - start for c in range(start, end) if dynamic and c % args.group_size == 0)})
+            starts = (c - start for c in range(start, end) if dynamic and c % args.group_size == 0)
+            cuts = sorted({0, end - start, *starts})
             for first, last in zip(cuts, cuts[1:]):
                 if dynamic and (start + first) % args.group_size == 0:
-                    new_group(start + first, torch.cat([block[..., first:], weight[..., end:]], -1))
+                    new_group(block, first, end)
                 gptq_triton.round_block(block, u, scales[..., start:end].contiguous(),
                                         None if zeros is None else zeros[..., start:end].contiguous(),
                                         rounded, errors, row_error, first, last, grid)
@@ -325,7 +330,7 @@ def gptq_batched(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, block_siz
             for i in range(end - start):
                 c = start + i
                 if dynamic and c % args.group_size == 0:  # a new group: its scale from the updated weight
-                    new_group(c, torch.cat([block[..., i:], weight[..., end:]], -1))
+                    new_group(block, i, end)
                 col = block[..., i]
                 q = numerics.fake_quantize(col, scales[..., c], None if zeros is None else zeros[..., c], args)
                 quantized[..., c] = q
@@ -367,7 +372,6 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor | Hessian, args: QuantArgs, *
         >>> r.weight.shape, r.fallback
         (torch.Size([4, 16]), False)
     """
-    # Handed on without a name here, so gptq_batched can free it as it goes.
     r = gptq_batched(w.unsqueeze(0), _own_matrix(h, w.device).unsqueeze(0), args, block_size=block_size,
                      dampening=dampening, act_order=act_order)
     fallback = bool(r.fallback[0])
