@@ -18,10 +18,17 @@ Methods (``--methods``, comma-separated; default: all of them):
 ``qframe-fp8[-minmax]-quantized``  with ``calibration.propagate = "quantized"``
 ``qframe-fp8-token``        activations dynamic per token
 ``modelopt-nvfp4``          ``mtq.NVFP4_DEFAULT_CFG`` (modelopt runs NVFP4 only on CUDA)
+``modelopt-nvfp4-awq-lite``  ``mtq.NVFP4_AWQ_LITE_CFG``; ``-awq-clip``, ``-awq-full``: its CLIP
+                            and FULL presets; ``-mse-sweep``, ``-local-hessian``,
+                            ``-four-over-six``: ``NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG``,
+                            ``NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG``, ``NVFP4_FOUR_OVER_SIX_CFG``
 ``qframe-nvfp4``            ``recipes/nvfp4.toml`` (static calibrated activation global scale)
 ``qframe-nvfp4-token``      the same with ``activations.dynamic = true`` (global scale per token)
 ``qframe-nvfp4-quantized``  the same with ``calibration.propagate = "quantized"``
 ``qframe-nvfp4-wmse``       the same with ``weights.calibrator = "mse"`` (clipped block ranges)
+``qframe-nvfp4-gptq``       ``recipes/nvfp4_gptq.toml`` (GPTQ, block scales searched against diag(H));
+                            ``-nosearch``: block scales from the min/max; ``-dynamic``: scales
+                            taken as the rounding reaches them; ``-quantized``: propagated quantized
 ``qframe-mxfp4``            ``recipes/mxfp4.toml``
 ``modelopt-int8``           ``mtq.INT8_DEFAULT_CFG``: W8A8, int8 weights per channel, int8
                             activations static per tensor (max calibration), for reference
@@ -29,6 +36,7 @@ Methods (``--methods``, comma-separated; default: all of them):
                             ``{"stage.0.activations.calibrator": CAL}``, CAL in minmax,
                             percentile, mse, entropy
 ``qframe-rtn-w4a16``        ``recipes/rtn_w4a16.toml`` (the reference for ``qframe-int8-kv``)
+``qframe-gptq-w4a16``       ``recipes/gptq_w4a16.toml``; ``-search``: with ``options.range_search``
 ``qframe-int8-kv``          ``recipes/int8_kv.toml`` (rtn int4 g128 + INT8 KV cache)
 ``qframe-fp8-kv``           ``recipes/fp8_kv.toml`` (fp8 W8A8 + FP8 KV cache)
 ``modelopt-fp8-kv``         ``FP8_DEFAULT_CFG`` with ``FP8_KV_CFG`` appended, as modelopt's
@@ -110,17 +118,29 @@ QFRAME = {
     "qframe-nvfp4-quantized": ("nvfp4.toml", {"calibration.propagate": "quantized"}),
     "qframe-nvfp4-wmse": ("nvfp4.toml", {"stage.0.weights.calibrator": "mse"}),
     "qframe-nvfp4-gptq": ("nvfp4_gptq.toml", {}),
-    "qframe-nvfp4-gptq-dynamic": ("nvfp4_gptq.toml", {"stage.0.options.act_order": False}),
+    "qframe-nvfp4-gptq-nosearch": ("nvfp4_gptq.toml", {"stage.0.options.range_search": False}),
+    "qframe-nvfp4-gptq-dynamic": ("nvfp4_gptq.toml", {"stage.0.options.act_order": False,
+                                                      "stage.0.options.range_search": False}),
     "qframe-nvfp4-gptq-quantized": ("nvfp4_gptq.toml", {"calibration.propagate": "quantized"}),
     "qframe-mxfp4": ("mxfp4.toml", {}),
     **{f"qframe-w8a8-{c}": ("w8a8_int8.toml", {"stage.0.activations.calibrator": c}) for c in CALIBRATORS},
     "qframe-rtn-w4a16": ("rtn_w4a16.toml", {}),
+    "qframe-gptq-w4a16": ("gptq_w4a16.toml", {}),
+    "qframe-gptq-w4a16-search": ("gptq_w4a16.toml", {"stage.0.options.range_search": True}),
     "qframe-int8-kv": ("int8_kv.toml", {}),
     "qframe-fp8-kv": ("fp8_kv.toml", {}),
 }
 MODELOPT = {  # name -> (config name(s) in modelopt.torch.quantization, needs CUDA)
     "modelopt-fp8": (("FP8_DEFAULT_CFG",), False),
     "modelopt-nvfp4": (("NVFP4_DEFAULT_CFG",), True),
+    # modelopt's other W4A4 NVFP4 presets: AWQ (lite: scales only; clip: clipping only; full:
+    # both), the FP8 block-scale sweeps scored by weight MSE or by the local Hessian, and 4/6
+    "modelopt-nvfp4-awq-lite": (("NVFP4_AWQ_LITE_CFG",), True),
+    "modelopt-nvfp4-awq-clip": (("NVFP4_AWQ_CLIP_CFG",), True),
+    "modelopt-nvfp4-awq-full": (("NVFP4_AWQ_FULL_CFG",), True),
+    "modelopt-nvfp4-mse-sweep": (("NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG",), True),
+    "modelopt-nvfp4-local-hessian": (("NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG",), True),
+    "modelopt-nvfp4-four-over-six": (("NVFP4_FOUR_OVER_SIX_CFG",), True),
     "modelopt-int8": (("INT8_DEFAULT_CFG",), False),
     "modelopt-fp8-kv": (("FP8_DEFAULT_CFG", "FP8_KV_CFG"), False),
     # FP8_DEFAULT_CFG as its export serves it: export_hf_checkpoint merges q/k/v's and gate/up's
@@ -133,11 +153,13 @@ TABLE_ORDER = [
     "baseline",
     "modelopt-fp8", "modelopt-fp8-served", "qframe-fp8", "qframe-fp8-search", "qframe-fp8-unshared", "qframe-fp8-minmax", "qframe-fp8-quantized", "qframe-fp8-minmax-quantized",
     "qframe-fp8-token",
-    "modelopt-nvfp4", "modelopt-nvfp4-served", "qframe-nvfp4", "qframe-nvfp4-gptq", "qframe-nvfp4-gptq-dynamic",
+    "modelopt-nvfp4", "modelopt-nvfp4-served", "modelopt-nvfp4-awq-lite", "modelopt-nvfp4-awq-clip",
+    "modelopt-nvfp4-awq-full", "modelopt-nvfp4-mse-sweep", "modelopt-nvfp4-local-hessian", "modelopt-nvfp4-four-over-six",
+    "qframe-nvfp4", "qframe-nvfp4-gptq", "qframe-nvfp4-gptq-nosearch", "qframe-nvfp4-gptq-dynamic",
     "qframe-nvfp4-gptq-quantized", "qframe-nvfp4-token", "qframe-nvfp4-quantized", "qframe-nvfp4-wmse",
     "qframe-mxfp4",
     "modelopt-int8", *[f"qframe-w8a8-{c}" for c in CALIBRATORS],
-    "modelopt-fp8-kv", "qframe-fp8-kv", "qframe-rtn-w4a16", "qframe-int8-kv",
+    "modelopt-fp8-kv", "qframe-fp8-kv", "qframe-rtn-w4a16", "qframe-gptq-w4a16", "qframe-gptq-w4a16-search", "qframe-int8-kv",
 ]
 RUN_ORDER = ["baseline", *QFRAME, *MODELOPT]  # qframe first, modelopt last
 KV_PAIRS = [  # (with KV, without KV)

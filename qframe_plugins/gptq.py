@@ -9,7 +9,9 @@ Cholesky factor of ``H⁻¹``, so the layer's *output* error is minimized rather
 Group scales: each group's scale (and zero point) is taken from the weight's min/max when the
 rounding reaches the group, after the earlier columns' errors have updated it. With
 ``act_order`` (columns in order of decreasing ``diag(H)``) they are fixed up front from the
-original weight instead (static groups), so the scales stay contiguous and export as for RTN. Every weight format of :mod:`qframe.numerics` works
+original weight instead (static groups), so the scales stay contiguous and export as for RTN;
+``range_search`` then picks each static scale among 0.6-1.5x its min/max by the rounding error
+weighted by ``diag(H)`` (:func:`searched_ranges`). Every weight format of :mod:`qframe.numerics` works
 (int2-8 symmetric or asymmetric, FP8, NVFP4 with the original weight's global scale, MXFP4).
 Linears that read one input (q/k/v, gate/up) are rounded together, against one Hessian, and
 share a per-tensor scale (FP8's range, NVFP4's global scale) as engines serve them fused.
@@ -64,6 +66,8 @@ class GPTQOptions(ExpertCalibration):
     ``act_order``: round columns in order of decreasing ``diag(H)`` (largest inputs first).
     ``true_sequential``: quantize the layer's linears group by group, each on inputs
     recomputed through the groups already quantized.
+    ``range_search``: search each static group's (or channel's) scale before rounding
+    (:func:`searched_ranges`, against ``diag(H)``); needs ``act_order`` for group scales.
     ``experts``, ``expert_min_tokens``: which tokens each fused expert's Hessians cover
     (:class:`qframe.expert_inputs.ExpertCalibration`).
 
@@ -77,6 +81,7 @@ class GPTQOptions(ExpertCalibration):
     dampening: float = 0.01
     act_order: bool = False
     true_sequential: bool = True
+    range_search: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -92,7 +97,15 @@ def check(stage) -> None:
         raise RecipeError("weights", None, "gptq quantizes weights; give a weights table such as { bits = 4 }")
     if weights.calibrator != "minmax":
         raise RecipeError("weights.calibrator", weights.calibrator,
-                          "gptq fixes each group's scale from the original weight's min/max; allowed: minmax")
+                          "gptq fixes each group's scale from the original weight's min/max (options.range_search "
+                          "then searches it against the Hessian); allowed: minmax")
+    if stage.options.get("range_search"):
+        if weights.granularity == "tensor":
+            raise RecipeError("options.range_search", True, "searches per-group and per-channel weight scales; these "
+                              "weights have one scale per tensor (fp8's shared_scale = \"search\" searches those)")
+        if weights.granularity == "group" and not stage.options.get("act_order", False):
+            raise RecipeError("options.range_search", True, "searches the static group scales that act_order = true "
+                              "fixes up front; without act_order each group's scale is taken as the rounding reaches it")
     rtn_check(stage)
 
 
@@ -233,13 +246,60 @@ def _static_ranges(weight: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor,
     return lo.view(b, out, -1), hi.view(b, out, -1)
 
 
+# range_search's candidates: each group's min/max scaled by 0.6, 0.625, ..., 1.5. Below 1 clips
+# the group's extremes; above 1 widens the step (for NVFP4, a larger E4M3 block scale: as
+# modelopt's "4/6", its largest value on E2M1's 4 instead of 6, so that more values round well).
+SEARCH_RATIOS = tuple(round(0.6 + 0.025 * i, 3) for i in range(37))
+
+
+def searched_ranges(weight: torch.Tensor, importance: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                    args: QuantArgs, global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's (or channel's) range ``(r lo, r hi)`` for the ratio ``r`` in
+    ``SEARCH_RATIOS`` whose rounding of ``weight [B, out, in]`` has the least error weighted by
+    ``importance [B, in]`` (``diag(H)``: each input channel's energy), as the format stores the
+    scale (E4M3 block scales under ``global_scale`` for NVFP4); on a tie, the wider range.
+    ``lo``/``hi``: ``[B, out, groups]`` min/max ranges. Rows are scored in chunks of
+    ``ENERGY_ROWS``, so the temporaries stay a few ``[ENERGY_ROWS, in]`` matrices.
+
+    Example::
+
+        >>> w = torch.tensor([[[0.1, 0.2, 0.3, 4.0]]])       # one outlier in a group of 4
+        >>> args = QuantArgs(bits=4, granularity="group", group_size=4)
+        >>> lo, hi = _static_ranges(w, args)
+        >>> lo2, hi2 = searched_ranges(w, torch.tensor([[1.0, 1.0, 1.0, 0.0]]), lo, hi, args)
+        >>> float(hi2) < float(hi)            # the outlier's input is never active: it is clipped
+        True
+    """
+    b, out, columns = weight.shape
+    chosen = []
+    for rows in range(0, out, ENERGY_ROWS):
+        part = slice(rows, rows + ENERGY_ROWS)
+        w, low, high = weight[:, part], lo[:, part], hi[:, part]
+        glob = global_scale if global_scale is None or global_scale.shape[1] == 1 else global_scale[:, part]
+        best, best_ratio = None, None
+        for r in sorted(SEARCH_RATIOS, reverse=True):  # widest first: a later one must be strictly better
+            scale, zero, _ = numerics.scale_parts(low * r, high * r, args, glob)
+            scales = _per_column(numerics.effective_scale(scale, glob, args), args, w.shape)
+            zeros = None if zero is None else _per_column(zero, args, w.shape)
+            error = (numerics.fake_quantize(w, scales, zeros, args) - w).square_().mul_(importance.unsqueeze(1))
+            error = numerics.grouped(error.reshape(-1, columns), args).sum(-1).view_as(low)
+            if best is None:
+                best, best_ratio = error, torch.full_like(error, r)
+            else:
+                better = error < best
+                best, best_ratio = torch.where(better, error, best), best_ratio.masked_fill(better, r)
+        chosen.append(best_ratio)
+    ratio = torch.cat(chosen, 1)
+    return lo * ratio, hi * ratio
+
+
 def _gather_columns(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return t.gather(-1, order.unsqueeze(1).expand_as(t))
 
 
 def gptq_batched(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, block_size: int = 128,
                  dampening: float = 0.01, act_order: bool = False,
-                 ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 range_search: bool = False, ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
                  global_scale: torch.Tensor | None = None) -> BatchedGPTQ:
     """GPTQ on a batch of matrices at once: round each ``w[b]`` ``[out, in]`` against its own
     Hessian ``h[b]`` (``h [B, in, in]``, consumed: overwritten and freed), every step of the
@@ -265,6 +325,8 @@ def gptq_batched(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, block_siz
                             for alive in (rows.float().masked_fill(dead.unsqueeze(1), 0.0)
                                           for rows in w.detach().split(ENERGY_ROWS, dim=1))], dim=1)
     order = torch.argsort(h.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True) if act_order else None
+    search = range_search and ranges is None and (act_order or args.granularity == "channel")
+    importance = h.diagonal(dim1=-2, dim2=-1).masked_fill(dead, 0.0) if search else None  # H is overwritten below
     # Columns in reverse order of rounding (see _inverse_factor), permuted within H's memory:
     # two [B, in, in] matrices at most, also while a caller still holds H.
     # act_order rounds the columns with the largest inputs first; each keeps its own group's scale.
@@ -278,10 +340,12 @@ def gptq_batched(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, block_siz
 
     weight = w.detach().to(torch.float32, copy=True)
     # Static scales from the original weight: rounding the result again gives the same codes.
-    lo, hi = ranges if ranges is not None else _static_ranges(weight, args)
     if global_scale is None:
         global_scale = formats.of(args).global_scale(numerics._finite(weight).abs().amax((1, 2)))
         global_scale = None if global_scale is None else global_scale.view(b, 1, 1)
+    lo, hi = ranges if ranges is not None else _static_ranges(weight, args)
+    if importance is not None:
+        lo, hi = searched_ranges(weight, importance, lo, hi, args, global_scale)
     scale, zero, global_scale = numerics.scale_parts(lo, hi, args, global_scale)
     scales = _per_column(numerics.effective_scale(scale, global_scale, args), args, weight.shape)
     zeros = None if zero is None else _per_column(zero, args, weight.shape)
@@ -354,7 +418,7 @@ def _own_matrix(h: torch.Tensor | Hessian, device: torch.device) -> torch.Tensor
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor | Hessian, args: QuantArgs, *, block_size: int = 128,
-                  dampening: float = 0.01, act_order: bool = False) -> GPTQResult:
+                  dampening: float = 0.01, act_order: bool = False, range_search: bool = False) -> GPTQResult:
     """Round ``w`` ``[out, in]`` to ``args``'s grid minimizing ``tr(ΔW H ΔWᵀ)`` for the input
     Hessian ``h`` ``[in, in]``, on ``w``'s device. A :class:`Hessian` given instead of its
     matrix is consumed (its matrix is taken and freed as soon as it is factorized), which
@@ -373,7 +437,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor | Hessian, args: QuantArgs, *
         (torch.Size([4, 16]), False)
     """
     r = gptq_batched(w.unsqueeze(0), _own_matrix(h, w.device).unsqueeze(0), args, block_size=block_size,
-                     dampening=dampening, act_order=act_order)
+                     dampening=dampening, act_order=act_order, range_search=range_search)
     fallback = bool(r.fallback[0])
     if fallback:
         warnings.warn("gptq: the Hessian is not positive definite even with strong dampening; rounding to nearest")
@@ -383,7 +447,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor | Hessian, args: QuantArgs, *
 
 
 def gptq_shared(weights: list[torch.Tensor], h: torch.Tensor | Hessian, args: QuantArgs, *, block_size: int = 128,
-                dampening: float = 0.01, act_order: bool = False, joint: bool = True) -> list[GPTQResult]:
+                dampening: float = 0.01, act_order: bool = False, range_search: bool = False,
+                joint: bool = True) -> list[GPTQResult]:
     """:func:`gptq_quantize` for linears that read one input (q/k/v, gate/up), against their
     one Hessian: their rows are rounded as one matrix. GPTQ rounds rows independently given
     ``H``, so each linear's result is what rounding it alone gives, for one factorization and
@@ -401,7 +466,8 @@ def gptq_shared(weights: list[torch.Tensor], h: torch.Tensor | Hessian, args: Qu
         True
     """
     if len(weights) == 1:  # a Hessian handed on whole is consumed there, not copied
-        return [gptq_quantize(weights[0], h, args, block_size=block_size, dampening=dampening, act_order=act_order)]
+        return [gptq_quantize(weights[0], h, args, block_size=block_size, dampening=dampening, act_order=act_order,
+                              range_search=range_search)]
     sizes = [w.shape[0] for w in weights]
     floats = [w.detach().float().unsqueeze(0) for w in weights]
     ranges = None
@@ -417,7 +483,8 @@ def gptq_shared(weights: list[torch.Tensor], h: torch.Tensor | Hessian, args: Qu
         [g.reshape(1, 1, 1).expand(1, n, 1) for g, n in zip(scales, sizes)], 1)
     del floats
     r = gptq_batched(torch.cat([w.detach() for w in weights]).unsqueeze(0), _own_matrix(h, weights[0].device).unsqueeze(0),
-                     args, block_size=block_size, dampening=dampening, act_order=act_order, ranges=ranges,
+                     args, block_size=block_size, dampening=dampening, act_order=act_order,
+                     range_search=range_search, ranges=ranges,
                      global_scale=global_scale)
     fallback = bool(r.fallback[0])
     if fallback:
@@ -504,7 +571,7 @@ def gptq_experts(w: torch.Tensor, hessians: ExpertHessians, args: QuantArgs, *, 
     through every expert) are rounded as the rows of one matrix; otherwise each against its own,
     batched (:func:`gptq_batched`). An expert with fewer than ``min_tokens`` tokens is rounded to
     nearest on its min/max ranges. ``options`` go to :func:`gptq_batched` (``block_size``,
-    ``dampening``, ``act_order``).
+    ``dampening``, ``act_order``, ``range_search``).
 
     Example::
 
@@ -600,7 +667,8 @@ class GPTQ(Quantizer):
             observe_experts(work, [name], lambda _n: WeightInputs(module, weight_name, hessians), opts.experts)
             with torch.no_grad():
                 result = gptq_experts(matrix, hessians, weights, min_tokens=opts.expert_min_tokens,
-                                      block_size=opts.block_size, dampening=opts.dampening, act_order=opts.act_order)
+                                      block_size=opts.block_size, dampening=opts.dampening, act_order=opts.act_order,
+                                      range_search=opts.range_search)
                 # The next weight's inputs are computed through this one as it will be served.
                 matrix.copy_(result.weight.to(matrix.dtype))
             results[weight_name] = result
@@ -644,7 +712,8 @@ class GPTQ(Quantizer):
         started, dropped = time.perf_counter(), hessian.dropped
         with torch.no_grad():  # consumes the Hessian: its [in, in] matrix is freed as it goes
             results = gptq_shared([linear.weight for _, linear in members], hessian, weights,
-                                  block_size=opts.block_size, dampening=opts.dampening, act_order=opts.act_order)
+                                  block_size=opts.block_size, dampening=opts.dampening, act_order=opts.act_order,
+                                  range_search=opts.range_search)
         elapsed, rows = time.perf_counter() - started, sum(linear.out_features for _, linear in members)
         pending = {}
         for (name, linear), result in zip(members, results):

@@ -205,6 +205,9 @@ def test_all_zero_input_channel_gives_a_zero_column():
     ({"weights": INT4, "options": {"act_order": "yes"}}, "stage[0].options.act_order"),
     ({"weights": {**INT4, "calibrator": "mse"}}, "stage[0].weights.calibrator"),
     ({"activations": {"bits": 8, "dynamic": True}}, "stage[0].weights"),
+    ({"weights": INT4, "options": {"range_search": True}}, "stage[0].options.range_search"),  # no static groups
+    ({"weights": {"type": "float", "bits": 8, "granularity": "tensor"}, "options": {"range_search": True}},
+     "stage[0].options.range_search"),
 ])
 def test_bad_options_name_their_key(stage, key):
     recipe = parse_recipe({"stage": [{"quantizer": "gptq", **stage}]})
@@ -279,3 +282,65 @@ def test_linears_reading_one_input_round_together_as_each_alone(args, act_order,
         if alone.global_scale is not None:
             assert torch.equal(shared.global_scale, alone.global_scale)
         assert shared.loss == pytest.approx(alone.loss, rel=1e-5)
+
+
+SEARCHED = [
+    QuantArgs(bits=4, granularity="group", group_size=8),
+    QuantArgs(bits=3, granularity="group", group_size=8, symmetric=False),
+    QuantArgs(bits=4, granularity="channel"),
+    QuantArgs(type="float", bits=4, format="nvfp4", granularity="group", group_size=16),
+]
+
+
+@pytest.mark.parametrize("args", SEARCHED, ids=["int4-g8", "int3-g8-asym", "int4-channel", "nvfp4"])
+def test_range_search_lowers_the_output_error_and_its_scales_reproduce_the_codes(args, monkeypatch):
+    """``range_search`` picks each static group's range among 0.6-1.5x its min/max (rows scored in
+    chunks: ``ENERGY_ROWS`` made small here); GPTQ's output error ``tr(ΔW H ΔWᵀ)`` drops, and the
+    ranges it returns re-round its weight to itself (they are what the checkpoint stores)."""
+    import qframe_plugins.gptq as gptq
+
+    monkeypatch.setattr(gptq, "ENERGY_ROWS", 5)
+    torch.manual_seed(0)
+    x = torch.randn(1024, 64) * torch.linspace(0.05, 4, 64)
+    h = 2 * x.T @ x / 1024
+    w = torch.randn(24, 64)
+    w[3, 7] = 6.0  # an outlier in a channel whose input is small: worth clipping
+    plain, searched = (gptq_quantize(w, h.clone(), args, act_order=True, block_size=16, range_search=s) for s in (False, True))
+
+    def output_error(q):
+        return float(torch.trace((q - w) @ h @ (q - w).T))
+
+    assert output_error(searched.weight) < 0.9 * output_error(plain.weight)
+    lo, hi = gptq._static_ranges(w.unsqueeze(0).float(), args)
+    ratio = torch.where(hi[0] != 0, searched.ranges[1].reshape(hi[0].shape) / hi[0], 1.0)
+    assert ratio.min() >= 0.6 - 1e-6 and ratio.max() <= 1.5 + 1e-6 and ratio.ne(1).any()
+    holder = nn.Linear(64, 24, bias=False)
+    holder.weight.data = searched.weight.clone()
+    quantized = QuantLinear.from_linear(holder, args, weight_ranges=searched.ranges,
+                                        weight_global_scale=searched.global_scale)
+    assert torch.equal(quantized.weight, searched.weight)
+
+
+def test_range_search_with_shared_inputs_and_experts_is_each_alone():
+    """Linears rounded together (joint NVFP4 global scale, spread over their rows) and experts
+    search each row's scales as rounding each alone does."""
+    from qframe.expert_inputs import ExpertHessians
+    from qframe_plugins.gptq import gptq_batched, gptq_experts, gptq_shared
+
+    args = SEARCHED[-1]
+    torch.manual_seed(1)
+    x = torch.randn(512, 32) * torch.linspace(0.1, 3, 32)
+    h = 2 * x.T @ x / 512
+    weights = [torch.randn(16, 32), torch.randn(8, 32) * 5]
+    together = gptq_shared(weights, h.clone(), args, block_size=8, act_order=True, range_search=True)
+    for w, shared in zip(weights, together):
+        alone = gptq_batched(w.unsqueeze(0), h.clone().unsqueeze(0), args, block_size=8, act_order=True,
+                             range_search=True, global_scale=together[0].global_scale.reshape(1, 1, 1))
+        torch.testing.assert_close(shared.weight, alone.weight[0], rtol=0, atol=1e-6)
+    hessians = ExpertHessians(2, 32, shared=True, device=torch.device("cpu"))
+    hessians.observe(x, experts=slice(None), routed=None)
+    experts = torch.stack(weights[:1] * 2) * torch.tensor([1.0, 3.0]).view(2, 1, 1)
+    result = gptq_experts(experts, hessians, args, act_order=True, block_size=8, range_search=True)
+    for e in range(2):
+        alone = gptq_quantize(experts[e], 2 * x.T @ x / 512, args, act_order=True, block_size=8, range_search=True)
+        torch.testing.assert_close(result.weight[e], alone.weight, rtol=0, atol=1e-5)
