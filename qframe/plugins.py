@@ -40,6 +40,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "qframe_plugins.tensorrt_llm",
     "qframe_plugins.tensorrt_llm.layout",
     "qframe_plugins.hf",
+    "qframe_plugins.compressed_tensors",
     "qframe_plugins.llama",
     "qframe_plugins.gpt2",
     "qframe_plugins.neox",

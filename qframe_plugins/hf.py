@@ -479,10 +479,28 @@ def checkpoint_tensors(session: HFSession, part: Part) -> dict[str, torch.Tensor
         >>> sorted(checkpoint_tensors(session, "last"))
         ['lm_head.weight', 'model.norm.weight']
     """
+    quantization, dtype = session.quantization, session.dtype
+    linears = session.linears.get(part, [])
+    scale_2 = _weight_scale_2(quantization, linears, session.groups.get(part, [])) \
+        if quantization.quant_algo == "W4A8_AWQ" else {}
+    return model_tensors(
+        session, part,
+        lambda name: linear_tensors(quantization.quantized[name], quantization, dtype, session.prescaled, scale_2),
+        lambda cache: kv_scale_names(session.description, cache),
+        lambda state: expert_tensors(state, quantization.quant_algo, session.leaves))
+
+
+def model_tensors(session: HFSession, part: Part, linear: Callable[[str], dict[str, torch.Tensor]],
+                  cache: Callable[[CacheState], dict[str, torch.Tensor]],
+                  experts: Callable[[ExpertsState], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One model part's tensors for a checkpoint with the model's Hugging Face names (this one
+    and compressed-tensors'): its state in the checkpoint dtype, but the quantized linears,
+    caches and experts, which ``linear(name)``, ``cache(state)`` and ``experts(state)`` write
+    (keyed by in-memory name); a tied weight once, under its first name; then renamed as the
+    hub's checkpoints name them."""
     description, quantization, dtype = session.description, session.quantization, session.dtype
-    model, arch = description.model, description.arch
     tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in _part_state(model, arch, part).items():
+    for name, tensor in _part_state(description.model, description.arch, part).items():
         owner, _, leaf = name.rpartition(".")
         if owner in quantization.quantized or owner in session.caches:
             continue  # written below, packed (a cache quantizer's state becomes k_scale/v_scale)
@@ -493,15 +511,12 @@ def checkpoint_tensors(session: HFSession, part: Part) -> dict[str, torch.Tensor
         if tensor.is_meta:  # the loader left this part unloaded: there is nothing to write but its shape
             raise ExportError(f"{name}: still on the meta device while model part {part!r} is written")
         tensors[name] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).detach().contiguous().cpu()
-    linears = session.linears.get(part, [])
-    scale_2 = _weight_scale_2(quantization, linears, session.groups.get(part, [])) \
-        if quantization.quant_algo == "W4A8_AWQ" else {}
-    for name in linears:
-        tensors.update(linear_tensors(quantization.quantized[name], quantization, dtype, session.prescaled, scale_2))
-    for cache in session.cache_states.get(part, []):
-        tensors.update(kv_scale_names(description, cache))
+    for name in session.linears.get(part, []):
+        tensors.update(linear(name))
+    for state in session.cache_states.get(part, []):
+        tensors.update(cache(state))
     for state in session.experts.get(part, []):
-        tensors.update(expert_tensors(state, quantization.quant_algo, session.leaves))
+        tensors.update(experts(state))
     if session.renames:
         tensors = {_hub_name(n, session.renames): t for n, t in tensors.items()}
     return tensors
@@ -525,6 +540,42 @@ def shards(items: list, limit: int) -> list[list]:
         out[-1].append(item)
         size += item.nbytes
     return out
+
+
+def write_model_files(session: HFSession, directory: Path, spool: Any, tokenizer: Any = None) -> dict[str, Any]:
+    """Assemble ``directory``'s safetensors from the parts in ``spool`` (one ``model.safetensors``,
+    or shards of at most ``session.shard_bytes`` in model order with their index), write the
+    generation config and the tokenizer, and return the model's ``config.json`` (its ``dtype``
+    the checkpoint's) for the caller to complete and write.
+
+    Example::
+
+        >>> config = write_model_files(session, Path("out/hf"), spool, tokenizer)  # doctest: +SKIP
+    """
+    model = session.description.model
+    entries = spool.entries(STREAM)
+    parts = shards(entries, session.shard_bytes)
+    if len(parts) == 1:
+        spool.assemble(STREAM, directory / WEIGHTS, {"format": "pt"}, entries=parts[0])
+    else:
+        weight_map = {}
+        for i, part in enumerate(parts, 1):
+            file = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
+            spool.assemble(STREAM, directory / file, {"format": "pt"}, entries=part)
+            weight_map.update(dict.fromkeys((e.name for e in part), file))
+        index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}
+        (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    model.config.save_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["dtype"] = str(session.dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    config.pop("quantization_config", None)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return config
 
 
 # -- the exporter ----------------------------------------------------------------------------------------
@@ -589,41 +640,19 @@ class HFExporter:
         """
         description, quantization, dtype = session.description, session.quantization, session.dtype
         warn_inexact_group_scales(in_order(session.inexact, session.order), dtype, "vLLM's and TensorRT-LLM")
-        model = description.model
-        directory = Path(directory)
-        entries = spool.entries(STREAM)
-        parts = shards(entries, session.shard_bytes)
-        if len(parts) == 1:
-            spool.assemble(STREAM, directory / WEIGHTS, {"format": "pt"}, entries=parts[0])
-        else:
-            weight_map = {}
-            for i, part in enumerate(parts, 1):
-                file = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
-                spool.assemble(STREAM, directory / file, {"format": "pt"}, entries=part)
-                weight_map.update(dict.fromkeys((e.name for e in part), file))
-            index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}
-            (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        model.config.save_pretrained(directory)
-        config = json.loads((directory / "config.json").read_text())
-        config["dtype"] = str(dtype).removeprefix("torch.")
-        config.pop("torch_dtype", None)
+        config = write_model_files(session, Path(directory), spool, tokenizer)
         excluded = quantization.excluded + description.embeddings() + _routers(description, quantization)
         if quantization.experts:  # named as the checkpoint's tensors are
             excluded = [_hub_name(n, session.renames) for n in excluded]
         hf_quant = hf_quant_config(replace(quantization, excluded=excluded), bool(session.prescaled))
         # Written even for an unquantized model (quant_algo null), so the directory is recognized
         # and validated; config.json then claims no quantization, as modelopt's does.
-        (directory / HF_QUANT_CONFIG).write_text(json.dumps(hf_quant, indent=4) + "\n")
+        (Path(directory) / HF_QUANT_CONFIG).write_text(json.dumps(hf_quant, indent=4) + "\n")
         if quantization.quant_algo or quantization.kv_cache_quant_algo:
             config["quantization_config"] = quantization_config(hf_quant)
         else:
             config.pop("quantization_config", None)
-        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        generation = getattr(model, "generation_config", None)
-        if generation is not None:
-            generation.save_pretrained(directory)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+        (Path(directory) / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     def validate(self, directory: str | Path) -> list[str]:
         """The problems of a written checkpoint directory (empty when it is valid)."""
