@@ -44,7 +44,7 @@ modifiers = {"w4a16-g64": GPTQModifier(config_groups=W4G64, ignore=["lm_head"]),
              "fp8-dynamic": QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"]),
              "nvfp4": QuantizationModifier(targets="Linear", scheme="NVFP4", ignore=["lm_head"])}
 for name in json.loads(sys.argv[2]):
-    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=getattr(torch, sys.argv[3]))
     oneshot(model=model, dataset=data, recipe=modifiers[name], num_calibration_samples=len(ids),
             max_seq_length=ids.shape[1], output_dir=str(work / f"llmc-{name}"))
 '''
@@ -84,20 +84,27 @@ def signature(directory: Path) -> dict[str, tuple]:
 
 
 def config_of(directory: Path) -> dict:
+    """``quantization_config`` as a loader reads it: without the keys that only steer calibration
+    (``observer``, ``observer_kwargs``, ``actorder``: llm-compressor's GPTQ records it, the
+    weights are static groups either way), the package version, and what is left at its default
+    (compressed-tensors 0.19 writes ``"zp_dtype": null`` and the like, 0.20 omits them; 0.20 adds
+    ``"moe_sparsity_config": null``)."""
     config = json.loads((directory / "config.json").read_text())["quantization_config"]
+    config = {k: v for k, v in config.items() if v is not None}
     for group in config.get("config_groups", {}).values():
         for role in ("weights", "input_activations"):
             if group.get(role):
-                for key in ("observer", "observer_kwargs", "actorder"):  # calibration only
-                    group[role].pop(key, None)
+                group[role] = {k: v for k, v in group[role].items()
+                               if k not in ("observer", "observer_kwargs", "actorder") and v not in (None, {})}
     config.pop("version", None)
     return config
 
 
-def perplexity_with(python: str, directory: Path, ids: Path) -> float:
+def perplexity_with(python: str, directory: Path, ids: Path) -> float | str:
+    """The perplexity of ``directory`` loaded by ``python``'s transformers, or why it failed."""
     done = subprocess.run([python, "-c", LOAD, str(directory), str(ids)], capture_output=True, text=True)
     if done.returncode:
-        raise RuntimeError(done.stderr[-2000:])
+        return "failed: " + done.stderr.strip().splitlines()[-1][:300]
     return json.loads(done.stdout.strip().splitlines()[-1])["perplexity"]
 
 
@@ -117,11 +124,13 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--schemes", default="w4a16-g64,fp8-dynamic,nvfp4")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="both tools quantize the model in this dtype and write their checkpoints in it")
     p.add_argument("--json-out")
     args = p.parse_args()
     schemes = args.schemes.split(",")
     work = Path(tempfile.mkdtemp(prefix="ct-vs-llmc-"))
-    loaded = load_model(resolve_source(args.model), "float32")
+    loaded = load_model(resolve_source(args.model), args.dtype)
     model, tokenizer, registry = loaded.model, loaded.tokenizer, default_registry()
     calib = calibration_windows(args.calib_data, DataContext(tokenizer, None, seed=0, samples=args.calib_samples,
                                                              seq_len=args.seq_len), registry)
@@ -140,15 +149,16 @@ def main() -> int:
     config.save_pretrained(work / "model")
     save_model(model, str(work / "model" / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(work / "model")
-    done = subprocess.run([args.peer_python, "-c", PEER, str(work), json.dumps(schemes)], capture_output=True, text=True)
+    done = subprocess.run([args.peer_python, "-c", PEER, str(work), json.dumps(schemes), args.dtype],
+                          capture_output=True, text=True)
     if done.returncode:
         print(done.stderr[-4000:], file=sys.stderr)
         return 1
     report = {"calibration_sha256": calib.sha256, "evaluation_sha256": windows.sha256, "schemes": {}}
     for name in schemes:
-        fresh = load_model(resolve_source(args.model), "float32").model
+        fresh = load_model(resolve_source(args.model), args.dtype).model
         qmodel = qframe.quantize(fresh, parse_recipe({"stage": [QFRAME[name]]}), calibration=calib, device="cpu")
-        ours = qframe.export(qmodel, "compressed-tensors", work / f"qframe-{name}", options={"dtype": "float32"})
+        ours = qframe.export(qmodel, "compressed-tensors", work / f"qframe-{name}", options={"dtype": args.dtype})
         theirs = work / f"llmc-{name}"
         mine, peer = signature(ours), signature(theirs)
         entry = {

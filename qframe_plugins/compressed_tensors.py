@@ -55,7 +55,6 @@ Command line (from a qframe output, no calibration)::
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import re
 import warnings
@@ -68,7 +67,6 @@ import torch
 from qframe import BackendPlugin, formats, hookimpl
 from qframe.description import CacheState, ExpertsState, LinearState, ModelDescription
 from qframe.errors import ExportError, shorten
-from qframe.experts import OUT_IN
 from qframe.scheme import QuantArgs, describe
 
 from . import hf
@@ -189,14 +187,7 @@ def _activation_args(acts: QuantArgs, kind: str, refuse) -> dict[str, Any]:
 
 def _experts_scheme(state: ExpertsState, shapes_known: bool) -> Scheme:
     scheme = scheme_of(state.weights, state.activations, state.where)
-    found = {(n, layout) for n, _, _, layout in state.matrices}
-    params = state.module.named_parameters(recurse=False) if state.module is not None else ()
-    extra = sorted(n for n, _ in params if n not in {name for name, _ in found})
-    if found != {("gate_up_proj", OUT_IN), ("down_proj", OUT_IN)} or extra:
-        raise ExportError(f"{state.where}: compressed-tensors checkpoints hold quantized experts one linear an expert, "
-                          "from fused gate_up_proj [E, 2I, H] and down_proj [E, H, I] (used as F.linear) and nothing "
-                          f"else; these are {sorted(found)}{f' with {extra}' if extra else ''}; export them with "
-                          "--backend qframe, or keep the experts in float with targets = [\"Linear\"]")
+    hf.refuse_unsplittable_experts(state, "compressed-tensors")
     size = state.weights.group_size if state.weights.granularity == "group" else None
     for name, _, inp, _ in state.matrices if shapes_known and size else ():
         if inp % size:
@@ -553,7 +544,7 @@ class CompressedTensorsExporter:
         """Whether ``config.json`` says compressed-tensors."""
         try:
             config = json.loads((Path(directory) / "config.json").read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
             return False
         quant = config.get("quantization_config") if isinstance(config, dict) else None
         return isinstance(quant, dict) and quant.get("quant_method") == "compressed-tensors"

@@ -213,16 +213,23 @@ def check_description(description: ModelDescription) -> Quantization:
     if quantization.experts:
         hub_naming(getattr(description.model.config, "model_type", None), next(iter(quantization.experts)))
     for state in quantization.experts.values():
-        found = {(n, layout) for n, _, _, layout in state.matrices}
-        # Parameters besides the weights (which are parameters still before calibration): biases.
-        params = state.module.named_parameters(recurse=False) if state.module is not None else ()
-        extra = sorted(n for n, _ in params if n not in {name for name, _ in found})
-        if found != {("gate_up_proj", OUT_IN), ("down_proj", OUT_IN)} or extra:
-            raise ExportError(f"{state.where}: the unified HF checkpoint writes quantized experts whose weights are "
-                              "gate_up_proj [E, 2I, H] and down_proj [E, H, I] (used as F.linear) and nothing else; "
-                              f"these are {sorted(found)}{f' with {extra}' if extra else ''}; export them with "
-                              "--backend qframe, or keep the experts in float with targets = [\"Linear\"]")
+        refuse_unsplittable_experts(state, "the unified HF checkpoint")
     return quantization
+
+
+def refuse_unsplittable_experts(state: ExpertsState, title: str) -> None:
+    """Refuse quantized experts that cannot be written one linear an expert: any but fused
+    ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` used as ``F.linear``, or with more
+    parameters (biases)."""
+    found = {(n, layout) for n, _, _, layout in state.matrices}
+    # Parameters besides the weights (which are parameters still before calibration): biases.
+    params = state.module.named_parameters(recurse=False) if state.module is not None else ()
+    extra = sorted(n for n, _ in params if n not in {name for name, _ in found})
+    if found != {("gate_up_proj", OUT_IN), ("down_proj", OUT_IN)} or extra:
+        raise ExportError(f"{state.where}: {title} writes quantized experts whose weights are "
+                          "gate_up_proj [E, 2I, H] and down_proj [E, H, I] (used as F.linear) and nothing else; "
+                          f"these are {sorted(found)}{f' with {extra}' if extra else ''}; export them with "
+                          "--backend qframe, or keep the experts in float with targets = [\"Linear\"]")
 
 
 # Per-expert linears of a fused gate_up_proj / down_proj where transformers names no others.

@@ -320,14 +320,13 @@ def test_qframe_export_writes_the_hf_folder_from_a_native_checkpoint_without_cal
 # -- the real model --------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_smollm2_matches_modelopt_and_unpacks_bit_for_bit(smollm2_gguf, tmp_path):
+def test_smollm2_matches_modelopt_and_unpacks_bit_for_bit(smollm2_float32, tmp_path):
     """SmolLM2-135M (hidden 576, tied embeddings) in bfloat16, quantized by qframe and by modelopt
     on the same weights and one short window: FP8 + FP8 KV cache, NVFP4 and W4A16_AWQ at group
     64 (128 does not divide 576). W4A8_AWQ takes groups of 128 only, so the backend refuses it
     for this model before calibration."""
-    from qframe.model import load_model, resolve_source
-
-    model = load_model(resolve_source(str(smollm2_gguf)), "bfloat16").model
+    model = copy.deepcopy(smollm2_float32.model).to(torch.bfloat16)  # the session's one load, as served
+    model.config.dtype = torch.bfloat16  # what the peer loads it in
     ids = random_tokens(1, 32, vocab=49152, seed=1)
     # A short AWQ search: this test is about the checkpoint's layout and packing, not AWQ's quality.
     awq = AWQ.replace("GROUP", "64") + "options = { n_grid = 4, clip = false }\n"

@@ -449,13 +449,10 @@ def test_apply_writes_the_checkpoint_into_its_tensorrt_llm_folder(tokenizer, tmp
 # -- the real model ----------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_smollm2_matches_modelopt_for_awq_group_64_and_fp8(smollm2_gguf, tmp_path):
+def test_smollm2_matches_modelopt_for_awq_group_64_and_fp8(smollm2_float32, tmp_path):
     """SmolLM2-135M (hidden 576: group 64, since 128 does not divide it), quantized by qframe
     and by modelopt on the same weights, a few short calibration windows each."""
-    from qframe.model import load_model, resolve_source
-
-    source = resolve_source(str(smollm2_gguf))
-    model = load_model(source, "float32").model
+    model = smollm2_float32.model  # the session's one load; each algorithm quantizes its own copy
     group64 = AWQ.replace("GROUP", "64")
     peer_code = MODELOPT.replace("mtq.INT4_AWQ_CFG", "awq64").replace(
         "configs = {", "awq64 = copy.deepcopy(mtq.INT4_AWQ_CFG)\n"
@@ -467,7 +464,7 @@ def test_smollm2_matches_modelopt_for_awq_group_64_and_fp8(smollm2_gguf, tmp_pat
     (tmp_path / "algorithms.json").write_text(json.dumps(["W4A16_AWQ", "FP8"]))
     run_peer_script(peer_code.replace("DECODER", "'llama'"), tmp_path)
     for algo, text in (("W4A16_AWQ", group64), ("FP8", FP8)):
-        fresh = copy.deepcopy(model)  # one load (~20 s); each algorithm quantizes its own copy
+        fresh = copy.deepcopy(model)
         ids = random_tokens(2, 32, vocab=49152, seed=1)
         qmodel = qframe.quantize(fresh, load_recipe(recipe_file(tmp_path, text)), calibration=ids, device="cpu")
         ours = write(qmodel, tmp_path / f"qframe-{algo}")
