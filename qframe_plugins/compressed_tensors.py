@@ -449,9 +449,17 @@ def checkpoint_tensors(session: CTSession, part) -> dict[str, torch.Tensor]:
                 session.rounded[name] = worst
         return tensors
 
-    return hf.model_tensors(session, part, linear,
-                            lambda cache: kv_tensors(cache, dtype),
-                            lambda state: expert_tensors(state, session.schemes[state.name], session.leaves, dtype))
+    def experts(state: ExpertsState) -> dict[str, torch.Tensor]:
+        for fused in ("gate_up_proj", "down_proj"):
+            scale = state.module._buffers.get(f"{fused}_scale")
+            if scale is not None and scale.dtype == torch.float32 and dtype != torch.float32:
+                written = scale.to(dtype).float()
+                worst = float(((written - scale).abs() / scale.abs().clamp_min(1e-30)).max())
+                if worst:
+                    session.rounded[state.name] = max(worst, session.rounded.get(state.name, 0.0))
+        return expert_tensors(state, session.schemes[state.name], session.leaves, dtype)
+
+    return hf.model_tensors(session, part, linear, lambda cache: kv_tensors(cache, dtype), experts)
 
 
 # -- config ----------------------------------------------------------------------------------------------
@@ -526,8 +534,10 @@ class CompressedTensorsExporter:
         """Assemble the safetensors from the spooled parts and write the configs and tokenizer;
         warn once about the scales the checkpoint dtype rounded."""
         if session.rounded:
-            names = hf.in_order(session.rounded, session.order)
-            warnings.warn(f"{names[0]}{f' and {len(names) - 1} more linears' if len(names) > 1 else ''}: weight scales "
+            order = session.order
+            names = hf.in_order([n for n in session.rounded if n in order], order) + \
+                [n for n in session.rounded if n not in order]  # experts after the linears
+            warnings.warn(f"{names[0]}{f' and {len(names) - 1} more modules' if len(names) > 1 else ''}: weight scales "
                           f"are not exact in {str(session.dtype).removeprefix('torch.')}, in which compressed-tensors "
                           f"stores them (by up to {max(session.rounded.values()):.1e} relative), so the served weights "
                           "differ slightly from the evaluated ones; quantize the model in its serving dtype, or export "

@@ -99,6 +99,11 @@ def test_bf16_checkpoints_are_exact_where_the_scales_are(scheme, tmp_path):
 def test_scales_the_dtype_rounds_are_warned_about(tmp_path):
     with pytest.warns(UserWarning, match="not exact in bfloat16"):
         export(tiny("llama", torch.bfloat16), SCHEMES["fp8-dynamic"], tmp_path / "ct")
+    experts_only = {"quantizer": "rtn", "targets": ["Experts"], **SCHEMES["w4a16-g32"]}
+    qmodel = qframe.quantize(tiny_moe("mixtral"), parse_recipe({"stage": [experts_only]}), device="cpu")
+    with pytest.warns(UserWarning, match=r"model\.layers\.0\.mlp\.experts and 1 more modules: weight scales are "
+                                         "not exact in float16"):
+        qframe.export(qmodel, "compressed-tensors", tmp_path / "moe")
 
 
 # The package's compressor, per linear, fed the same values: the float32 dequantized weight and
@@ -184,30 +189,72 @@ def tiny_moe(family: str):
     return model.eval()
 
 
-@pytest.mark.parametrize("family, leaves", [("qwen3_moe", "mlp.experts.0.gate_proj"),
-                                            ("mixtral", "block_sparse_moe.experts.0.w1")])
-def test_experts_are_written_per_expert_and_transformers_loads_them(family, leaves, tmp_path):
+MOE = pytest.mark.parametrize("family, leaves", [("qwen3_moe", "mlp.experts.0.gate_proj"),
+                                                 ("mixtral", "block_sparse_moe.experts.0.w1")])
+
+
+def quantized_moe(family: str, scheme: str, dtype=torch.float32):
+    stage = {"quantizer": "rtn", "targets": ["Linear", "Experts"], **SCHEMES[scheme]}
+    return qframe.quantize(tiny_moe(family).to(dtype), parse_recipe({"stage": [stage]}), calibration=IDS % 128,
+                           device="cpu")
+
+
+@MOE
+@pytest.mark.parametrize("scheme", ["w4a16-g32", "fp8-dynamic", "mxfp4a16"])
+def test_experts_are_written_per_expert_and_transformers_loads_them(family, leaves, scheme, tmp_path):
     """Fused experts one linear an expert, under the hub checkpoints' names; transformers merges
-    them back into the fused weights, equal to qframe's (symmetric W4A16: what its expert path
-    decompresses); the router is in ignore."""
-    stage = {"quantizer": "rtn", "targets": ["Linear", "Experts"], "weights": {"bits": 4, "group_size": 32}}
-    qmodel = qframe.quantize(tiny_moe(family), parse_recipe({"stage": [stage]}), calibration=IDS % 128, device="cpu")
+    them back into fused weights equal to qframe's (the schemes its expert path decompresses:
+    symmetric int, FP8 per channel, MXFP4); the router is in ignore."""
+    qmodel = quantized_moe(family, scheme)
     directory = qframe.export(qmodel, "compressed-tensors", tmp_path / "ct", options={"dtype": "float32"})
     assert validate_checkpoint(directory) == []
     tensors = load_file(str(directory / "model.safetensors"))
-    assert f"model.layers.0.{leaves}.weight_packed" in tensors
+    assert f"model.layers.0.{leaves}.weight_scale" in tensors
     config = json.loads((directory / "config.json").read_text())["quantization_config"]
     assert config["config_groups"]["group_0"]["targets"] == ["Linear"]
     assert f"model.layers.0.{leaves.split('.experts')[0]}.gate" in config["ignore"]
     loaded = load(directory)
-    for name, module in qmodel.model.named_modules():
-        if isinstance(module, QuantLinear):
-            assert torch.equal(loaded.get_submodule(name).weight, module.weight), name
+    assert_same_weights(qmodel, loaded)
     for layer in range(2):
         experts = qmodel.model.get_submodule(f"model.layers.{layer}.mlp.experts")
         for weight in ("gate_up_proj", "down_proj"):
             merged = getattr(loaded.get_submodule(f"model.layers.{layer}.mlp.experts"), weight)
             assert torch.equal(merged.detach(), experts.dequantized(weight)), (layer, weight)
+
+
+@MOE
+@pytest.mark.parametrize("scheme", ["nvfp4", "w4a16-g32-asym"])
+def test_experts_transformers_cannot_load_decompress_with_the_package(family, leaves, scheme, tmp_path):
+    """transformers 5.24's expert path mis-reads NVFP4 (it drops the global scale) and refuses
+    asymmetric int; the package's own decompressor, per expert, gives qframe's experts: exactly
+    for int (float32 scales), within one bfloat16 rounding for NVFP4 (a bfloat16 model; the
+    package multiplies in bfloat16, qframe in float32 and then rounds)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    nvfp4 = scheme == "nvfp4"
+    qmodel = quantized_moe(family, scheme, torch.bfloat16 if nvfp4 else torch.float32)
+    directory = qframe.export(qmodel, "compressed-tensors", tmp_path / "ct",
+                              options={"dtype": "auto" if nvfp4 else "float32"})
+    assert validate_checkpoint(directory) == []
+    group = json.loads((directory / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    compressor = BaseCompressor.get_value_from_registry(group["format"])
+    spec = QuantizationScheme(targets=["Linear"], weights=group["weights"], input_activations=group["input_activations"])
+    tensors = load_file(str(directory / "model.safetensors"))
+    hub, gate, up, down = (leaves.rsplit(".0.", 1)[0], *(("gate_proj", "up_proj", "down_proj")
+                                                         if family == "qwen3_moe" else ("w1", "w3", "w2")))
+    experts = qmodel.model.get_submodule("model.layers.1.mlp.experts")
+    gate_up, down_proj = experts.dequantized("gate_up_proj"), experts.dequantized("down_proj")
+    rows = gate_up.shape[1] // 2
+    for e in range(gate_up.shape[0]):
+        for leaf, want in ((gate, gate_up[e, :rows]), (up, gate_up[e, rows:]), (down, down_proj[e])):
+            prefix = f"model.layers.1.{hub}.{e}.{leaf}."
+            local = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+            got = compressor.decompress(local, spec)["weight"]
+            if nvfp4:
+                torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=0, msg=f"{e} {leaf}")
+            else:
+                assert torch.equal(got, want), (e, leaf)
 
 
 def refusal(stage: dict, kv: dict | None = None) -> str:
