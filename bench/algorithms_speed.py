@@ -36,15 +36,18 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 RECIPES = {"qframe-awq": "recipes/awq_w4a16.toml", "qframe-gptq": "recipes/gptq_w4a16.toml",
-           "qframe-smoothquant": "recipes/smoothquant_w8a8.toml", "qframe-rtn": "recipes/rtn_w4a16.toml"}
+           "qframe-smoothquant": "recipes/smoothquant_w8a8.toml", "qframe-rtn": "recipes/rtn_w4a16.toml",
+           "qframe-gptq-search": "recipes/gptq_w4a16.toml", "qframe-nvfp4-gptq": "recipes/nvfp4_gptq.toml"}
+# Options a tool sets on its recipe: GPTQ with its group scales searched (options.range_search).
+EXTRA = {"qframe-gptq-search": ["stage.0.options.range_search=true"]}
 PEERS = ("modelopt-awq", "llmcompressor-gptq", "llmcompressor-awq")
 
 
 def run_qframe(tool: str, model, ids, device, group: int, batch: int, offload: str) -> dict:
     import qframe
 
-    overrides = [f"calibration.batch_size={batch}", f"calibration.offload={offload}"]
-    if tool != "qframe-smoothquant":
+    overrides = [f"calibration.batch_size={batch}", f"calibration.offload={offload}", *EXTRA.get(tool, [])]
+    if tool not in ("qframe-smoothquant", "qframe-nvfp4-gptq"):
         overrides.append(f"stage.0.weights.group_size={group}")
     recipe = qframe.load_recipe(RECIPES[tool], overrides)
     qmodel = qframe.quantize(model, recipe, calibration=ids, device=device)

@@ -250,6 +250,8 @@ def _static_ranges(weight: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor,
 # the group's extremes; above 1 widens the step (for NVFP4, a larger E4M3 block scale: as
 # modelopt's "4/6", its largest value on E2M1's 4 instead of 6, so that more values round well).
 SEARCH_RATIOS = tuple(round(0.6 + 0.025 * i, 3) for i in range(37))
+# Weight elements scored at once by the search (its float32 temporaries: a few times 64 MiB).
+SEARCH_ELEMENTS = 1 << 24
 
 
 def searched_ranges(weight: torch.Tensor, importance: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
@@ -259,7 +261,7 @@ def searched_ranges(weight: torch.Tensor, importance: torch.Tensor, lo: torch.Te
     ``importance [B, in]`` (``diag(H)``: each input channel's energy), as the format stores the
     scale (E4M3 block scales under ``global_scale`` for NVFP4); on a tie, the wider range.
     ``lo``/``hi``: ``[B, out, groups]`` min/max ranges. Rows are scored in chunks of
-    ``ENERGY_ROWS``, so the temporaries stay a few ``[ENERGY_ROWS, in]`` matrices.
+    ``SEARCH_ELEMENTS`` weights, so the temporaries stay a few times 64 MiB.
 
     Example::
 
@@ -271,9 +273,10 @@ def searched_ranges(weight: torch.Tensor, importance: torch.Tensor, lo: torch.Te
         True
     """
     b, out, columns = weight.shape
+    step = max(1, SEARCH_ELEMENTS // (b * columns))
     chosen = []
-    for rows in range(0, out, ENERGY_ROWS):
-        part = slice(rows, rows + ENERGY_ROWS)
+    for rows in range(0, out, step):
+        part = slice(rows, rows + step)
         w, low, high = weight[:, part], lo[:, part], hi[:, part]
         glob = global_scale if global_scale is None or global_scale.shape[1] == 1 else global_scale[:, part]
         best, best_ratio = None, None

@@ -295,11 +295,11 @@ SEARCHED = [
 @pytest.mark.parametrize("args", SEARCHED, ids=["int4-g8", "int3-g8-asym", "int4-channel", "nvfp4"])
 def test_range_search_lowers_the_output_error_and_its_scales_reproduce_the_codes(args, monkeypatch):
     """``range_search`` picks each static group's range among 0.6-1.5x its min/max (rows scored in
-    chunks: ``ENERGY_ROWS`` made small here); GPTQ's output error ``tr(ΔW H ΔWᵀ)`` drops, and the
-    ranges it returns re-round its weight to itself (they are what the checkpoint stores)."""
+    chunks: ``SEARCH_ELEMENTS`` made small here); GPTQ's output error ``tr(ΔW H ΔWᵀ)`` drops, and
+    the ranges it returns re-round its weight to itself (they are what the checkpoint stores)."""
     import qframe_plugins.gptq as gptq
 
-    monkeypatch.setattr(gptq, "ENERGY_ROWS", 5)
+    monkeypatch.setattr(gptq, "SEARCH_ELEMENTS", 5 * 64)
     torch.manual_seed(0)
     x = torch.randn(1024, 64) * torch.linspace(0.05, 4, 64)
     h = 2 * x.T @ x / 1024
