@@ -91,3 +91,18 @@ def test_static_input_scale_in_quant_linear():
     assert layer.input_scale.item() == pytest.approx(2 / 127)
     # 5.0 is outside the calibrated range: it saturates at 127 * 2/127 = 2
     assert layer(torch.tensor([[5.0, 0.0]])).item() == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("args", [
+    QuantArgs(type="float", bits=4, granularity="group", group_size=16, dynamic=True),
+    QuantArgs(type="float", bits=4, format="mxfp4", granularity="group", group_size=32, dynamic=True),
+    QuantArgs(bits=8, granularity="token", dynamic=True),
+], ids=["nvfp4", "mxfp4", "int8-token"])
+def test_large_activations_are_quantized_in_row_chunks_with_the_same_bits(args, monkeypatch):
+    """Rows are independent per token and per block: a batch quantized a few rows at a time (to
+    bound the float32 temporaries) is bit-identical to it quantized whole."""
+    torch.manual_seed(0)
+    x = (torch.randn(3, 70, 96) * torch.rand(96) * 5).to(torch.bfloat16)
+    whole = numerics.quantize_dynamic(x, args)
+    monkeypatch.setattr(numerics, "ACTIVATION_CHUNK", 500)
+    assert torch.equal(numerics.quantize_dynamic(x, args), whole)
