@@ -325,3 +325,25 @@ def test_command_line_exports_and_validates(tmp_path, capsys):
     assert "compressed-tensors" in capsys.readouterr().out
     config = json.loads((written / "config.json").read_text())["quantization_config"]
     assert config["config_groups"]["group_0"]["format"] == "pack-quantized"
+
+
+def test_linears_quantized_differently_go_in_groups_of_their_own(tmp_path):
+    """Attention int4, MLP FP8 per channel: two groups naming their modules, top-level format
+    mixed-precision; the package accepts it and transformers loads it (in its compressed mode:
+    its dequantize path handles one group only) to qframe's logits."""
+    recipe = {"stage": [{"quantizer": "rtn", "targets": ["*.self_attn.*"], **SCHEMES["w4a16-g32"]},
+                        {"quantizer": "rtn", "targets": ["*.mlp.*"],
+                         "weights": {"type": "float", "bits": 8, "granularity": "channel"}}]}
+    qmodel = qframe.quantize(tiny("llama"), parse_recipe(recipe), calibration=IDS, device="cpu")
+    directory = qframe.export(qmodel, "compressed-tensors", tmp_path / "ct", options={"dtype": "float32"})
+    assert validate_checkpoint(directory) == []
+    config = json.loads((directory / "config.json").read_text())["quantization_config"]
+    ct.quantization.QuantizationConfig.model_validate(config)
+    assert config["format"] == "mixed-precision"
+    groups = config["config_groups"]
+    assert [g["format"] for g in groups.values()] == ["pack-quantized", "float-quantized"]
+    assert "model.layers.1.self_attn.o_proj" in groups["group_0"]["targets"]
+    assert "model.layers.0.mlp.down_proj" in groups["group_1"]["targets"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, qmodel.model(IDS).logits, rtol=0, atol=1e-4)
