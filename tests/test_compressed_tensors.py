@@ -74,8 +74,12 @@ def assert_same_weights(qmodel, loaded, rtol: float = 0.0) -> None:
                                        msg=name)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("scheme", list(SCHEMES))
+# Every scheme on Llama; on Qwen2 (bias on q/k/v) one of each format.
+CASES = [("llama", s) for s in SCHEMES] + [("qwen2", s) for s in ("w4a16-g32-asym", "w8a8-static", "fp8-dynamic",
+                                                                  "nvfp4", "mxfp4a16")]
+
+
+@pytest.mark.parametrize("family, scheme", CASES)
 def test_transformers_decompresses_every_scheme_to_qframes_weights(scheme, family, tmp_path):
     """float32 checkpoints (scales exact): every linear bit for bit; weight-only schemes also
     give qframe's logits (transformers' integration does not quantize activations)."""
@@ -199,18 +203,15 @@ def tiny_moe(family: str):
     return model.eval()
 
 
-MOE = pytest.mark.parametrize("family, leaves", [("qwen3_moe", "mlp.experts.0.gate_proj"),
-                                                 ("mixtral", "block_sparse_moe.experts.0.w1")])
-
-
 def quantized_moe(family: str, scheme: str, dtype=torch.float32):
     stage = {"quantizer": "rtn", "targets": ["Linear", "Experts"], **SCHEMES[scheme]}
     return qframe.quantize(tiny_moe(family).to(dtype), parse_recipe({"stage": [stage]}), calibration=IDS % 128,
                            device="cpu")
 
 
-@MOE
-@pytest.mark.parametrize("scheme", ["w4a16-g32", "fp8-dynamic", "mxfp4a16"])
+@pytest.mark.parametrize("family, leaves, scheme", [
+    ("qwen3_moe", "mlp.experts.0.gate_proj", "w4a16-g32"), ("mixtral", "block_sparse_moe.experts.0.w1", "w4a16-g32"),
+    ("qwen3_moe", "mlp.experts.0.gate_proj", "fp8-dynamic"), ("mixtral", "block_sparse_moe.experts.0.w1", "mxfp4a16")])
 def test_experts_are_written_per_expert_and_transformers_loads_them(family, leaves, scheme, tmp_path):
     """Fused experts one linear an expert, under the hub checkpoints' names; transformers merges
     them back into fused weights equal to qframe's (the schemes its expert path decompresses:
@@ -232,8 +233,8 @@ def test_experts_are_written_per_expert_and_transformers_loads_them(family, leav
             assert torch.equal(merged.detach(), experts.dequantized(weight)), (layer, weight)
 
 
-@MOE
-@pytest.mark.parametrize("scheme", ["nvfp4", "w4a16-g32-asym"])
+@pytest.mark.parametrize("family, leaves, scheme", [("mixtral", "block_sparse_moe.experts.0.w1", "nvfp4"),
+                                                    ("qwen3_moe", "mlp.experts.0.gate_proj", "w4a16-g32-asym")])
 def test_experts_transformers_cannot_load_decompress_with_the_package(family, leaves, scheme, tmp_path):
     """transformers 5.24's expert path mis-reads NVFP4 (it drops the global scale) and refuses
     asymmetric int; the package's own decompressor, per expert, gives qframe's experts: exactly

@@ -453,12 +453,14 @@ def test_smollm2_matches_modelopt_for_awq_group_64_and_fp8(smollm2_float32, tmp_
     """SmolLM2-135M (hidden 576: group 64, since 128 does not divide it), quantized by qframe
     and by modelopt on the same weights, a few short calibration windows each."""
     model = smollm2_float32.model  # the session's one load; each algorithm quantizes its own copy
-    group64 = AWQ.replace("GROUP", "64")
+    group64 = AWQ.replace("GROUP", "64") + "options = { n_grid = 4, clip = false }\n"
     peer_code = MODELOPT.replace("mtq.INT4_AWQ_CFG", "awq64").replace(
         "configs = {", "awq64 = copy.deepcopy(mtq.INT4_AWQ_CFG)\n"
         "for e in awq64['quant_cfg']:\n"
         "    if isinstance(e, dict) and e.get('quantizer_name') == '*weight_quantizer':\n"
         "        e['cfg']['block_sizes'][-1] = 64\n"
+        # A short search on both sides: this test is about the checkpoint's layout and packing.
+        "awq64['algorithm'] = {'method': 'awq_lite', 'alpha_step': 0.5}\n"
         "configs = {").replace("(4, 16)", "(2, 32)").replace("0, 256", "0, 49152")
     save_plain(model, tmp_path / "model")
     (tmp_path / "algorithms.json").write_text(json.dumps(["W4A16_AWQ", "FP8"]))
