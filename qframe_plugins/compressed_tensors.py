@@ -307,27 +307,27 @@ def weight_tensors(scheme: Scheme, args: QuantArgs, codes: torch.Tensor, scale: 
     """
     rows, cols = codes.shape
     out: dict[str, torch.Tensor] = {}
-    if scheme.format in (PACK, INT):
-        bits, offset = args.bits, 1 << (args.bits - 1)
+    # Per tensor or channel (or group), as the format shapes its scales: [1], [O, 1], [O, G].
+    scales = scale.reshape(1) if args.granularity == "tensor" else scale.reshape(rows, -1)
+    if scheme.format == PACK:
+        offset = 1 << (args.bits - 1)
         # qframe's asymmetric codes and zero points are unsigned; compressed-tensors' are signed.
-        signed = codes.to(torch.int16) - (0 if args.symmetric else offset)
-        per_tensor = args.granularity == "tensor"
-        out["weight_packed" if scheme.format == PACK else "weight"] = \
-            pack_int32(signed, bits) if scheme.format == PACK else signed.to(torch.int8)
-        out["weight_scale"] = scale.reshape(1).to(dtype) if per_tensor else scale.reshape(rows, -1).to(dtype)
-        if scheme.format == PACK:
-            out["weight_shape"] = torch.tensor([rows, cols], dtype=torch.int64)
+        out["weight_packed"] = pack_int32(codes.to(torch.int16) - (0 if args.symmetric else offset), args.bits)
+        out["weight_scale"] = scales.to(dtype)
+        out["weight_shape"] = torch.tensor([rows, cols], dtype=torch.int64)
         if zero is not None:
-            z = zero.round().to(torch.int16) - offset
-            if per_tensor:
-                out["weight_zero_point"] = z.reshape(1).to(torch.int8)
-            elif scheme.format == INT:
-                out["weight_zero_point"] = z.reshape(rows, -1).to(torch.int8)
-            else:
-                out["weight_zero_point"] = pack_int32(z.reshape(rows, -1), bits, dim=0)
+            z = zero.round().to(torch.int16).reshape(scales.shape) - offset
+            out["weight_zero_point"] = z.to(torch.int8) if args.granularity == "tensor" else \
+                pack_int32(z, args.bits, dim=0)
+    elif scheme.format == INT:
+        offset = 1 << (args.bits - 1)
+        out["weight"] = (codes.to(torch.int16) - (0 if args.symmetric else offset)).to(torch.int8)
+        out["weight_scale"] = scales.to(dtype)
+        if zero is not None:
+            out["weight_zero_point"] = (zero.round().to(torch.int16).reshape(scales.shape) - offset).to(torch.int8)
     elif scheme.format == FLOAT:
         out["weight"] = codes.to(torch.float8_e4m3fn)
-        out["weight_scale"] = scale.reshape(1).to(dtype) if args.granularity == "tensor" else scale.reshape(rows, 1).to(dtype)
+        out["weight_scale"] = scales.to(dtype)
     elif scheme.format == NVFP4:
         out["weight_packed"] = _fp4(codes)
         out["weight_scale"] = scale.reshape(rows, -1).to(torch.float8_e4m3fn)
