@@ -13,6 +13,13 @@ get the model as their documented flows take it (modelopt: on the GPU; llm-compr
 ``oneshot``: on the GPU, its sequential pipeline). ``--tools`` runs each tool in a process of
 its own, one after the other, and prints a table (seconds per layer: the median over layers
 after the first, which pays for warm-up); ``--tool`` runs one and prints one JSON line.
+
+A tool named ``TOOL@N`` runs on N GPUs at once under ``torchrun`` (qframe: ``qframe.distributed``,
+the calibration batches split across ranks; llm-compressor: its distributed ``oneshot``, each rank
+given the same dataset, which it partitions); rank 0 reports:
+
+    python bench/algorithms_speed.py --tools qframe-gptq,qframe-gptq@2,llmcompressor-gptq,llmcompressor-gptq@2 \
+        --layers 4 --tokenizer TOKENIZER_DIR
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import contextlib
 import copy
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -101,12 +109,16 @@ def run_llmcompressor(tool: str, model, ids, device, group: int, batch: int, tok
 
 
 def compare(tools: list[str], argv: list[str]) -> None:
-    """Run each tool in a fresh process (same arguments) and print their results side by side."""
+    """Run each tool in a fresh process (same arguments; ``TOOL@N``: N processes under torchrun)
+    and print their results side by side."""
     i = argv.index("--tools")
     rest = argv[:i] + argv[i + 2:]
     rows = []
     for tool in tools:
-        done = subprocess.run([sys.executable, __file__, "--tool", tool, *rest], capture_output=True, text=True)
+        name, _, ranks = tool.partition("@")
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] \
+            if ranks else [sys.executable]
+        done = subprocess.run([*launch, __file__, "--tool", name, *rest], capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode or not lines:
             print(f"{tool}: failed ({done.returncode})\n{done.stderr[-2000:]}", flush=True)
@@ -114,13 +126,13 @@ def compare(tools: list[str], argv: list[str]) -> None:
         result = json.loads(lines[-1])
         print(lines[-1], flush=True)
         rows.append(result)
-    print("\n| tool | s/layer (median after the first) | mean | peak GPU GiB | bound GiB | offload |")
-    print("|---|---:|---:|---:|---:|---|")
+    print("\n| tool | GPUs | s/layer (median after the first) | mean | peak GPU GiB (rank 0) | bound GiB | offload |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for r in rows:
         per = r.get("seconds_per_layer")
         steady = statistics.median(per[1:]) if per and len(per) > 1 else None
-        print(f"| {r['tool']} | {steady if steady is not None else '-'} | {r['seconds_per_layer_mean']} | "
-              f"{r['peak_gpu_gib']} | {r['bound_gib']} | {r['offload'] or '-'} |")
+        print(f"| {r['tool']} | {r.get('ranks', 1)} | {steady if steady is not None else '-'} | "
+              f"{r['seconds_per_layer_mean']} | {r['peak_gpu_gib']} | {r['bound_gib']} | {r['offload'] or '-'} |")
 
 
 def main() -> None:
@@ -150,6 +162,17 @@ def main() -> None:
         return
 
     device = torch.device("cuda")
+    ranks, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if ranks > 1 and args.tool in RECIPES:
+        from qframe.distributed import init_from_environment
+
+        init_from_environment()  # NCCL, one GPU per rank
+        device = torch.device("cuda", torch.cuda.current_device())
+    elif ranks > 1:
+        from compressed_tensors.distributed import init_dist
+
+        init_dist()  # llm-compressor's own: NCCL, one GPU per rank
+        device = torch.device("cuda", torch.cuda.current_device())
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                          num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
                          max_position_embeddings=max(args.seq_len, 2048))
@@ -177,8 +200,15 @@ def main() -> None:
     torch.cuda.synchronize(device)
     total = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device) / 2**30
+    if ranks > 1:
+        torch.distributed.barrier()
+        total = time.perf_counter() - started  # the slowest rank's
+        torch.distributed.destroy_process_group()
+        if rank:
+            return
     print(json.dumps({
-        "tool": args.tool, "gpu": torch.cuda.get_device_name(device), "dtype": args.dtype, "group": args.group,
+        "tool": args.tool, "ranks": ranks, "gpu": torch.cuda.get_device_name(device), "dtype": args.dtype,
+        "group": args.group,
         "shape": {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers},
         "calibration_tokens": args.samples * args.seq_len, "batch_size": args.batch_size,
         "offload": args.offload if args.tool in RECIPES else None, "seconds_total": round(total, 2),

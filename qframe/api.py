@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -22,7 +23,7 @@ import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -36,6 +37,7 @@ from .model import ModelSource, load_model, open_model, resolve_source
 from .parts import SPOOL, loaded, write_in_parts
 from .output import seal, writing
 from .description import ModelDescription, describe_model
+from .distributed import Ranks
 from .pipeline import check_plan, run_pipeline
 from .plugins import Registry, default_registry
 from .quantized import QuantizedModel
@@ -87,6 +89,10 @@ def quantize(
 
     ``calibration`` is token windows ``[samples, seq_len]``; when the recipe needs data and
     none is given, the recipe's ``[calibration]`` dataset is read with ``tokenizer``.
+
+    Inside an initialized ``torch.distributed`` process group (:mod:`qframe.distributed`), call
+    it on every rank with the same model and windows: each rank runs its share of the batches,
+    and every rank returns the same quantized model.
     """
     registry = registry or default_registry()
     recipe = _as_recipe(recipe)
@@ -102,8 +108,10 @@ def quantize(
         windows = calibration_windows(c.dataset, context, registry)
     ids = windows.ids if isinstance(windows, TokenWindows) else windows
     started = time.perf_counter()
-    layers = run_pipeline(model, plan, registry, ids if plan.needs_calibration_data else None, device, progress,
-                          checked=checked)
+    ranks = Ranks.current()
+    with ranks.stopping_together() if ranks is not None else contextlib.nullcontext():
+        layers = run_pipeline(model, plan, registry, ids if plan.needs_calibration_data else None, device, progress,
+                              checked=checked)
     manifest = _manifest(recipe, plan, device, windows if plan.needs_calibration_data else None, layers,
                          time.perf_counter() - started)
     manifest["coverage"] = _coverage(model, checked.arch, plan)
@@ -471,6 +479,10 @@ def apply(
     source = resolve_source(model or parsed.model.id or "")
     target = Path(output) if output else Path("out") / Path(recipe).stem
     chosen = pick_device(device)
+    ranks = Ranks.current()
+    if ranks is not None and chosen.type == "cuda":  # each rank on its own device (torchrun's LOCAL_RANK)
+        chosen = torch.device("cuda", torch.cuda.current_device())
+    writes = ranks is None or ranks.writer
     # What the backend could not write is refused from the model's config, before any weight is read.
     check_export(plan, source, registry=registry)
     if dry_run:
@@ -479,7 +491,7 @@ def apply(
     exporter = make_exporter(plan.backend, parsed.export.options, registry=registry) \
         if plan.backend.name != "qframe" else None
     reads = [source.location] if source.kind != "hub" else []
-    with writing(target, protect=reads, record=RECORD, resume=resume) as tmp:
+    with _writing_across(ranks, target, protect=reads, record=RECORD, resume=resume) as tmp:
         opened = open_model(source, parsed.model.dtype, nonfinite=parsed.model.nonfinite, registry=registry)
         model_in, loader = opened.model, opened.loader
         load_s = time.perf_counter() - started
@@ -487,9 +499,10 @@ def apply(
         checked = check_plan(model_in, plan, registry)
         windows = _calibration_windows(parsed, plan, opened, chosen, registry)
         qmodel = QuantizedModel(model_in, opened.tokenizer, {}, registry=registry)
+        where = str(chosen) if ranks is None else f"{chosen.type} x {ranks.size} ranks"
         fingerprint = Fingerprint(recipe_hash(parsed.to_dict()), model_hash(source),
-                                  windows.sha256 if windows is not None else None, str(chosen))
-        writer = LayerWriter(tmp, qmodel, checked.arch, fingerprint)
+                                  windows.sha256 if windows is not None else None, where)
+        writer = LayerWriter(tmp, qmodel, checked.arch, fingerprint, ranks)
         record = read_record(tmp)
         resumed = writer.resume(record, next(model_in.parameters()).dtype) if record else None
         if record is None or not record["native"]:
@@ -500,23 +513,64 @@ def apply(
             qmodel.manifest["coverage"] = _coverage(model_in, checked.arch, plan)
             qmodel.manifest["model"] = {"spec": source.spec, "kind": source.kind, "location": source.location}
             qmodel.manifest["timings"].update(load_s=round(load_s, 3), total_s=round(time.perf_counter() - started, 3))
-            for part in ("first", "last"):  # after the layers: a tied head needs nothing from them
-                with loaded(loader, part):
-                    write_native_part(qmodel, writer.spool, part, checked.arch)
+            if ranks is not None:
+                qmodel.manifest["ranks"] = ranks.size
             writer.discard_inputs()
-            finish_native(qmodel, tmp, writer.spool)
-            writer.state["native"] = True
-            writer.save()
-        if exporter is not None:
+            if ranks is not None:
+                ranks.barrier()  # every rank's inputs are gone before rank 0 assembles and seals the output
+            if writes:
+                for part in ("first", "last"):  # after the layers: a tied head needs nothing from them
+                    with loaded(loader, part):
+                        write_native_part(qmodel, writer.spool, part, checked.arch)
+                finish_native(qmodel, tmp, writer.spool)
+                writer.state["native"] = True
+                writer.save()
+        if exporter is not None and writes:
             sub = tmp / export_subdirectory(plan.backend.name, registry)
             shutil.rmtree(sub, ignore_errors=True)  # what a killed run began to export: written by qframe, here
             _export_checked(exporter, None, sub, native=tmp, registry=registry)
-        qmodel = load_native(tmp, registry) if loader is None else NativeParts(tmp, registry).qmodel
-        shutil.rmtree(tmp / SPOOL, ignore_errors=True)
-    if exporter is not None:
+        if writes:
+            qmodel = load_native(tmp, registry) if loader is None else NativeParts(tmp, registry).qmodel
+            shutil.rmtree(tmp / SPOOL, ignore_errors=True)
+    if exporter is not None and writes:
         _build(exporter, target / export_subdirectory(plan.backend.name, registry))
+    if not writes:  # the output is in place (rank 0 said so): every rank ends with the same model
+        qmodel = load_native(target, registry) if loader is None else NativeParts(target, registry).qmodel
+    if ranks is not None:
+        ranks.barrier()  # rank 0 is done, engines built included
     qmodel.directory = target
     return ApplyResult(target, qmodel, plan)
+
+
+@contextlib.contextmanager
+def _writing_across(ranks: Ranks | None, target: Path, **options: Any) -> Iterator[Path]:
+    """:func:`qframe.output.writing` on rank 0, its partial directory shared with every rank (each
+    spools its own calibration inputs there); on leaving, every rank waits until rank 0 has put
+    the output in place. An error on any rank stops every rank (:meth:`Ranks.stopping_together`);
+    one that rank 0 meets before the directory exists (a bad ``--output``) is raised on all."""
+    if ranks is None:
+        with writing(target, **options) as tmp:
+            yield tmp
+        return
+    with ranks.stopping_together():
+        if not ranks.writer:
+            where, message = ranks.broadcast_object(None)
+            if message is not None:
+                raise QFrameError(message)
+            yield Path(where)
+            ranks.broadcast_object(None)  # rank 0's word that the output is in place
+            return
+        announced = False
+        try:
+            with writing(target, **options) as tmp:
+                ranks.broadcast_object((str(tmp), None))
+                announced = True
+                yield tmp
+        except QFrameError as exc:
+            if not announced:
+                ranks.broadcast_object((None, str(exc)))
+            raise
+        ranks.broadcast_object("done")
 
 
 def _calibration_windows(recipe: Recipe, plan: Plan, opened: Any, device: torch.device,

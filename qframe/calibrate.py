@@ -65,6 +65,10 @@ class Calibrator(ABC):
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The range ``(lo, hi)`` of everything observed."""
 
+    # A calibrator used across processes (qframe.distributed) also says how its state combines:
+    #     def combine(self, ranks): ranks.reduce(self, lo="min", hi="max")
+    # after which every rank's compute() is over every rank's batches.
+
 
 class Histogram:
     """Counts of ``|x|`` in ``bins`` equal bins over ``[0, span)``, one histogram per column,
@@ -155,6 +159,41 @@ class Histogram:
         self.counts = torch.zeros_like(self.counts).scatter_add_(-1, index, self.counts)
         self.span = self.span * torch.pow(2.0, k)
 
+    def combine(self, ranks) -> None:
+        """Merge every rank's histogram into this one (:mod:`qframe.distributed`): the span is
+        the first rank's (in rank order: the one a single process would start from), doubled as
+        often as the extremes of all ranks need; each rank's bin goes where its center falls. The
+        first rank's counts land exactly where a single process counts them (their spans differ
+        by a power of two); another rank's are exact when its span does too, and otherwise
+        within one of its bins. Extremes are exact.
+        """
+        shapes = ranks.all_gather_object(None if self.counts is None else tuple(self.counts.shape))
+        known = [s for s in shapes if s is not None]
+        if not known:
+            return
+        if self.counts is None:  # saw nothing here: an empty histogram shaped like the others'
+            self.counts = torch.zeros(known[0], dtype=torch.int64, device=ranks.device)
+            self.span = torch.zeros(known[0][0], dtype=torch.float64, device=ranks.device)
+            self.lo = torch.full((known[0][0],), math.inf, device=ranks.device)
+            self.hi = torch.full((known[0][0],), -math.inf, device=ranks.device)
+        device, single = self.counts.device, [1] * ranks.size
+        counts = ranks.gather_rows(self.counts.unsqueeze(0), single)  # [ranks, columns, sides, bins]
+        spans = ranks.gather_rows(self.span.unsqueeze(0), single)  # [ranks, columns]
+        (self.lo,), (self.hi,) = ranks.all_reduce([self.lo], "min"), ranks.all_reduce([self.hi], "max")
+        started = spans > 0
+        first = spans.gather(0, started.int().argmax(0, keepdim=True))[0]  # 0 where no rank saw a non-zero
+        top = torch.maximum(-self.lo, self.hi).double().clamp_min(0)
+        k = torch.log2(torch.where(first > 0, top / first, 1.0).clamp_min(1.0)).ceil().clamp(0, 62)
+        k += (first > 0) & (top >= first * torch.pow(2.0, k))  # the smallest k with top < span * 2**k
+        span = first * torch.pow(2.0, k)
+        merged = torch.zeros_like(self.counts)
+        centers = torch.arange(self.bins, dtype=torch.float64, device=device) + 0.5
+        for r in range(ranks.size):
+            ratio = torch.where(span > 0, spans[r] / span.clamp_min(1e-300), 0.0)  # its bin width over the new one
+            index = (centers * ratio[:, None]).floor().clamp(max=self.bins - 1).long()
+            merged.scatter_add_(-1, index[:, None, :].expand_as(merged), counts[r])
+        self.counts, self.span = merged, span
+
     def width(self) -> torch.Tensor:
         """Bin width per column, float64 ``[columns]``."""
         return self.span / self.bins
@@ -214,6 +253,9 @@ class HistogramCalibrator(Calibrator):
     def observe(self, x: torch.Tensor) -> None:
         self.histogram.observe(self.columns(x))
 
+    def combine(self, ranks) -> None:
+        self.histogram.combine(ranks)
+
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.histogram.empty:
             raise DataError(f"calibrator {self.name} observed nothing; no calibration batch reached this module")
@@ -258,6 +300,11 @@ class Prescaled:
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.inner.compute()
+
+    def combine(self, ranks) -> None:
+        from .distributed import combine
+
+        combine([self.inner], ranks)
 
 
 

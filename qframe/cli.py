@@ -90,7 +90,16 @@ def _layer_progress(enabled: bool = True) -> Iterator:
 
 def cmd_apply(args) -> int:
     from . import api
+    from .distributed import init_from_environment
 
+    # Under torchrun (WORLD_SIZE > 1) every process joins one group and takes a share of the
+    # calibration batches; rank 0 reports and writes, the others stay quiet.
+    ranks = None if args.dry_run else init_from_environment()
+    if ranks is not None and not ranks.writer:
+        warnings.filterwarnings("ignore")  # rank 0 says each of them once
+        api.apply(args.recipe, model=args.model, output=args.output, overrides=args.overrides, device=args.device,
+                  resume=args.resume)
+        return 0
     with _layer_progress() as progress:
         result = api.apply(args.recipe, model=args.model, output=args.output, overrides=args.overrides,
                            device=args.device, dry_run=args.dry_run, progress=progress, resume=args.resume)
@@ -293,6 +302,7 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .distributed import RankFailure
     from .errors import QFrameError
 
     warnings.formatwarning = _warning_line  # qframe's warnings read as one line, like its errors
@@ -302,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         raise_on_sigterm()
     try:
         return COMMANDS[args.command](args)
+    except RankFailure as exc:  # not the user's input: another process of the run stopped
+        print(f"qframe {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except QFrameError as exc:
         paragraph = " ".join(str(exc).split("\n"))  # one paragraph, whatever a message quotes
         print(f"qframe {args.command}: error: {paragraph}", file=sys.stderr)

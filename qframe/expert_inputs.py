@@ -160,6 +160,7 @@ def observe_experts(work, names: list[str], make: Callable[[str], ExpertObserver
     finally:
         for handle in hooks:
             handle.remove()
+    work.combine(observers.values())
     return observers
 
 
@@ -204,6 +205,9 @@ class ExpertHessians:
         self.sums[experts].baddbmm_((xs * weight.unsqueeze(-1)).transpose(1, 2), xs.expand(weight.shape[0], -1, -1))
         self.tokens[experts] += weight.sum(-1).long()
 
+    def combine(self, ranks) -> None:
+        ranks.reduce(self, sums="sum", tokens="sum", dropped="sum")
+
     def matrices(self) -> torch.Tensor:
         """The mean Hessians ``[E or 1, in, in]`` (zero for an expert that saw nothing)."""
         count = self.tokens[:1] if self.shared else self.tokens
@@ -235,6 +239,9 @@ class WeightInputs:
             self.sink.observe(expert_hidden(self.module, x, chunk), experts=chunk,
                               routed=None if routed is None else routed[chunk])
 
+    def combine(self, ranks) -> None:
+        self.sink.combine(ranks)
+
 
 class InputRanges:
     """An :class:`ExpertObserver` that calibrates the quantized inputs of both fused weights, one
@@ -261,6 +268,10 @@ class InputRanges:
             hidden = expert_hidden(self.module, x, chunk)
             self.calibrators[self.second].observe(hidden.reshape(-1, hidden.shape[-1]) if routed is None
                                                   else hidden[routed[chunk]])
+
+    def combine(self, ranks) -> None:
+        for name in (self.first, self.second):
+            self.calibrators[name].combine(ranks)
 
     def apply(self, quantized: nn.Module | None = None) -> None:
         """Set the input scales of ``quantized`` (default: the observed module itself) from what

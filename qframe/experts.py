@@ -593,6 +593,11 @@ class ExpertTokens:
             self._counts[name] = self._counts[name] + seen if name in self._counts else seen
         return hook
 
+    def combine(self, ranks) -> None:
+        """Sum the counts over every rank's batches (:mod:`qframe.distributed`)."""
+        names = sorted(self._counts)
+        self._counts = dict(zip(names, ranks.all_reduce([self._counts[n] for n in names], "sum"))) if names else {}
+
     def counts(self) -> dict[str, list[int]]:
         """Tokens per expert, by module name, for the modules that were called."""
         if not self._counts:

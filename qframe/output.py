@@ -463,7 +463,7 @@ def writing(target: str | os.PathLike, *, protect: Iterable[str | os.PathLike] =
         except BaseException as exc:
             # Kept for --resume: what a crash or a signal interrupted, and a dead run's work that
             # this run refused to continue; bad input (a QFrameError) would fail again: removed.
-            keep = adopted is not None or not isinstance(exc, QFrameError)
+            keep = adopted is not None or not isinstance(exc, QFrameError) or getattr(exc, "resumable", False)
             if record and keep and is_partial(tmp) and (tmp / record).is_file():
                 print(f"qframe: the finished layers stay in {tmp}; the same command with --resume continues "
                       "from there", file=sys.stderr)

@@ -37,6 +37,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .calibrate import Calibrator, build_calibrator
+from .distributed import Ranks, combine
 from .description import CacheState, ExpertsState, LinearState, ModelDescription, planned, staged
 from .errors import ModelError, QFrameError, RecipeError
 from .experts import (ExpertTokens, QuantExperts, check_expert_inputs, expert_layouts, expert_weight_names,
@@ -290,6 +291,9 @@ class LayerWork:
     figures: dict[str, dict[str, float]] = field(default_factory=dict)
 
     arch: Architecture | None = None
+    # The process group's ranks when calibration is split across processes (qframe.distributed):
+    # ``inputs`` then hold this rank's share of the batches, and what is observed is combined.
+    ranks: Ranks | None = None
 
     def named_linears(self) -> list[tuple[str, nn.Module]]:
         """Every linear and fused-experts module (:mod:`qframe.experts`) of the layer, float or
@@ -368,7 +372,20 @@ class LayerWork:
         finally:
             for hook in hooks:
                 hook.remove()
+        self.combine(calibrators.values())
         return calibrators
+
+    def combine(self, observers) -> None:
+        """Combine what ``observers`` saw of this rank's batches with the other ranks' (each
+        one's ``combine(ranks)``, :mod:`qframe.distributed`); nothing in a single process. A
+        quantizer that registers hooks of its own around :meth:`forward_all` calls this after.
+
+        Example::
+
+            >>> work = LayerWork(0, "model.layers.0", nn.Identity(), None, torch.device("cpu"))
+            >>> work.combine([object()])   # one process: nothing to combine
+        """
+        combine(observers, self.ranks)
 
     def replace(self, name: str, module: nn.Module) -> None:
         """Put ``module`` where the submodule ``name`` (a full name) was."""
@@ -416,6 +433,7 @@ class LayerWork:
         with kvcache.observing(attention, keys, values) as seen:
             self.forward_all()
         kvcache.require_observed(name, seen)
+        self.combine([keys, values])
 
     def _relative(self, name: str) -> str:
         return name[len(self.prefix) + 1 :]
@@ -465,10 +483,34 @@ def visiting(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
             m._buffers.update(buffers)
 
 
+def rank_share(ids: torch.Tensor, batch_size: int, ranks: Ranks | None) -> torch.Tensor:
+    """The calibration windows of this rank's batches: the batches of ``batch_size`` windows,
+    in order, split as evenly as can be across ``ranks`` (all of them in a single process). Each
+    batch is the one a single process forms, so each rank's forwards are that process's.
+
+    Example::
+
+        >>> from qframe.distributed import Ranks
+        >>> rank_share(torch.arange(10).view(5, 2), 2, Ranks(1, 2, torch.device("cpu"))).tolist()
+        [[8, 9]]
+    """
+    if ranks is None:
+        return ids
+    batches = -(-ids.shape[0] // batch_size)
+    if batches < ranks.size:
+        raise QFrameError(f"the calibration data makes {batches} batch{'es' if batches != 1 else ''} of "
+                          f"calibration.batch_size = {batch_size} windows, fewer than the {ranks.size} ranks that "
+                          "share them: lower calibration.batch_size, calibrate on more samples, or start fewer "
+                          "processes")
+    share = ranks.share(batches)
+    return ids[share.start * batch_size: share.stop * batch_size]
+
+
 def capture_inputs(model: nn.Module, arch: Architecture, ids: torch.Tensor, batch_size: int, device: torch.device,
-                   spill: bool = False) -> LayerInputs:
+                   spill: bool = False, ranks: Ranks | None = None) -> LayerInputs:
     """Run the embeddings once per batch and keep what the first decoder layer receives
-    (hidden states in CPU memory when ``spill``); NaN or inf there is a :class:`ModelError`."""
+    (hidden states in CPU memory when ``spill``); NaN or inf there is a :class:`ModelError`
+    (on every rank together, with ``ranks``)."""
     layers = arch.decoder_layers(model)
     captured = LayerInputs([], [], spilled=spill)
     finite: list[torch.Tensor] = []  # one flag per batch, on the device: read once at the end
@@ -490,7 +532,8 @@ def capture_inputs(model: nn.Module, arch: Architecture, ids: torch.Tensor, batc
                     pass
     finally:
         handle.remove()
-    if finite and not bool(torch.stack(finite).all()):
+    bad = bool(finite) and not bool(torch.stack(finite).all())
+    if ranks.any(bad) if ranks is not None else bad:
         raise ModelError(
             f"the inputs of the first decoder layer ({arch.layers_path}.0), computed by "
             f"{', '.join(arch.pre_layer_paths) or 'the embeddings'}, hold NaN or inf on the calibration data "
@@ -517,7 +560,8 @@ def unquantized_copy(layer: nn.Module, device: torch.device) -> nn.Module:
 
 
 def advance(layer: nn.Module, reference: nn.Module, inputs: LayerInputs, propagate: str = "quantized",
-            device: torch.device | None = None, *, name: str = "the layer", stage: str = "quantization") -> float:
+            device: torch.device | None = None, *, name: str = "the layer", stage: str = "quantization",
+            ranks: Ranks | None = None) -> float:
     """Replace each batch of ``inputs`` by the next layer's inputs, in place: the quantized
     layer's output (``propagate="quantized"``) or the unquantized ``reference``'s
     (``"float"``). Return the relative squared error of the quantized output against the
@@ -525,24 +569,25 @@ def advance(layer: nn.Module, reference: nn.Module, inputs: LayerInputs, propaga
 
     Streaming batch by batch holds one extra copy of the layer's weights instead of a
     second copy of every calibration activation. Non-finite outputs raise (see
-    :func:`output_error`); ``name`` and ``stage`` say where, in messages.
+    :func:`output_error`); ``name`` and ``stage`` say where, in messages. With ``ranks``, the
+    error is over every rank's batches and a non-finite output on any rank raises on all.
     """
-    return _compare(layer, reference, inputs, device or _device_of(layer), propagate, name, stage)
+    return _compare(layer, reference, inputs, device or _device_of(layer), propagate, name, stage, ranks)
 
 
 def output_error(layer: nn.Module, reference: nn.Module, inputs: LayerInputs, device: torch.device, *,
-                 name: str = "the layer", stage: str = "quantization") -> float:
+                 name: str = "the layer", stage: str = "quantization", ranks: Ranks | None = None) -> float:
     """The relative squared error of ``layer``'s outputs against ``reference``'s, inputs unchanged.
 
     NaN or inf in the reference's outputs is a :class:`ModelError` (the float model overflows);
     in ``layer``'s alone, a :class:`QFrameError` naming the quantized modules whose outputs
     are not finite. ``name`` (the layer) and ``stage`` (what quantized it) are for messages.
     """
-    return _compare(layer, reference, inputs, device, None, name, stage)
+    return _compare(layer, reference, inputs, device, None, name, stage, ranks)
 
 
 def _compare(layer, reference, inputs: LayerInputs, device: torch.device, propagate: str | None,
-             name: str, stage: str) -> float:
+             name: str, stage: str, ranks: Ranks | None = None) -> float:
     # The reference's tensors visit the device as copies for this comparison only: nothing
     # is moved back to the host (fresh host memory costs page faults, not just a copy).
     state = {n: t.to(device, non_blocking=True) for n, t in (*reference.named_parameters(),
@@ -576,7 +621,11 @@ def _compare(layer, reference, inputs: LayerInputs, device: torch.device, propag
                 den += ref.float().pow(2).sum()
                 if propagate is not None:
                     inputs.store(i, out if propagate == "quantized" else ref.to(out.dtype))
-            num_value, den_value, out_fine, ref_fine = torch.stack([num, den, out_ok.float(), ref_ok.float()]).tolist()
+            figures = torch.stack([num, den, out_ok.float(), ref_ok.float()])
+            if ranks is not None:  # the error over every rank's batches; finite only where finite on all
+                sums, flags = ranks.all_reduce([figures[:2], figures[2:]], "sum")
+                figures = torch.cat([sums, (flags == ranks.size).float()])
+            num_value, den_value, out_fine, ref_fine = figures.tolist()
     finally:
         for hook in hooks:
             hook.remove()
@@ -882,6 +931,7 @@ def run_pipeline(
     checked = checked or check_plan(model, plan, registry)
     arch, quantizers = checked.arch, checked.quantizers
     layers = arch.decoder_layers(model)
+    ranks = Ranks.current()
     start = resumed.start if resumed is not None else 0
     inputs = None
     if progress:
@@ -890,6 +940,7 @@ def run_pipeline(
         if calibration is None:
             raise QFrameError("this recipe needs calibration data, and none was given")
         settings = plan.recipe.calibration
+        calibration = rank_share(calibration, settings.batch_size, ranks)
         dtype = next(model.parameters()).dtype
         width = getattr(model.config, "hidden_size", None) or 0  # unknown: spill only when told to
         tokens = settings.batch_size * calibration.shape[-1]
@@ -897,7 +948,7 @@ def run_pipeline(
         spill = should_spill(settings.offload, device, calibration, width, dtype, working_set,
                              tensor_bytes(layers[start]))
         with loaded(loader, "first"):
-            inputs = capture_inputs(model, arch, calibration, settings.batch_size, device, spill)
+            inputs = capture_inputs(model, arch, calibration, settings.batch_size, device, spill, ranks)
         if resumed is not None and start > 0:
             inputs.hidden = [inputs.store_form(h.to(device)) for h in resumed.hidden]
     prefix = arch.layers_path
@@ -914,7 +965,7 @@ def run_pipeline(
         # The unquantized copy stays in the layer's home memory until it is compared with.
         reference = unquantized_copy(layer, device) if inputs is not None else None
         layer.to(device)
-        work = LayerWork(index, f"{prefix}.{index}", layer, inputs, device, arch=arch)
+        work = LayerWork(index, f"{prefix}.{index}", layer, inputs, device, arch=arch, ranks=ranks)
         check_finite_weights([*layer.named_parameters(work.prefix), *layer.named_buffers(work.prefix)])
         entry: dict[str, Any] = {"layer": work.prefix, "modules": {}, "stages": []}
         for number, (spec, quantizer) in enumerate(quantizers):
@@ -926,7 +977,8 @@ def run_pipeline(
             _require_finite_state(work, named)
             stage = {"stage": number, "quantizer": spec.quantizer, "modules": work.figures}
             if inputs is not None and number < len(quantizers) - 1:  # the last one's comes with advance
-                stage["output_error"] = output_error(layer, reference, inputs, device, name=work.prefix, stage=named)
+                stage["output_error"] = output_error(layer, reference, inputs, device, name=work.prefix, stage=named,
+                                                     ranks=ranks)
             entry["stages"].append(stage)
             for name, values in work.figures.items():
                 entry["modules"].setdefault(name, {}).update(values)
@@ -935,7 +987,8 @@ def run_pipeline(
             # Tokens per expert, counted on the unquantized layer's routing as advance runs it.
             with ExpertTokens(reference, work.prefix) as tokens:
                 entry["output_error"] = advance(layer, reference, inputs, plan.recipe.calibration.propagate, device,
-                                                name=work.prefix, stage=last)
+                                                name=work.prefix, stage=last, ranks=ranks)
+            combine([tokens], ranks)
             entry["stages"][-1]["output_error"] = entry["output_error"]
             for name, counts in tokens.counts().items():
                 entry["modules"].setdefault(name, {})["tokens_per_expert"] = counts

@@ -38,6 +38,7 @@ from torch import nn
 
 from . import faults
 from .checkpoint import install_structure, manifest_entries, write_native_part
+from .distributed import Ranks
 from .errors import QFrameError
 from .model import ModelSource, check_finite_weights
 from .parts import SPOOL, Part, part_of, to_meta
@@ -180,10 +181,19 @@ class LazyParts:
 
 class LayerWriter:
     """The pipeline's :class:`~qframe.pipeline.LayerSink` for a streamed run: spools each finished
-    layer's native tensors and the next layer's inputs, then updates the resume record."""
+    layer's native tensors and the next layer's inputs, then updates the resume record.
 
-    def __init__(self, directory: Path, qmodel: QuantizedModel, arch: Any, fingerprint: Fingerprint) -> None:
+    Across ranks (:mod:`qframe.distributed`) rank 0 writes the layers and the record, and each
+    rank spools the inputs of its own share of the batches (a stream of its own); the record
+    names a layer done only once every rank's inputs for the next one are on disk.
+    """
+
+    def __init__(self, directory: Path, qmodel: QuantizedModel, arch: Any, fingerprint: Fingerprint,
+                 ranks: Ranks | None = None) -> None:
         self.directory, self.qmodel, self.arch, self.fingerprint = Path(directory), qmodel, arch, fingerprint
+        self.ranks = ranks
+        self.writes = ranks is None or ranks.writer
+        self.inputs = INPUTS if ranks is None else f"{INPUTS}.rank{ranks.rank}of{ranks.size}"
         self.spool = Spool(self.directory / SPOOL)
         self.state: dict[str, Any] = {"format": RECORD_FORMAT, "fingerprint": asdict(fingerprint), "done": 0,
                                       "report": [], "entries": {"modules": {}, "experts": {}, "kv_cache": {}},
@@ -191,17 +201,25 @@ class LayerWriter:
 
     def layer_done(self, work: LayerWork, entry: dict[str, Any], inputs: LayerInputs | None) -> None:
         faults.reach("layer")
-        write_native_part(self.qmodel, self.spool, work.index, self.arch)
+        if self.writes:
+            write_native_part(self.qmodel, self.spool, work.index, self.arch)
         if inputs is not None:
-            self.spool.put(INPUTS, f"{work.index + 1:05d}", {f"hidden.{i}": h for i, h in enumerate(inputs.hidden)})
-        for table, items in manifest_entries(self.qmodel.model, work.prefix + ".").items():
-            self.state["entries"][table].update(items)
-        self.state["report"].append(entry)
-        self.state["done"] = work.index + 1
-        self.save()
-        for old in self.spool.parts(INPUTS):
+            self.spool.put(self.inputs, f"{work.index + 1:05d}", {f"hidden.{i}": h for i, h in enumerate(inputs.hidden)})
+        self._together()  # every rank's inputs are on disk before the record says the layer is done
+        if self.writes:
+            for table, items in manifest_entries(self.qmodel.model, work.prefix + ".").items():
+                self.state["entries"][table].update(items)
+            self.state["report"].append(entry)
+            self.state["done"] = work.index + 1
+            self.save()
+        self._together()  # and the record names the new inputs before any rank removes its old ones
+        for old in self.spool.parts(self.inputs):
             if old != f"{work.index + 1:05d}":
-                (self.spool.directory / INPUTS / f"{old}.safetensors").unlink(missing_ok=True)
+                (self.spool.directory / self.inputs / f"{old}.safetensors").unlink(missing_ok=True)
+
+    def _together(self) -> None:
+        if self.ranks is not None:
+            self.ranks.barrier()
 
     def save(self) -> None:
         """Write the record atomically (a temporary name, then a rename)."""
@@ -224,15 +242,15 @@ class LayerWriter:
         install_structure(self.qmodel.model, entries, self.directory / RECORD)
         hidden: list[torch.Tensor] = []
         done = record["done"]
-        if done < len(self.arch.decoder_layers(self.qmodel.model)) and f"{done:05d}" in self.spool.parts(INPUTS):
+        if done < len(self.arch.decoder_layers(self.qmodel.model)) and f"{done:05d}" in self.spool.parts(self.inputs):
             from safetensors.torch import load_file
 
-            saved = load_file(str(self.spool.directory / INPUTS / f"{done:05d}.safetensors"))
+            saved = load_file(str(self.spool.directory / self.inputs / f"{done:05d}.safetensors"))
             hidden = [saved[f"hidden.{i}"] for i in range(len(saved))]
         return Resumed(done, list(record["report"]), hidden)
 
     def discard_inputs(self) -> None:
-        self.spool.discard(INPUTS)
+        self.spool.discard(self.inputs)
 
 
 def read_record(directory: Path) -> dict[str, Any] | None:

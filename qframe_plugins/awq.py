@@ -343,6 +343,10 @@ class ExpertSample:
             counts = routed.sum(1)
             self.routed_tokens = counts if self.routed_tokens is None else self.routed_tokens + counts
 
+    def combine(self, ranks) -> None:
+        self.stats.combine(ranks)
+        ranks.reduce(self, width="max", routed_tokens="sum")
+
     @property
     def mean_abs(self) -> torch.Tensor:
         return self.stats.mean_abs[: self.width]

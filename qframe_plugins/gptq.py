@@ -43,6 +43,7 @@ from torch import nn
 
 from qframe import QuantizerPlugin, formats, hookimpl, numerics
 from qframe.calibrate import add_gram
+from qframe.distributed import Ranks
 from qframe.errors import RecipeError
 from qframe.expert_inputs import (ALL, ExpertCalibration, ExpertHessians, WeightInputs, calibrate_expert_inputs,
                                   expert_matrix, expert_weight_names, observe_experts)
@@ -142,6 +143,9 @@ class Hessian:
             finite = torch.isfinite(part).all(dim=1, keepdim=True)
             add_gram(self.sum, part.masked_fill(~finite, 0.0))  # a copy in the rows' own dtype
             self._kept += finite.sum()
+
+    def combine(self, ranks) -> None:
+        ranks.reduce(self, sum="sum", _kept="sum", _rows="sum")
 
     @property
     def tokens(self) -> int:
@@ -451,7 +455,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor | Hessian, args: QuantArgs, *
 
 def gptq_shared(weights: list[torch.Tensor], h: torch.Tensor | Hessian, args: QuantArgs, *, block_size: int = 128,
                 dampening: float = 0.01, act_order: bool = False, range_search: bool = False,
-                joint: bool = True) -> list[GPTQResult]:
+                joint: bool = True, ranks: Ranks | None = None) -> list[GPTQResult]:
     """:func:`gptq_quantize` for linears that read one input (q/k/v, gate/up), against their
     one Hessian: their rows are rounded as one matrix. GPTQ rounds rows independently given
     ``H``, so each linear's result is what rounding it alone gives, for one factorization and
@@ -459,6 +463,10 @@ def gptq_shared(weights: list[torch.Tensor], h: torch.Tensor | Hessian, args: Qu
     global scale) is the linears' ``joint`` one, as engines serve them fused (one scale for
     TensorRT-LLM's ``qkv``, vLLM's ``gate_up_proj``): the joint range, the largest global
     scale; with ``joint=False`` each keeps its own.
+
+    With ``ranks`` (:mod:`qframe.distributed`; ``h`` is then the same on every rank), each rank
+    rounds its share of the rows and every rank gets all of them: the linears' rounding is
+    spread evenly over the ranks, whatever their sizes.
 
     Example::
 
@@ -468,7 +476,7 @@ def gptq_shared(weights: list[torch.Tensor], h: torch.Tensor | Hessian, args: Qu
         >>> torch.equal(both[1].weight, gptq_quantize(k, h, QuantArgs(bits=4)).weight)
         True
     """
-    if len(weights) == 1:  # a Hessian handed on whole is consumed there, not copied
+    if len(weights) == 1 and ranks is None:  # a Hessian handed on whole is consumed there, not copied
         return [gptq_quantize(weights[0], h, args, block_size=block_size, dampening=dampening, act_order=act_order,
                               range_search=range_search)]
     sizes = [w.shape[0] for w in weights]
@@ -485,10 +493,13 @@ def gptq_shared(weights: list[torch.Tensor], h: torch.Tensor | Hessian, args: Qu
     global_scale = None if scales[0] is None else torch.cat(
         [g.reshape(1, 1, 1).expand(1, n, 1) for g, n in zip(scales, sizes)], 1)
     del floats
-    r = gptq_batched(torch.cat([w.detach() for w in weights]).unsqueeze(0), _own_matrix(h, weights[0].device).unsqueeze(0),
-                     args, block_size=block_size, dampening=dampening, act_order=act_order,
-                     range_search=range_search, ranges=ranges,
-                     global_scale=global_scale)
+    whole = torch.cat([w.detach() for w in weights]).unsqueeze(0)
+    matrix = _own_matrix(h, weights[0].device).unsqueeze(0)
+    options = dict(block_size=block_size, dampening=dampening, act_order=act_order, range_search=range_search)
+    if ranks is not None and whole.shape[1] >= ranks.size:
+        r = _rows_across(ranks, whole, matrix, args, ranges, global_scale, **options)
+    else:
+        r = gptq_batched(whole, matrix, args, ranges=ranges, global_scale=global_scale, **options)
     fallback = bool(r.fallback[0])
     if fallback:
         warnings.warn("gptq: the Hessian is not positive definite even with strong dampening; rounding to nearest")
@@ -502,6 +513,26 @@ def gptq_shared(weights: list[torch.Tensor], h: torch.Tensor | Hessian, args: Qu
         results.append(GPTQResult(r.weight[0, rows], (lo, hi), glob, loss, float(r.damp[0]), fallback))
         start += n
     return results
+
+
+def _rows_across(ranks: Ranks, w: torch.Tensor, h: torch.Tensor, args: QuantArgs,
+                 ranges: tuple[torch.Tensor, torch.Tensor] | None, global_scale: torch.Tensor | None,
+                 **options) -> BatchedGPTQ:
+    """:func:`gptq_batched` on ``w [1, out, in]`` with this rank rounding its share of the rows
+    and every rank getting all of them (rows are rounded independently given ``h``). Per-row
+    static ``ranges``/``global_scale`` (``[1, out, ·]``) are cut like the rows."""
+    shares = ranks.split(w.shape[1])
+    mine = slice(shares[ranks.rank].start, shares[ranks.rank].stop)
+    part = gptq_batched(w[:, mine], h, args, ranges=None if ranges is None else tuple(t[:, mine] for t in ranges),
+                        global_scale=None if global_scale is None else global_scale[:, mine], **options)
+    counts = [len(s) for s in shares]
+    gathered = [ranks.gather_rows(t, counts, dim=1) for t in (part.weight, *part.ranges, part.row_error, part.row_energy)]
+    weight, lo, hi, row_error, row_energy = gathered
+    glob = part.global_scale
+    if glob is not None and glob.shape[1] > 1:
+        glob = ranks.gather_rows(glob, counts, dim=1)
+    loss = torch.where(part.fallback, float("nan"), row_error.sum(1) / row_energy.sum(1).clamp_min(1e-30))
+    return BatchedGPTQ(weight, (lo, hi), glob, loss, part.damp, part.fallback, row_error, row_energy)
 
 
 def _smoothing_groups(work: LayerWork, linears: list[tuple[str, nn.Linear]]
@@ -716,7 +747,7 @@ class GPTQ(Quantizer):
         with torch.no_grad():  # consumes the Hessian: its [in, in] matrix is freed as it goes
             results = gptq_shared([linear.weight for _, linear in members], hessian, weights,
                                   block_size=opts.block_size, dampening=opts.dampening, act_order=opts.act_order,
-                                  range_search=opts.range_search)
+                                  range_search=opts.range_search, ranks=work.ranks)
         elapsed, rows = time.perf_counter() - started, sum(linear.out_features for _, linear in members)
         pending = {}
         for (name, linear), result in zip(members, results):

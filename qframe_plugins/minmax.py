@@ -25,6 +25,9 @@ class MinMax(Calibrator):
         self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
 
+    def combine(self, ranks) -> None:
+        ranks.reduce(self, lo="min", hi="max")
+
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.lo is None:
             raise DataError("calibrator minmax observed nothing; no calibration batch reached this module")

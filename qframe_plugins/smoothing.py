@@ -87,6 +87,34 @@ class ChannelStats:
                 self.gram = torch.zeros(clean.shape[1], clean.shape[1], device=clean.device)
             add_gram(self.gram, clean)
 
+    def combine(self, ranks) -> None:
+        """Every rank's statistics (:mod:`qframe.distributed`): ranges and sums exactly; the
+        token samples as one sample, evenly spread over all ranks' tokens in rank order."""
+        ranks.reduce(self, lo="min", hi="max", amax="max", abs_sum="sum", count="sum", gram="sum")
+        if not self.keep_tokens:
+            return
+        width = self.samples.shape[1] if self.samples is not None else None
+        shared = ranks.all_gather_object((0 if self.samples is None else self.samples.shape[0], width,
+                                          self._seen, self._stride))
+        width = next((w for _, w, _, _ in shared if w is not None), None)
+        if width is None:
+            return
+        device = self.samples.device if self.samples is not None else ranks.device
+        samples = self.samples if self.samples is not None else torch.zeros(0, width, device=device)
+        index = self._index if self._index is not None else torch.zeros(0, dtype=torch.long, device=device)
+        offsets = torch.tensor([0] + [seen for _, _, seen, _ in shared], device=device).cumsum(0)
+        counts = [n for n, _, _, _ in shared]
+        kept = ranks.gather_rows(samples, counts)
+        kept_index = ranks.gather_rows(index + offsets[ranks.rank], counts)
+        self._stride = max(stride for _, _, _, stride in shared)
+        take = kept_index % self._stride == 0
+        kept, kept_index = kept[take], kept_index[take]
+        while kept.shape[0] > self.keep_tokens:
+            self._stride *= 2
+            take = kept_index % self._stride == 0
+            kept, kept_index = kept[take], kept_index[take]
+        self.samples, self._index, self._seen = kept, kept_index, int(offsets[-1])
+
     def _keep(self, rows: torch.Tensor) -> None:
         # Keep tokens whose position in the stream is a multiple of the stride; when too many
         # are kept, double the stride. The sample stays evenly spread over all batches.
@@ -251,6 +279,9 @@ class CandidateLoss:
                     smoothed = self.act(smoothed, c)
                 out = (smoothed.to(dtype) @ weight.T).float()
                 self.loss[c] += out.sub_(reference.float()).square_().sum().double()
+
+    def combine(self, ranks) -> None:
+        ranks.reduce(self, loss="sum", energy="sum")
 
     def relative_loss(self, c: int) -> float:
         """Candidate ``c``'s loss relative to the energy of the float outputs."""

@@ -123,6 +123,9 @@ class ExpertAmax:
         hidden = torch.cat(parts)
         self.hidden = hidden if self.hidden is None else torch.maximum(self.hidden, hidden)
 
+    def combine(self, ranks) -> None:
+        ranks.reduce(self, inputs="max", hidden="max")
+
 
 class SmoothQuant(RTN):
     """Smooth every foldable group the targets belong to, then quantize them as ``rtn``."""
