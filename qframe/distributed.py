@@ -37,7 +37,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -253,6 +253,28 @@ def split(count: int, parts: int) -> list[range]:
     for r in range(parts):
         bounds.append(bounds[-1] + base + (1 if r < extra else 0))
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def spread(ranks: Ranks | None, count: int, compute: Callable[[slice], Any], dim: int = 0) -> Any:
+    """``compute(slice(0, count))`` with the work shared across ``ranks``: each rank computes its
+    share of the ``count`` items (a slice) and every rank gets the results (a tensor, or a tuple
+    of tensors, ``count`` long along ``dim``) concatenated in order. For work whose items are
+    independent (candidates scored, rows rounded). A single process, or fewer items than ranks,
+    computes all of them.
+
+    Example::
+
+        >>> spread(None, 4, lambda part: torch.arange(4)[part] * 2).tolist()
+        [0, 2, 4, 6]
+    """
+    if ranks is None or count < ranks.size:
+        return compute(slice(0, count))
+    shares = ranks.split(count)
+    part = compute(slice(shares[ranks.rank].start, shares[ranks.rank].stop))
+    counts = [len(s) for s in shares]
+    if isinstance(part, tuple):
+        return tuple(ranks.gather_rows(t, counts, dim) for t in part)
+    return ranks.gather_rows(part, counts, dim)
 
 
 def _signature(value: Any) -> tuple | None:

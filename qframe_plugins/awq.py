@@ -44,6 +44,7 @@ from torch import nn
 
 from qframe import QuantizerPlugin, formats, hookimpl, numerics
 from qframe.calibrate import Prescaled
+from qframe.distributed import spread
 from qframe.errors import RecipeError
 from qframe.expert_inputs import (ExpertCalibration, expert_input_ranges, expert_hidden, expert_matrix,
                                   expert_weight_names, observe_experts)
@@ -503,8 +504,13 @@ class AWQ(Quantizer):
             x_mean, gram = stats[g.names[0]].mean_abs, stats[g.names[0]].gram
             w_mean = weight_mean([m.weight for m in g.linears], weights)
             scales = torch.stack([awq_scale(x_mean, w_mean, k / opts.n_grid) for k in range(opts.n_grid)])
-            loss, energy = candidate_losses([m.weight for m in g.linears], scales, weights, gram)
-            energy = float(energy.clamp_min(1e-30))
+
+            def scored(part: slice, consumers=[m.weight for m in g.linears], scales=scales, gram=gram):
+                loss, energy = candidate_losses(consumers, scales[part], weights, gram)
+                return loss, energy.expand(loss.shape)
+
+            loss, energy = spread(work.ranks, len(scales), scored)  # the candidates shared across ranks
+            energy = float(energy[0].clamp_min(1e-30))
             best = int(loss.argmin())
             folded = apply_scale(work, g, scales[best], pending)
             for name in g.names:
@@ -539,8 +545,12 @@ class AWQ(Quantizer):
                     with torch.inference_mode():  # in place (G was summed there): one for the group's readers
                         gram.div_(s.unsqueeze(1)).div_(s.unsqueeze(0))
                     rescaled.add(key)
-                weight_ranges, clip_mean = clip_ranges_gram(linear.weight, gram, weights, opts.clip_grid,
-                                                            opts.max_shrink)
+                def clipped(rows: slice, w=linear.weight, gram=gram):
+                    (lo, hi), mean = clip_ranges_gram(w[rows], gram, weights, opts.clip_grid, opts.max_shrink)
+                    return lo, hi, torch.full(lo.shape[:1], mean, device=lo.device)
+
+                lo, hi, means = spread(work.ranks, linear.out_features, clipped)  # the rows shared across ranks
+                weight_ranges, clip_mean = (lo, hi), float(means.mean())
             readers[key] -= 1
             if not readers[key]:
                 stats[key].gram = gram = None
