@@ -45,9 +45,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 RECIPES = {"qframe-awq": "recipes/awq_w4a16.toml", "qframe-gptq": "recipes/gptq_w4a16.toml",
            "qframe-smoothquant": "recipes/smoothquant_w8a8.toml", "qframe-rtn": "recipes/rtn_w4a16.toml",
-           "qframe-gptq-search": "recipes/gptq_w4a16.toml", "qframe-nvfp4-gptq": "recipes/nvfp4_gptq.toml"}
-# Options a tool sets on its recipe: GPTQ with its group scales searched (options.range_search).
-EXTRA = {"qframe-gptq-search": ["stage.0.options.range_search=true"]}
+           "qframe-gptq-search": "recipes/gptq_w4a16.toml", "qframe-nvfp4-gptq": "recipes/nvfp4_gptq.toml",
+           "qframe-gptq-onepass": "recipes/gptq_w4a16.toml"}
+# Options a tool sets on its recipe: GPTQ with its group scales searched (options.range_search);
+# GPTQ observing every linear's input in one pass (true_sequential = false, as llm-compressor's
+# GPTQ does), which lets ranks round different inputs at once.
+EXTRA = {"qframe-gptq-search": ["stage.0.options.range_search=true"],
+         "qframe-gptq-onepass": ["stage.0.options.true_sequential=false"]}
 PEERS = ("modelopt-awq", "llmcompressor-gptq", "llmcompressor-awq")
 
 

@@ -201,7 +201,7 @@ class Ranks:
         parts = [torch.empty_like(wire) for _ in range(self.size)]
         self._call("gathering results", torch.distributed.all_gather, parts, wire)
         whole = torch.cat([p[:n] for p, n in zip(parts, counts)])
-        return whole.to(local.device).movedim(0, dim)
+        return whole.to(local.device).movedim(0, dim).contiguous()
 
     def reduce(self, owner: Any, **ops: str) -> None:
         """Replace attributes of ``owner`` by their reduction over the ranks: each keyword names

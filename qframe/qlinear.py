@@ -119,8 +119,8 @@ class QuantLinear(nn.Module):
         the weight's, see :func:`qframe.numerics.quantize_weight`; group-wise int scales
         rounded to the linear's dtype when it is 16-bit) and attach input scales."""
         w = linear.weight.detach()
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, weights, activations, w.dtype)
-        module.to(w.device)
+        with torch.device(w.device):  # built where the weight is: no host copy of an 8B layer's codes to move
+            module = cls(linear.in_features, linear.out_features, linear.bias is not None, weights, activations, w.dtype)
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
         if weights is None:

@@ -34,6 +34,7 @@ Recipe::
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -535,6 +536,60 @@ def _rows_across(ranks: Ranks, w: torch.Tensor, h: torch.Tensor, args: QuantArgs
     return BatchedGPTQ(weight, (lo, hi), glob, loss, part.damp, part.fallback, row_error, row_energy)
 
 
+def feed_owners(ranks: Ranks | None, readers: dict[str, list[tuple[str, nn.Linear]]]) -> dict[str, int] | None:
+    """Which rank rounds each input's linears when one group of GPTQ has several inputs
+    (``true_sequential = false``: every linear of the layer at once) and there are ranks: whole
+    inputs spread over the ranks by their cost (columns times columns plus rows: the column
+    loop and its updates), largest first onto the least loaded rank, so that the ranks' column
+    loops run at once. ``None`` for one input (its rows are shared instead) or one process.
+
+    Example::
+
+        >>> from qframe.distributed import Ranks
+        >>> feeds = {"q": [("q", nn.Linear(8, 8))], "down": [("down", nn.Linear(32, 8))], "o": [("o", nn.Linear(8, 8))]}
+        >>> feed_owners(Ranks(0, 2, torch.device("cpu")), feeds)
+        {'down': 0, 'q': 1, 'o': 1}
+    """
+    if ranks is None or len(readers) < 2:
+        return None
+    cost = {feed: members[0][1].in_features * (members[0][1].in_features + sum(m.out_features for _, m in members))
+            for feed, members in readers.items() if members}
+    if len(cost) < 2:
+        return None
+    loads, owners = [0] * ranks.size, {}
+    for feed in sorted(cost, key=lambda f: -cost[f]):  # stable: ties keep the architecture's order
+        owner = loads.index(min(loads))
+        owners[feed], loads[owner] = owner, loads[owner] + cost[feed]
+    return owners
+
+
+def share_results(ranks: Ranks, owner: int, results: list[GPTQResult] | None, device: torch.device) -> list[GPTQResult]:
+    """Rank ``owner``'s GPTQ results for one input's linears, on every rank: one broadcast of
+    their shapes and figures, one of their tensors (float32, packed)."""
+    if ranks.rank == owner:
+        meta = [(tuple(r.weight.shape), tuple(r.ranges[0].shape), r.global_scale is not None, r.loss, r.damp,
+                 r.fallback) for r in results]
+        ranks.broadcast_object(meta, owner)
+        tensors = [t for r in results for t in (r.weight, *r.ranges, r.global_scale) if t is not None]
+        ranks.broadcast(torch.cat([t.reshape(-1).float() for t in tensors]), owner)
+        return results
+    meta = ranks.broadcast_object(None, owner)
+    sizes = [(w, rng, rng, () if glob else None) for w, rng, glob, *_ in meta]
+    total = sum(math.prod(s) for shapes in sizes for s in shapes if s is not None)
+    flat, at, shared = ranks.broadcast(torch.empty(total, device=device), owner), 0, []
+    for shapes, (_, _, _, loss, damp, fallback) in zip(sizes, meta):
+        parts = []
+        for shape in shapes:
+            if shape is None:
+                parts.append(None)
+                continue
+            parts.append(flat[at:at + math.prod(shape)].view(shape))
+            at += math.prod(shape)
+        weight, lo, hi, glob = parts
+        shared.append(GPTQResult(weight, (lo, hi), glob, loss, damp, fallback))
+    return shared
+
+
 def _smoothing_groups(work: LayerWork, linears: list[tuple[str, nn.Linear]]
                       ) -> tuple[list[list[tuple[str, nn.Linear]]], dict[str, nn.Linear]]:
     """``linears`` by the architecture's smoothing groups, in its order (a group's consumers
@@ -730,25 +785,45 @@ class GPTQ(Quantizer):
             readers = {members[0][0]: members for members in _shared_inputs(work, group)}  # one Hessian each
             hessians = work.observe_inputs(list(readers), lambda name: Hessian(readers[name][0][1].in_features,
                                                                                work.device))
-            for feed, members in readers.items():  # each feed's float32 results freed before the next
-                rounded.update(self._round(work, members, hessians.pop(feed), static))
+            owners = feed_owners(work.ranks, readers)
+            if owners is None:  # one process, or one input: each feed's rows are shared across ranks
+                for feed, members in readers.items():  # each feed's float32 results freed before the next
+                    rounded.update(self._place(work, members, *self._round(members, hessians.pop(feed), work.ranks),
+                                               static))
+                continue
+            # Several inputs across ranks: each rank rounds the feeds it owns, at once, then all share.
+            mine = {feed: self._round(members, hessians.pop(feed), None) for feed, members in readers.items()
+                    if owners[feed] == work.ranks.rank}
+            hessians.clear()
+            for feed, members in readers.items():
+                results, elapsed, dropped = mine.pop(feed, (None, 0.0, 0))
+                results = share_results(work.ranks, owners[feed], results, work.device)
+                elapsed, dropped = work.ranks.broadcast_object((elapsed, dropped), owners[feed])
+                rounded.update(self._place(work, members, results, elapsed, dropped, static))
         if rounded:  # input scales come last, calibrated with every weight quantized
             observed = work.observe_inputs(list(rounded), lambda _name: self.calibrator(acts))
             for name, (holder, result) in rounded.items():
                 dtype = dict(targets)[name].weight.dtype
                 work.replace(name, self._build(holder, result, acts, observed[name].compute(), dtype))
 
-    def _round(self, work: LayerWork, members: list[tuple[str, nn.Linear]], hessian: Hessian, static: bool
-               ) -> dict[str, tuple[nn.Linear, GPTQResult]]:
-        """Round linears reading one input against its Hessian (consumed) and put them in the
-        layer; with static activations, return their float32 holders for input calibration."""
+    def _round(self, members: list[tuple[str, nn.Linear]], hessian: Hessian, ranks: Ranks | None
+               ) -> tuple[list[GPTQResult], float, int]:
+        """Round linears reading one input against its Hessian (consumed), their rows shared
+        across ``ranks`` (``None``: all here); the results, the seconds it took and the tokens
+        the Hessian dropped."""
         weights, opts = self.scheme.weights, self.options
         started, dropped = time.perf_counter(), hessian.dropped
         with torch.no_grad():  # consumes the Hessian: its [in, in] matrix is freed as it goes
             results = gptq_shared([linear.weight for _, linear in members], hessian, weights,
                                   block_size=opts.block_size, dampening=opts.dampening, act_order=opts.act_order,
-                                  range_search=opts.range_search, ranks=work.ranks)
-        elapsed, rows = time.perf_counter() - started, sum(linear.out_features for _, linear in members)
+                                  range_search=opts.range_search, ranks=ranks)
+        return results, time.perf_counter() - started, dropped
+
+    def _place(self, work: LayerWork, members: list[tuple[str, nn.Linear]], results: list[GPTQResult],
+               elapsed: float, dropped: int, static: bool) -> dict[str, tuple[nn.Linear, GPTQResult]]:
+        """Put the rounded linears in the layer; with static activations, return their float32
+        holders for input calibration."""
+        rows = sum(linear.out_features for _, linear in members)
         pending = {}
         for (name, linear), result in zip(members, results):
             # A float32 linear holding the result (not a copy): its codes reproduce the result exactly.

@@ -26,7 +26,7 @@ CASES = {
     "rtn": ([{"quantizer": "rtn", "weights": W4G16}], "dense"),
     "fp8": ([{"quantizer": "fp8", "weights": FP8, "activations": FP8}], "dense"),
     "gptq": ([{"quantizer": "gptq", "weights": W4G16, "options": {"act_order": True, "range_search": True}}], "dense"),
-    "gptq-dynamic": ([{"quantizer": "gptq", "weights": W4G16}], "dense"),
+    "gptq-dynamic": ([{"quantizer": "gptq", "weights": W4G16, "options": {"true_sequential": False}}], "dense"),
     "nvfp4-gptq": ([{"quantizer": "gptq", "weights": NVFP4, "activations": {**NVFP4, "calibrator": "minmax"},
                      "options": {"act_order": True, "range_search": True}}], "dense"),
     "smoothquant": ([{"quantizer": "smoothquant", "weights": {"bits": 8}, "activations": {"bits": 8},
