@@ -36,6 +36,8 @@ Example::
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -207,6 +209,14 @@ class ExpertHessians:
 
     def combine(self, ranks) -> None:
         ranks.reduce(self, sums="sum", tokens="sum", dropped="sum")
+
+    def subset(self, experts: slice) -> "ExpertHessians":
+        """These Hessians for ``experts`` only (views: nothing is copied)."""
+        part = copy.copy(self)
+        part.experts = experts.stop - experts.start
+        part.sums = self.sums if self.shared else self.sums[experts]
+        part.tokens = self.tokens[experts]
+        return part
 
     def matrices(self) -> torch.Tensor:
         """The mean Hessians ``[E or 1, in, in]`` (zero for an expert that saw nothing)."""

@@ -44,7 +44,7 @@ from torch import nn
 
 from qframe import QuantizerPlugin, formats, hookimpl, numerics
 from qframe.calibrate import add_gram
-from qframe.distributed import Ranks
+from qframe.distributed import Ranks, spread
 from qframe.errors import RecipeError
 from qframe.expert_inputs import (ALL, ExpertCalibration, ExpertHessians, WeightInputs, calibrate_expert_inputs,
                                   expert_matrix, expert_weight_names, observe_experts)
@@ -637,8 +637,9 @@ def _expert_ranges(w: torch.Tensor, args: QuantArgs) -> tuple[tuple[torch.Tensor
 class ExpertsGPTQ:
     """One fused weight of every expert after GPTQ: ``weight [E, out, in]`` (float32),
     ``ranges`` ``[E, out, groups]`` (``[E, 1, 1]`` per tensor), ``global_scale [E]``, the
-    relative loss (mean over experts), and the experts rounded to nearest: ``starved`` (too few
-    routed tokens) and ``fallback`` (no dampening factorized their Hessian)."""
+    relative loss (mean over experts; ``expert_loss [E]`` each one's, NaN for a starved one), and
+    the experts rounded to nearest: ``starved`` (too few routed tokens) and ``fallback`` (no
+    dampening factorized their Hessian)."""
 
     weight: torch.Tensor
     ranges: tuple[torch.Tensor, torch.Tensor]
@@ -646,6 +647,7 @@ class ExpertsGPTQ:
     loss: float
     starved: list[int]
     fallback: list[int]
+    expert_loss: torch.Tensor | None = None
 
 
 # Weight elements rounded in one batched GPTQ call: bounds its float32 copies of the weight, its
@@ -702,9 +704,44 @@ def gptq_experts(w: torch.Tensor, hessians: ExpertHessians, args: QuantArgs, *, 
     fed = fed.expand(e).to(loss.device) if hessians.shared else fed.to(loss.device)
     starved = (~fed).nonzero().flatten().tolist()
     fallback = (fallback & fed).nonzero().flatten().tolist()
+    expert_loss = torch.where(fed, loss.nan_to_num(), float("nan"))
     loss = loss[fed]
     return ExpertsGPTQ(weight, (lo, hi), glob, float(loss.nan_to_num().mean()) if loss.numel() else float("nan"),
-                       starved, fallback)
+                       starved, fallback, expert_loss)
+
+
+def experts_across(ranks: Ranks | None, w: torch.Tensor, hessians: ExpertHessians, args: QuantArgs,
+                   **options) -> ExpertsGPTQ:
+    """:func:`gptq_experts` with the experts shared across ``ranks`` (each rounds its share of
+    them against their Hessians, combined over every rank's tokens) and every rank getting all
+    of them; one process, or fewer experts than ranks, rounds all.
+
+    Example::
+
+        >>> h = ExpertHessians(2, 8, shared=True, device=torch.device("cpu"))
+        >>> h.observe(torch.randn(32, 8), experts=slice(None), routed=None)
+        >>> experts_across(None, torch.randn(2, 4, 8), h, QuantArgs(bits=4)).weight.shape
+        torch.Size([2, 4, 8])
+    """
+    if ranks is None or w.shape[0] < ranks.size:
+        return gptq_experts(w, hessians, args, **options)
+    total = w.shape[0]
+
+    def rounded(experts: slice):
+        r = gptq_experts(w[experts], hessians.subset(experts), args, **options)
+        count = experts.stop - experts.start
+        flags = torch.zeros(count, 2, device=w.device)
+        flags[r.starved, 0], flags[r.fallback, 1] = 1.0, 1.0
+        glob = r.global_scale if r.global_scale is not None else torch.zeros(count, device=w.device)
+        return r.weight, r.ranges[0], r.ranges[1], glob.reshape(count), r.expert_loss.to(w.device), flags
+
+    weight, lo, hi, glob, expert_loss, flags = spread(ranks, total, rounded)
+    fed = ~torch.isnan(expert_loss)
+    loss = expert_loss[fed]
+    has_global = formats.of(args).has_global_scale
+    return ExpertsGPTQ(weight, (lo, hi), glob if has_global else None,
+                       float(loss.mean()) if loss.numel() else float("nan"),
+                       flags[:, 0].nonzero().flatten().tolist(), flags[:, 1].nonzero().flatten().tolist(), expert_loss)
 
 
 def _starved_warning(name: str, starved: list[int], experts: int, min_tokens: int) -> str:
@@ -755,9 +792,9 @@ class GPTQ(Quantizer):
                                       shared=opts.experts == ALL and weight_name == expert_weight_names(module)[0])
             observe_experts(work, [name], lambda _n: WeightInputs(module, weight_name, hessians), opts.experts)
             with torch.no_grad():
-                result = gptq_experts(matrix, hessians, weights, min_tokens=opts.expert_min_tokens,
-                                      block_size=opts.block_size, dampening=opts.dampening, act_order=opts.act_order,
-                                      range_search=opts.range_search)
+                result = experts_across(work.ranks, matrix, hessians, weights, min_tokens=opts.expert_min_tokens,
+                                        block_size=opts.block_size, dampening=opts.dampening, act_order=opts.act_order,
+                                        range_search=opts.range_search)
                 # The next weight's inputs are computed through this one as it will be served.
                 matrix.copy_(result.weight.to(matrix.dtype))
             results[weight_name] = result
