@@ -94,7 +94,7 @@ def cmd_apply(args) -> int:
 
     # Under torchrun (WORLD_SIZE > 1) every process joins one group and takes a share of the
     # calibration batches; rank 0 reports and writes, the others stay quiet.
-    ranks = None if args.dry_run else init_from_environment()
+    ranks = None if args.dry_run else init_from_environment(args.device)
     if ranks is not None and not ranks.writer:
         warnings.filterwarnings("ignore")  # rank 0 says each of them once
         api.apply(args.recipe, model=args.model, output=args.output, overrides=args.overrides, device=args.device,

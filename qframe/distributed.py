@@ -319,10 +319,11 @@ def combine(observers: Iterable[Any], ranks: Ranks | None) -> None:
         observer.combine(ranks)
 
 
-def init_from_environment() -> Ranks | None:
+def init_from_environment(device: str | None = None) -> Ranks | None:
     """Join the process group ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1 and
-    no group yet): NCCL with one CUDA device per local rank when CUDA is present, gloo on the
-    CPU otherwise. Returns the ranks, or ``None`` for a single process.
+    no group yet): NCCL with one CUDA device per local rank when CUDA is present and ``device``
+    (the run's ``--device``) is not the CPU, gloo otherwise. Returns the ranks, or ``None`` for
+    a single process.
 
     Example::
 
@@ -333,7 +334,7 @@ def init_from_environment() -> Ranks | None:
     if int(os.environ.get("WORLD_SIZE", "1")) < 2 or not dist.is_available():
         return Ranks.current()
     if not dist.is_initialized():
-        cuda = torch.cuda.is_available()
+        cuda = torch.cuda.is_available() and not str(device or "").startswith("cpu")
         if cuda:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             if local >= torch.cuda.device_count():

@@ -32,6 +32,7 @@ from qframe.testing import random_tokens
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ranks_worker  # noqa: E402
+from test_resume import args as resume_args  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 WORKER = str(Path(__file__).parent / "ranks_worker.py")
@@ -147,14 +148,9 @@ def test_searches_choose_what_one_process_chooses(runs):
 
 # -- torchrun -m qframe apply: one writer, a dying rank, a resume -----------------------------
 
-GPTQ = str(ROOT / "recipes" / "gptq_w4a16.toml")
-DATA = ['calibration.dataset="text:' + str(ROOT / "README.md") + '"', "calibration.samples=4", "calibration.seq_len=48",
-        "calibration.batch_size=1"]
-
-
 def apply_args(model: Path, out: Path, *extra: str) -> list[str]:
-    sets = [x for item in DATA for x in ("--set", item)]
-    return ["apply", GPTQ, "--model", str(model), "--output", str(out), "--device", "cpu", *sets, *extra]
+    """test_resume's run (GPTQ on README's text), in four batches of one window, native output only."""
+    return resume_args(model, out, "--set", "calibration.batch_size=1", "--set", 'export.backend="qframe"', *extra)
 
 
 def digest(path: Path) -> str:
