@@ -71,15 +71,17 @@ def test_an_observer_that_cannot_combine_is_named_before_any_collective():
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Every case quantized by two gloo ranks under torchrun, and by this process alone."""
     two, one = tmp_path_factory.mktemp("two"), tmp_path_factory.mktemp("one")
-    done = subprocess.run([*TORCHRUN, WORKER, str(two), *CASES], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    ranked = subprocess.Popen([*TORCHRUN, WORKER, str(two), *CASES], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun's workers (OMP_NUM_THREADS=1): the same matmul kernels
-    try:
+    try:  # while the ranks start
         for case in CASES:
             ranks_worker.run(case, one, 0)
     finally:
         torch.set_num_threads(threads)
+    error = ranked.communicate(timeout=600)[1]
+    assert ranked.returncode == 0, error[-3000:]
     return {"two": two, "one": one}
 
 
@@ -158,22 +160,23 @@ def digest(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def torchrun_output(tiny_model_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    out = tmp_path_factory.mktemp("torchrun") / "out"
-    done = subprocess.run([*TORCHRUN, "-m", "qframe", *apply_args(tiny_model_dir, out)], capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out, done
+def torchrun_output(tiny_model_dir, tmp_path_factory) -> tuple[Path, str, Path]:
+    """``torchrun -m qframe apply`` on two ranks, and the same run in this process meanwhile."""
+    out, single = tmp_path_factory.mktemp("torchrun") / "out", tmp_path_factory.mktemp("single") / "out"
+    ranked = subprocess.Popen([*TORCHRUN, "-m", "qframe", *apply_args(tiny_model_dir, out)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    assert main(apply_args(tiny_model_dir, single)) == 0
+    error = ranked.communicate(timeout=600)[1]
+    assert ranked.returncode == 0, error[-3000:]
+    return out, error, single
 
 
-def test_torchrun_apply_writes_once_the_model_one_process_writes(torchrun_output, tiny_model_dir, tmp_path):
-    out, done = torchrun_output
-    assert done.stderr.count(f"wrote {out}") == 1  # rank 0 reports; rank 1 is quiet
+def test_torchrun_apply_writes_once_the_model_one_process_writes(torchrun_output):
+    out, error, single = torchrun_output
+    assert error.count(f"wrote {out}") == 1  # rank 0 reports; rank 1 is quiet
     assert [p.name for p in out.parent.iterdir()] == ["out"]  # no partial directory left behind
     manifest = json.loads((out / "qframe.json").read_text())
     assert manifest["ranks"] == 2
-    single = tmp_path / "single"
-    assert main(apply_args(tiny_model_dir, single)) == 0
     ranked, alone = load_file(str(out / "model.safetensors")), load_file(str(single / "model.safetensors"))
     assert ranked.keys() == alone.keys()
     codes = [k for k in alone if not alone[k].is_floating_point()]
@@ -202,7 +205,7 @@ def launch(arguments: list[str], port: int, pause_rank: int | None = None) -> li
 
 
 def test_a_rank_that_dies_stops_the_others_and_resume_finishes(torchrun_output, tiny_model_dir, tmp_path):
-    uninterrupted, _ = torchrun_output
+    uninterrupted = torchrun_output[0]
     out = tmp_path / "out"
     rank0, rank1 = launch(apply_args(tiny_model_dir, out), free_port(), pause_rank=1)
     pauses, lines = threading.Semaphore(0), []
