@@ -44,7 +44,7 @@ from torch import nn
 
 from qframe import QuantizerPlugin, formats, hookimpl, numerics
 from qframe.calibrate import Prescaled
-from qframe.distributed import spread
+from qframe.distributed import Ranks, spread
 from qframe.errors import RecipeError
 from qframe.expert_inputs import (ExpertCalibration, expert_input_ranges, expert_hidden, expert_matrix,
                                   expert_weight_names, observe_experts)
@@ -316,6 +316,39 @@ def experts_candidate_loss(w: torch.Tensor, x: torch.Tensor, scales: torch.Tenso
     return loss, energy
 
 
+def experts_loss_across(ranks: Ranks | None, w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor,
+                        args: QuantArgs, routed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`experts_candidate_loss` with the experts shared across ``ranks`` (each scores its
+    share; every rank gets all): ``loss [K, E]``, ``energy [E]``."""
+    if ranks is None:
+        return experts_candidate_loss(w, x, scales, args, routed)
+
+    def scored(experts: slice):
+        loss, energy = experts_candidate_loss(w[experts], x if x.dim() == 2 else x[experts],
+                                              scales if scales.dim() == 2 else scales[:, experts], args,
+                                              None if routed is None else routed[experts])
+        return loss.T.contiguous(), energy  # experts first, to be gathered in order
+
+    loss, energy = spread(ranks, w.shape[0], scored)
+    return loss.T, energy
+
+
+def clip_across(ranks: Ranks | None, w: torch.Tensor, x: torch.Tensor, args: QuantArgs, steps: int,
+                max_shrink: float) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
+    """:func:`clip_ranges_batched` on fused experts ``w [E, out, in]`` with the experts shared
+    across ``ranks`` (``x``: ``[1, tokens, in]`` for all, or ``[E, tokens, in]``)."""
+    if ranks is None:
+        return clip_ranges_batched(w, x, args, steps, max_shrink)
+
+    def clipped(experts: slice):
+        (lo, hi), ratio = clip_ranges_batched(w[experts], x if x.shape[0] == 1 else x[experts], args, steps,
+                                              max_shrink)
+        return lo, hi, torch.full(lo.shape[:1], ratio, device=lo.device)
+
+    lo, hi, ratios = spread(ranks, w.shape[0], clipped)
+    return (lo, hi), float(ratios.mean())
+
+
 class ExpertSample:
     """An :class:`~qframe.expert_inputs.ExpertObserver` for AWQ: mean ``|x|`` per channel over
     every token the experts receive, and an evenly spread sample of at most ``keep`` tokens
@@ -406,7 +439,7 @@ class AWQ(Quantizer):
             shared = [r.weight for c, r in readers.items() if f"{work.prefix}.{c}" in chosen]
             w_mean = weight_mean([w.reshape(-1, w.shape[2]), *shared], weights)
             scales = torch.stack([awq_scale(sample.mean_abs, w_mean, k / opts.n_grid) for k in range(opts.n_grid)])
-            loss, energy = experts_candidate_loss(w, x, scales, weights, routed)
+            loss, energy = experts_loss_across(work.ranks, w, x, scales, weights, routed)
             loss, energy = loss.sum(1), energy.sum()
             if shared:
                 search = CandidateLoss(shared, scales, weights)
@@ -446,7 +479,7 @@ class AWQ(Quantizer):
                 inner = down.shape[2]
                 w_mean = normalized_magnitudes(down.reshape(-1, inner), weights).view(down.shape).mean(1)
                 scales = torch.stack([awq_scale(a_mean, w_mean, k / opts.n_grid) for k in range(opts.n_grid)])
-                loss, energy = experts_candidate_loss(down, hidden, scales, weights, routed)
+                loss, energy = experts_loss_across(work.ranks, down, hidden, scales, weights, routed)
                 del hidden
                 best = loss.argmin(0)
                 best[starved] = 0  # too few tokens to trust a search: the identity
@@ -466,11 +499,11 @@ class AWQ(Quantizer):
         if opts.clip and x.shape[0]:
             clip = x[:: max(1, -(-x.shape[0] // opts.clip_tokens))]  # evenly spread, at most clip_tokens
             with torch.no_grad():
-                ranges[first], ratio_first = clip_ranges_batched(expert_matrix(module, first), clip.unsqueeze(0),
-                                                                 weights, opts.clip_grid, opts.max_shrink)
-                ranges[second], ratio_second = clip_ranges_batched(expert_matrix(module, second),
-                                                                   expert_hidden(module, clip), weights,
-                                                                   opts.clip_grid, opts.max_shrink)
+                ranges[first], ratio_first = clip_across(work.ranks, expert_matrix(module, first), clip.unsqueeze(0),
+                                                         weights, opts.clip_grid, opts.max_shrink)
+                ranges[second], ratio_second = clip_across(work.ranks, expert_matrix(module, second),
+                                                           expert_hidden(module, clip), weights, opts.clip_grid,
+                                                           opts.max_shrink)
             work.record(name, awq_clip_ratio=(ratio_first + ratio_second) / 2)
         layouts = expert_layouts(module)
         smoothed = {n: module._parameters[n].detach().clone() for n in layouts}
