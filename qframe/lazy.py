@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError, shorten
-from .model import DTYPES, gguf_name_map_once, listed, quiet_transformers
+from .model import DTYPES, gguf_name_map_once, listed, one_gguf_reader, quiet_transformers
 
 __all__ = ["LazyModel"]
 
@@ -163,27 +163,6 @@ def _gguf_name_map(model: nn.Module, processor: Any) -> dict[str, str]:
         return get_gguf_hf_weights_map(model, processor)
 
 
-@contextlib.contextmanager
-def _one_gguf_reader(file: Path) -> Iterator[Any]:
-    """``gguf.GGUFReader(file)``, built once and handed to whoever opens ``file`` within the block:
-    the reader parses every metadata value (SmolLM2's 49152 tokenizer strings: 2.3 s), and
-    transformers would build it again for the config and for the parsed config."""
-    import gguf
-
-    original = gguf.GGUFReader
-    reader = original(str(file))
-    wanted = os.path.realpath(file)
-
-    def shared(path: Any, mode: str = "r") -> Any:
-        return reader if mode == "r" and os.path.realpath(path) == wanted else original(path, mode)
-
-    gguf.GGUFReader = shared  # load_gguf_checkpoint imports it from gguf at each call
-    try:
-        yield reader
-    finally:
-        gguf.GGUFReader = original
-
-
 # -- checkpoint files ---------------------------------------------------------------------------
 
 def _weight_map(directory: Path) -> dict[str, str]:
@@ -286,7 +265,7 @@ class _GgufFile:
         self.file = file
         with contextlib.ExitStack() as stack:
             try:
-                reader = stack.enter_context(_one_gguf_reader(file))
+                reader = stack.enter_context(one_gguf_reader(file))
                 field = reader.get_field("general.architecture")
                 self.architecture = str(field.contents()) if field is not None else None
                 self.tensors = {t.name: _GgufTensor(t.tensor_type, int(t.data_offset), int(t.data.nbytes),

@@ -188,6 +188,46 @@ def gguf_name_map_once() -> Iterator[None]:
         gguf.get_tensor_name_map = original
 
 
+@contextlib.contextmanager
+def one_gguf_reader(file: Path) -> Iterator[Any]:
+    """``gguf.GGUFReader(file)``, built once and handed to whoever opens ``file`` within the block:
+    the reader parses every metadata value (SmolLM2's 49152 tokenizer strings: 2.3 s), and
+    transformers would build it again for the config, the parsed config, the tokenizer and the
+    weights. Nested blocks share the outer one's reader."""
+    import gguf
+
+    original = gguf.GGUFReader
+    reader = original(str(file))
+    wanted = os.path.realpath(file)
+
+    def shared(path: Any, mode: str = "r") -> Any:
+        return reader if mode == "r" and os.path.realpath(path) == wanted else original(path, mode)
+
+    gguf.GGUFReader = shared  # load_gguf_checkpoint imports it from gguf at each call
+    try:
+        yield reader
+    finally:
+        gguf.GGUFReader = original
+
+
+@contextlib.contextmanager
+def gguf_read_once(source: ModelSource) -> Iterator[None]:
+    """Within the block, every reader transformers opens on a GGUF ``source`` is one
+    (:func:`one_gguf_reader`); nothing for other sources.
+
+    Example::
+
+        >>> with gguf_read_once(ModelSource("models/llama", "dir", "models/llama")):
+        ...     pass
+    """
+    if source.kind != "gguf":
+        yield
+        return
+    where, kwargs = from_pretrained_args(source)
+    with one_gguf_reader(Path(where) / kwargs["gguf_file"]):
+        yield
+
+
 def load_model(source: ModelSource, dtype: str = "auto", *, nonfinite: str = "error") -> LoadedModel:
     """Load a causal LM and its tokenizer on the CPU, exactly as the checkpoint holds it.
 
@@ -202,6 +242,11 @@ def load_model(source: ModelSource, dtype: str = "auto", *, nonfinite: str = "er
 
         >>> loaded = load_model(resolve_source("path/to/model"), "bfloat16", nonfinite="zero")  # doctest: +SKIP
     """
+    with gguf_read_once(source):  # config, weights and tokenizer from one parse of a GGUF's metadata
+        return _load_model(source, dtype, nonfinite)
+
+
+def _load_model(source: ModelSource, dtype: str, nonfinite: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     if nonfinite not in NONFINITE:
@@ -270,7 +315,9 @@ def open_model(source: ModelSource, dtype: str = "auto", *, nonfinite: str = "er
 
     if source.kind == "dir":
         require_sane_depth(Path(source.location) / "config.json")
-    lazy = LazyModel(source.location, dtype)
+    with gguf_read_once(source):  # the config and the tokenizer from one parse of a GGUF's metadata
+        lazy = LazyModel(source.location, dtype)
+        tokenizer = load_tokenizer(source) if source.kind == "gguf" else None
     if source.kind == "dir":
         _require_float_weights(Path(source.location), lazy.model)
     lazy.model.config.use_cache = False
@@ -281,7 +328,7 @@ def open_model(source: ModelSource, dtype: str = "auto", *, nonfinite: str = "er
         loaded = load_model(source, dtype, nonfinite=nonfinite)
         return OpenedModel(loaded.model, loaded.tokenizer, source)
     loader = LazyParts(lazy, arch, nonfinite, f"model {source.spec!r}")
-    return OpenedModel(lazy.model, load_tokenizer(source), source, loader)
+    return OpenedModel(lazy.model, tokenizer or load_tokenizer(source), source, loader)
 
 
 def _streamable(skeleton: nn.Module, registry: Any) -> "Architecture | None":
