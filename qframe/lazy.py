@@ -270,6 +270,8 @@ class _GgufFile:
                 self.architecture = str(field.contents()) if field is not None else None
                 self.tensors = {t.name: _GgufTensor(t.tensor_type, int(t.data_offset), int(t.data.nbytes),
                                                     t.data.dtype, tuple(t.data.shape)) for t in reader.tensors}
+            except ModelError:
+                raise
             except Exception as exc:
                 raise ModelError(f"cannot read the GGUF file {str(file)!r} ({type(exc).__name__}: "
                                  f"{_first_line(exc)}); it is damaged or incomplete: download it again") from None

@@ -197,7 +197,11 @@ def one_gguf_reader(file: Path) -> Iterator[Any]:
     import gguf
 
     original = gguf.GGUFReader
-    reader = original(str(file))
+    try:
+        reader = original(str(file))
+    except Exception as exc:  # empty, truncated, not a GGUF at all
+        raise ModelError(f"cannot read the GGUF file {str(file)!r} ({_short(exc)}); it is damaged or incomplete: "
+                         "download it again") from None
     wanted = os.path.realpath(file)
 
     def shared(path: Any, mode: str = "r") -> Any:
