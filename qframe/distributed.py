@@ -101,9 +101,7 @@ class Ranks:
     def _call(self, what: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except RankFailure:
-            raise
-        except (RuntimeError, ValueError) as exc:  # gloo: "Connection closed by peer"; NCCL: DistBackendError
+        except RuntimeError as exc:  # gloo: "Connection closed by peer"; NCCL: DistBackendError (a RuntimeError)
             raise RankFailure(
                 f"rank {self.rank} of {self.size}: {what} failed because another rank stopped (it was killed or "
                 f"raised an error: see that rank's output). The run stops on every rank; finished layers are kept: "
